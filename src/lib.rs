@@ -1,0 +1,11 @@
+//! med3dinsight: language-aligned pretraining of 3D medical image encoders
+//! (Med3DInsight), as staged subcommands over files. See ARCHITECTURE.md
+//! (in shared/) for the stages; each module below is one piece of that
+//! pipeline.
+pub mod config;
+pub mod fsutil;
+pub mod info;
+pub mod manifest;
+pub mod preprocess;
+pub mod progress;
+pub mod volume;

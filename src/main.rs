@@ -1,0 +1,120 @@
+//! The `med3d` command line: parses arguments, then calls one stage.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use med3dinsight::config::Experiment;
+use med3dinsight::manifest::Manifest;
+use med3dinsight::preprocess::{self, Shard};
+
+#[derive(Parser)]
+#[command(name = "med3d", version, about = "Pretrain 3D medical image encoders with language (Med3DInsight)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Describe an image file: shape, spacing, affine, orientation, intensities.
+    Info {
+        path: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn the volumes of a manifest into a slice cache.
+    Preprocess {
+        /// Dataset manifest (YAML, MSD or nnU-Net v2 dataset.json); default: the config's.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Experiment config (its `preprocess` section is used).
+        #[arg(long)]
+        config: PathBuf,
+        /// Cache folder; default: <workdir>/cache from the config.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Process only shard i of n (1-based), e.g. 3/8.
+        #[arg(long)]
+        shard: Option<String>,
+        /// Cases processed at once (memory grows with this); default: all cores.
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Run every stage of an experiment in order, skipping what is done.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+}
+
+fn workers(w: Option<usize>) -> usize {
+    w.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+fn preprocess_stage(manifest: &Manifest, exp: &Experiment, out: &std::path::Path, shard: Shard, w: usize) -> Result<bool> {
+    let s = preprocess::run(manifest, &exp.preprocess, out, shard, w)?;
+    println!(
+        "preprocess: {} done, {} skipped, {} failed (of {} cases in shard {}) -> {}",
+        s.done,
+        s.skipped,
+        s.failed,
+        s.total,
+        s.shard,
+        out.display()
+    );
+    for f in &s.failures {
+        eprintln!("  FAILED {}: {}", f.case, f.error);
+    }
+    Ok(s.failed == 0)
+}
+
+fn real_main() -> Result<bool> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Info { path, json } => {
+            let info = med3dinsight::info::info(&path)?;
+            if json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                println!("{info}");
+            }
+            Ok(true)
+        }
+        Cmd::Preprocess { manifest, config, out, shard, workers: w } => {
+            let exp = Experiment::load(&config)?;
+            let manifest = Manifest::load(manifest.as_ref().unwrap_or(&exp.manifest))?;
+            let shard = shard.as_deref().map(Shard::parse).transpose()?.unwrap_or(Shard::ALL);
+            let out = out.unwrap_or_else(|| exp.cache_dir());
+            preprocess_stage(&manifest, &exp, &out, shard, workers(w))
+        }
+        Cmd::Run { config, workers: w } => {
+            let exp = Experiment::load(&config)?;
+            let manifest = Manifest::load(&exp.manifest)?;
+            let ok = preprocess_stage(&manifest, &exp, &exp.cache_dir(), Shard::ALL, workers(w))
+                .with_context(|| format!("experiment {}: preprocess", exp.name))?;
+            Ok(ok)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MED3D_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

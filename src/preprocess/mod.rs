@@ -1,0 +1,397 @@
+//! The preprocess stage: manifest -> cache/. Per case: load, reorient to RAS,
+//! resample to the target spacing, normalise intensities, crop to the
+//! foreground, bring to the fixed ROI, then write the volume, the label, the
+//! 2D slices and a provenance record. Cases run in parallel; a failing case
+//! is reported and the others go on.
+//!
+//! Cache layout (all written atomically; `case.json` is written last and is
+//! the commit marker of a case):
+//! ```text
+//! cache/cache.json                      format, tool version, config, config hash
+//! cache/index.jsonl                     one row per slice, all cases
+//! cache/cases/<id>/image.npy            float16 (X, Y, Z), RAS, values in [0, 1]
+//! cache/cases/<id>/label.npy            uint8 (X, Y, Z), when the case has a label
+//! cache/cases/<id>/slices/<plane>_<index>.png
+//! cache/cases/<id>/slices.jsonl         this case's rows of the index
+//! cache/cases/<id>/case.json            provenance and geometry
+//! cache/preprocess-report[-shard-i-of-n].json
+//! ```
+pub mod npy;
+pub mod slices;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Plane, PreprocessConfig, RoiMode};
+use crate::fsutil::{atomic_write, sha256_file, sweep_stale_tmp, tmp_path};
+use crate::manifest::{Case, Manifest};
+use crate::volume::{self, crop, intensity, orient, resample, Modality, Volume};
+
+/// Bumped whenever the cache's files change meaning.
+pub const CACHE_FORMAT: u32 = 1;
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Which 1/n of the cases this process handles (`--shard i/n`, 1-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub const ALL: Shard = Shard { index: 1, count: 1 };
+
+    pub fn parse(s: &str) -> Result<Shard> {
+        let (i, n) = s.split_once('/').with_context(|| format!("--shard {s:?} must look like i/n, e.g. 2/8"))?;
+        let (index, count): (usize, usize) = (
+            i.trim().parse().with_context(|| format!("--shard {s:?}: {i:?} is not a number"))?,
+            n.trim().parse().with_context(|| format!("--shard {s:?}: {n:?} is not a number"))?,
+        );
+        if count == 0 || index == 0 || index > count {
+            bail!("--shard {s:?}: need 1 <= i <= n");
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// Deterministic membership: by a hash of the case id, so adding cases
+    /// does not move the others between shards.
+    pub fn owns(&self, id: &str) -> bool {
+        if self.count == 1 {
+            return true;
+        }
+        let h = crate::fsutil::sha256_bytes(id.as_bytes());
+        let v = u64::from_str_radix(&h[..15], 16).unwrap_or(0);
+        (v % self.count as u64) as usize == self.index - 1
+    }
+
+    fn suffix(&self) -> String {
+        if self.count == 1 { String::new() } else { format!("-shard-{}-of-{}", self.index, self.count) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Geometry {
+    pub shape: [usize; 3],
+    pub spacing: [f64; 3],
+    pub affine: [[f64; 4]; 4],
+    pub orientation: String,
+}
+
+impl Geometry {
+    fn of(v: &Volume) -> Geometry {
+        Geometry {
+            shape: v.shape(),
+            spacing: v.spacing(),
+            affine: v.affine,
+            orientation: v.orientation().unwrap_or_else(|| "???".into()),
+        }
+    }
+}
+
+/// `cases/<id>/case.json`: what was read, how it was processed, what was written.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CaseRecord {
+    pub id: String,
+    pub modality: Modality,
+    pub class: Option<i64>,
+    pub image: SourceFile,
+    pub label: Option<SourceFile>,
+    pub config_hash: String,
+    pub med3d_version: String,
+    pub source_geometry: Geometry,
+    pub geometry: Geometry,
+    /// The intensities mapped to 0 and 1.
+    pub intensity_window: [f64; 2],
+    pub foreground_bbox: [[usize; 2]; 3],
+    pub slices: usize,
+}
+
+/// One row of the slice index.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SliceRow {
+    /// `<case>/<plane>/<index>`: the key captions and embeddings use.
+    pub slice_id: String,
+    pub case: String,
+    pub plane: Plane,
+    pub index: usize,
+    /// index / (n - 1) along the plane's axis of the processed volume.
+    pub position: f64,
+    /// Relative to the cache folder.
+    pub png: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Summary {
+    pub shard: String,
+    pub total: usize,
+    pub done: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    pub failures: Vec<Failure>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failure {
+    pub case: String,
+    pub error: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CacheInfo {
+    format: u32,
+    med3d_version: String,
+    config_hash: String,
+    preprocess: PreprocessConfig,
+}
+
+/// Everything that comes out of processing one case, before it is written.
+pub struct Processed {
+    pub image: Volume,
+    pub label: Option<Volume>,
+    pub source_geometry: Geometry,
+    pub intensity_window: [f64; 2],
+    pub foreground_bbox: crop::BBox,
+}
+
+/// The per-case transform chain; pure (reads files, writes nothing).
+pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> {
+    let image = volume::load(&case.image, cfg.volume_index)?;
+    let label = match &case.label {
+        Some(p) => {
+            let l = volume::load(p, cfg.volume_index)?;
+            if l.shape() != image.shape() {
+                bail!("{}: label shape {:?} differs from image shape {:?} ({})", p.display(), l.shape(), image.shape(), case.image.display());
+            }
+            let far = l.affine.iter().flatten().zip(image.affine.iter().flatten()).any(|(a, b)| (a - b).abs() > 1e-3 * (1.0 + b.abs()));
+            if far {
+                bail!("{}: label affine differs from the image's ({})", p.display(), case.image.display());
+            }
+            if let Some(v) = l.data.iter().find(|v| v.fract() != 0.0 || **v < 0.0 || **v > 255.0) {
+                bail!("{}: label value {v} is not an integer class in 0..=255", p.display());
+            }
+            Some(l)
+        }
+        None => None,
+    };
+    let source_geometry = Geometry::of(&image);
+    let tr = orient::ras_transform(&image).with_context(|| format!("{}", case.image.display()))?;
+    let image = orient::apply(&image, &tr);
+    let label = label.map(|l| orient::apply(&l, &tr));
+    let (grid, shape) = resample::target_grid(&image.affine, image.shape(), cfg.spacing)?;
+    let mut image = resample::resample_to(&image, &grid, shape, resample::Interp::Linear)?;
+    let label = label.map(|l| resample::resample_to(&l, &grid, shape, resample::Interp::Nearest)).transpose()?;
+    let window = match case.modality {
+        Modality::CT => {
+            intensity::scale_window(&mut image.data, cfg.ct_window[0], cfg.ct_window[1])?;
+            cfg.ct_window
+        }
+        Modality::MR => {
+            let (lo, hi) = intensity::scale_percentiles(&mut image.data, cfg.mr_percentiles[0], cfg.mr_percentiles[1])?;
+            [lo, hi]
+        }
+    };
+    let bbox = crop::foreground_bbox(&image.data, cfg.foreground_threshold).with_context(|| {
+        format!("{}: no voxel is above the foreground threshold {} after normalisation", case.image.display(), cfg.foreground_threshold)
+    })?;
+    let image = crop::crop(&image, &bbox);
+    let label = label.map(|l| crop::crop(&l, &bbox));
+    let (image, label) = match cfg.roi_mode {
+        RoiMode::CropPad => (crop::pad_or_crop(&image, cfg.roi), label.map(|l| crop::pad_or_crop(&l, cfg.roi))),
+        RoiMode::Resize => (
+            crop::resize(&image, cfg.roi, resample::Interp::Linear)?,
+            label.map(|l| crop::resize(&l, cfg.roi, resample::Interp::Nearest)).transpose()?,
+        ),
+    };
+    Ok(Processed { image, label, source_geometry, intensity_window: window, foreground_bbox: bbox })
+}
+
+fn case_dir(cache: &Path, id: &str) -> PathBuf {
+    cache.join("cases").join(id)
+}
+
+/// Reads a committed case record, if there is one.
+pub fn read_case_record(cache: &Path, id: &str) -> Option<CaseRecord> {
+    let bytes = std::fs::read(case_dir(cache, id).join("case.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Path) -> Result<bool> {
+    let image_src = SourceFile { path: case.image.clone(), sha256: sha256_file(&case.image)? };
+    let label_src = match &case.label {
+        Some(p) => Some(SourceFile { path: p.clone(), sha256: sha256_file(p)? }),
+        None => None,
+    };
+    if let Some(rec) = read_case_record(cache, &case.id) {
+        if rec.config_hash == cfg_hash
+            && rec.image.sha256 == image_src.sha256
+            && rec.label.as_ref().map(|l| &l.sha256) == label_src.as_ref().map(|l| &l.sha256)
+            && rec.class == case.class
+            && rec.modality == case.modality
+        {
+            return Ok(false);
+        }
+    }
+    let p = process_volume(case, cfg)?;
+
+    let final_dir = case_dir(cache, &case.id);
+    let work = tmp_path(&final_dir);
+    std::fs::create_dir_all(work.join("slices")).with_context(|| format!("cannot create {}", work.display()))?;
+    let shape = p.image.shape();
+    // Store float16, and cut the slices from the stored values, so a slice's
+    // pixels are exactly what training reads at that plane and position.
+    let halfs: Vec<half::f16> = p.image.data.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let bytes: Vec<u8> = halfs.iter().flat_map(|h| h.to_le_bytes()).collect();
+    std::fs::write(work.join("image.npy"), npy::to_bytes(npy::NpyDtype::F16, &shape, &bytes))?;
+    let stored = ndarray::Array3::from_shape_vec(shape, halfs.iter().map(|h| h.to_f32()).collect())?;
+    if let Some(l) = &p.label {
+        let lb: Vec<u8> = l.data.iter().map(|&v| v.round().clamp(0.0, 255.0) as u8).collect();
+        std::fs::write(work.join("label.npy"), npy::to_bytes(npy::NpyDtype::U8, &shape, &lb))?;
+    }
+    let fg = crop::foreground_bbox(&stored, cfg.foreground_threshold).unwrap_or([(0, shape[0]), (0, shape[1]), (0, shape[2])]);
+    let mut rows = Vec::new();
+    let mut planes = cfg.planes.clone();
+    planes.sort_by_key(|p| p.id());
+    planes.dedup();
+    for plane in planes {
+        let ax = plane.axis();
+        for idx in slices::positions(fg[ax].0, fg[ax].1, cfg.slices_per_plane) {
+            let name = format!("{}_{:03}.png", plane.name(), idx);
+            let png = slices::png_bytes(&slices::view(&stored, plane, idx))?;
+            std::fs::write(work.join("slices").join(&name), png)?;
+            rows.push(SliceRow {
+                slice_id: format!("{}/{}/{}", case.id, plane.name(), idx),
+                case: case.id.clone(),
+                plane,
+                index: idx,
+                position: slices::normalised(idx, shape[ax]),
+                png: format!("cases/{}/slices/{}", case.id, name),
+            });
+        }
+    }
+    let mut jsonl = String::new();
+    for r in &rows {
+        jsonl.push_str(&serde_json::to_string(r)?);
+        jsonl.push('\n');
+    }
+    std::fs::write(work.join("slices.jsonl"), jsonl)?;
+    let rec = CaseRecord {
+        id: case.id.clone(),
+        modality: case.modality,
+        class: case.class,
+        image: image_src,
+        label: label_src,
+        config_hash: cfg_hash.to_string(),
+        med3d_version: VERSION.to_string(),
+        source_geometry: p.source_geometry,
+        geometry: Geometry::of(&p.image),
+        intensity_window: p.intensity_window,
+        foreground_bbox: p.foreground_bbox.map(|(a, b)| [a, b]),
+        slices: rows.len(),
+    };
+    std::fs::write(work.join("case.json"), serde_json::to_vec_pretty(&rec)?)?;
+    // Swap the finished folder into place: old -> aside, new -> in, drop old.
+    // A kill in between leaves no committed case.json, so a rerun redoes it.
+    if final_dir.exists() {
+        let aside = tmp_path(&final_dir);
+        std::fs::rename(&final_dir, &aside)?;
+        std::fs::rename(&work, &final_dir)?;
+        std::fs::remove_dir_all(&aside)?;
+    } else {
+        std::fs::rename(&work, &final_dir)?;
+    }
+    Ok(true)
+}
+
+/// Rebuilds `index.jsonl` from every committed case, under a lock so that
+/// shards finishing together do not interleave.
+pub fn rebuild_index(cache: &Path) -> Result<usize> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(cache.join(".index.lock"))
+        .with_context(|| format!("cannot open lock in {}", cache.display()))?;
+    lock.lock().context("cannot lock the cache index")?;
+    let mut ids: Vec<String> = match std::fs::read_dir(cache.join("cases")) {
+        Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.contains(".tmp-")).collect(),
+        Err(_) => Vec::new(),
+    };
+    ids.sort();
+    let mut out = String::new();
+    let mut n = 0;
+    for id in ids {
+        if read_case_record(cache, &id).is_none() {
+            continue;
+        }
+        let rows = std::fs::read_to_string(case_dir(cache, &id).join("slices.jsonl"))?;
+        n += rows.lines().count();
+        out.push_str(&rows);
+    }
+    atomic_write(&cache.join("index.jsonl"), out.as_bytes())?;
+    drop(lock);
+    Ok(n)
+}
+
+/// Reads the slice index of a cache.
+pub fn read_index(cache: &Path) -> Result<Vec<SliceRow>> {
+    let p = cache.join("index.jsonl");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {} (run `med3d preprocess` first)", p.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: bad index row", p.display(), i + 1)))
+        .collect()
+}
+
+/// Runs the stage over a manifest's cases (this shard's share).
+pub fn run(manifest: &Manifest, cfg: &PreprocessConfig, cache: &Path, shard: Shard, workers: usize) -> Result<Summary> {
+    cfg.validate()?;
+    std::fs::create_dir_all(cache.join("cases")).with_context(|| format!("cannot create cache folder {}", cache.display()))?;
+    sweep_stale_tmp(cache)?;
+    sweep_stale_tmp(&cache.join("cases"))?;
+    let cfg_hash = cfg.hash();
+    let info = CacheInfo { format: CACHE_FORMAT, med3d_version: VERSION.into(), config_hash: cfg_hash.clone(), preprocess: cfg.clone() };
+    atomic_write(&cache.join("cache.json"), &serde_json::to_vec_pretty(&info)?)?;
+
+    let cases: Vec<&Case> = manifest.cases.iter().filter(|c| shard.owns(&c.id)).collect();
+    let bar = crate::progress::bar(cases.len() as u64, "preprocess");
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(workers.max(1)).build()?;
+    let results: Vec<(String, Result<bool>)> = pool.install(|| {
+        cases
+            .par_iter()
+            .map(|c| {
+                let r = process_case(c, cfg, &cfg_hash, cache).with_context(|| format!("case {}", c.id));
+                match &r {
+                    Ok(true) => tracing::info!(case = %c.id, "processed"),
+                    Ok(false) => tracing::info!(case = %c.id, "unchanged, skipped"),
+                    Err(e) => tracing::error!(case = %c.id, "failed: {e:#}"),
+                }
+                bar.inc(1);
+                (c.id.clone(), r)
+            })
+            .collect()
+    });
+    bar.finish_and_clear();
+    let mut s = Summary { shard: format!("{}/{}", shard.index, shard.count), total: cases.len(), ..Default::default() };
+    for (id, r) in results {
+        match r {
+            Ok(true) => s.done += 1,
+            Ok(false) => s.skipped += 1,
+            Err(e) => {
+                s.failed += 1;
+                s.failures.push(Failure { case: id, error: format!("{e:#}") });
+            }
+        }
+    }
+    rebuild_index(cache)?;
+    atomic_write(&cache.join(format!("preprocess-report{}.json", shard.suffix())), &serde_json::to_vec_pretty(&s)?)?;
+    Ok(s)
+}

@@ -1,0 +1,119 @@
+//! The one image type every stage passes around: voxels on a 3D grid plus the
+//! voxel-to-world affine (RAS+ mm). Spacing and orientation are derived from
+//! the affine, so they can never disagree with it. Labels are `Volume`s too,
+//! and every geometric operation takes the label along (MONAI's dict
+//! transforms), so a crop applied to one is applied to the other.
+pub mod affine;
+pub mod crop;
+pub mod intensity;
+pub mod nifti;
+pub mod orient;
+pub mod resample;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use ndarray::{Array3, ShapeBuilder};
+
+pub use affine::Mat4;
+
+/// Imaging modality; decides how intensities are normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Modality {
+    CT,
+    MR,
+}
+
+impl std::fmt::Display for Modality {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Modality::CT => "CT",
+            Modality::MR => "MR",
+        })
+    }
+}
+
+/// A 3D scalar image: `data[[i, j, k]]` is voxel (i, j, k), in C order (the
+/// last index fastest), which is the array layout nibabel/MONAI users see
+/// after `np.ascontiguousarray`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Volume {
+    pub data: Array3<f32>,
+    pub affine: Mat4,
+}
+
+impl Volume {
+    pub fn shape(&self) -> [usize; 3] {
+        let s = self.data.shape();
+        [s[0], s[1], s[2]]
+    }
+
+    /// Voxel size in mm along each array axis.
+    pub fn spacing(&self) -> [f64; 3] {
+        affine::column_norms(&self.affine)
+    }
+
+    /// Orientation code such as "RAS"; None for a singular affine.
+    pub fn orientation(&self) -> Option<String> {
+        affine::axcodes(&self.affine)
+    }
+
+    /// Builds a volume from a decoded NIfTI image. 4D (and higher) images
+    /// need `volume_index` to pick one 3D volume.
+    pub fn from_nifti(img: nifti::NiftiImage, volume_index: Option<usize>) -> Result<Volume> {
+        let shape = &img.shape;
+        let (nx, ny, nz) = (shape[0], *shape.get(1).unwrap_or(&1), *shape.get(2).unwrap_or(&1));
+        let nvol: usize = shape.iter().skip(3).product();
+        let t = match (nvol, volume_index) {
+            (1, None) => 0,
+            (n, Some(t)) if t < n => t,
+            (n, Some(t)) => bail!("{}: volume_index {t} is out of range; the image has {n} volumes", img.path.display()),
+            (n, None) => bail!(
+                "{}: image is {}D with {n} volumes {:?}; set `preprocess.volume_index` to pick one",
+                img.path.display(),
+                shape.len(),
+                shape
+            ),
+        };
+        let per = nx * ny * nz;
+        let start = t * per;
+        let mut vox = img.data;
+        if start != 0 || vox.len() != per {
+            vox = vox[start..start + per].to_vec();
+        }
+        // File order is first-axis-fastest: an F-ordered (nx, ny, nz) array.
+        let f = Array3::from_shape_vec((nx, ny, nz).f(), vox)
+            .with_context(|| format!("{}: voxel count does not match the header", img.path.display()))?;
+        let data = if f.is_standard_layout() { f } else { f.as_standard_layout().into_owned() };
+        Ok(Volume { data, affine: img.header.affine() })
+    }
+
+    /// Checks that downstream geometry is well defined: finite voxels, a
+    /// non-singular affine, positive spacing in the header.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        if affine::inv_affine(&self.affine).is_none() {
+            bail!("{}: the voxel-to-world affine is singular: {:?}", path.display(), self.affine);
+        }
+        let bad = self.data.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            bail!("{}: {bad} voxels are NaN or infinite", path.display());
+        }
+        Ok(())
+    }
+}
+
+/// Reads a NIfTI file (any of the supported names) into a `Volume`, after
+/// checking its header for the geometry problems that would make the
+/// result meaningless.
+pub fn load(path: &Path, volume_index: Option<usize>) -> Result<Volume> {
+    let img = nifti::read(path)?;
+    let h = &img.header;
+    for (i, &p) in h.pixdim[1..=3].iter().enumerate() {
+        if (i as i64) < h.dim[0] && (!p.is_finite() || p <= 0.0) {
+            bail!("{}: pixdim[{}] = {p}: voxel spacing must be positive", path.display(), i + 1);
+        }
+    }
+    let vol = Volume::from_nifti(img, volume_index)?;
+    vol.validate(path)?;
+    Ok(vol)
+}

@@ -1,0 +1,82 @@
+//! Reorientation to RAS+ by axis permutation and flips only (no
+//! interpolation), as nibabel's `as_closest_canonical` and MONAI's
+//! `Orientation(axcodes="RAS")` do.
+use anyhow::{Context, Result};
+use ndarray::Axis;
+
+use super::affine::{identity4, io_orientation, matmul4};
+use super::Volume;
+
+/// For each output (RAS) axis: the input axis it comes from and whether that
+/// axis is flipped.
+pub fn ras_transform(vol: &Volume) -> Result<[(usize, bool); 3]> {
+    let ornt = io_orientation(&vol.affine).context("cannot orient a volume with a singular affine")?;
+    let mut out = [(usize::MAX, false); 3];
+    for (in_ax, &(world_ax, sign)) in ornt.iter().enumerate() {
+        out[world_ax] = (in_ax, sign < 0);
+    }
+    Ok(out)
+}
+
+/// Returns `vol` reoriented so that its array axes run R, A, S.
+pub fn to_ras(vol: &Volume) -> Result<Volume> {
+    let tr = ras_transform(vol)?;
+    Ok(apply(vol, &tr))
+}
+
+/// Applies a permutation/flip from `ras_transform` (so a label can follow
+/// its image exactly).
+pub fn apply(vol: &Volume, tr: &[(usize, bool); 3]) -> Volume {
+    let in_shape = vol.shape();
+    if tr.iter().enumerate().all(|(a, &(i, f))| a == i && !f) {
+        return vol.clone();
+    }
+    let mut view = vol.data.view();
+    for &(in_ax, flip) in tr {
+        if flip {
+            view.invert_axis(Axis(in_ax));
+        }
+    }
+    let permuted = view.permuted_axes([tr[0].0, tr[1].0, tr[2].0]);
+    let data = permuted.as_standard_layout().into_owned();
+    // new voxel index o maps to old index: old[i] = flip ? n_i - 1 - o[a] : o[a]
+    let mut t = identity4();
+    t[0][0] = 0.0;
+    t[1][1] = 0.0;
+    t[2][2] = 0.0;
+    for (a, &(i, flip)) in tr.iter().enumerate() {
+        if flip {
+            t[i][a] = -1.0;
+            t[i][3] = in_shape[i] as f64 - 1.0;
+        } else {
+            t[i][a] = 1.0;
+        }
+    }
+    Volume { data, affine: matmul4(&vol.affine, &t) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::affine::apply4;
+    use ndarray::Array3;
+
+    #[test]
+    fn reoriented_voxels_keep_their_world_position() {
+        // LPS-ish, permuted: i -> -y, j -> +z, k -> -x
+        let affine = [[0.0, 0.0, -1.5, 10.0], [-2.0, 0.0, 0.0, 20.0], [0.0, 3.0, 0.0, -5.0], [0.0, 0.0, 0.0, 1.0]];
+        let data = Array3::from_shape_fn((4, 5, 6), |(i, j, k)| (i * 100 + j * 10 + k) as f32);
+        let vol = Volume { data, affine };
+        let ras = to_ras(&vol).unwrap();
+        assert_eq!(ras.orientation().unwrap(), "RAS");
+        assert_eq!(ras.shape(), [6, 4, 5]);
+        for (idx, &v) in ras.data.indexed_iter() {
+            let w = apply4(&ras.affine, [idx.0 as f64, idx.1 as f64, idx.2 as f64]);
+            let (i, j, k) = ((v / 100.0) as usize, ((v as usize) / 10) % 10, (v as usize) % 10);
+            let w0 = apply4(&vol.affine, [i as f64, j as f64, k as f64]);
+            for d in 0..3 {
+                assert!((w[d] - w0[d]).abs() < 1e-9);
+            }
+        }
+    }
+}
