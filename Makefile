@@ -1,0 +1,44 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both set up first (idempotent: the venv, torch and demo data are made only
+# when missing), then build against the venv's libtorch.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := target/release/med3d
+export LIBTORCH_USE_PYTORCH := 1
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MED3D_BIN := $(CURDIR)/$(BIN)
+
+.PHONY: setup build demo test test-rust test-python bench lint clean
+
+setup: $(VENV)/.installed data/demo/.fetched
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+data/demo/.fetched: scripts/fetch_demo_data.py $(VENV)/.installed
+	$(PY) scripts/fetch_demo_data.py data/demo
+	touch $@
+
+build: setup
+	cargo build --release
+
+demo: build
+	$(BIN) run --config experiments/demo.yaml
+
+test: build
+	cargo test --release
+	$(PY) -m pytest -q tests/python
+
+bench: build
+	$(PY) bench/preprocess_bench.py
+
+lint: setup
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+
+clean:
+	rm -rf work target
