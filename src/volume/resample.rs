@@ -11,8 +11,7 @@ use anyhow::{bail, Context, Result};
 use ndarray::{Array3, Axis, Zip};
 
 use super::affine::{
-    apply4, cholesky_upper, column_norms, identity4, inv3, inv_affine, linear_part, matmul3, matmul4, transpose3,
-    Mat4,
+    apply4, cholesky_upper, column_norms, identity4, inv3, inv_affine, linear_part, matmul3, matmul4, transpose3, Mat4,
 };
 use super::Volume;
 
@@ -72,7 +71,10 @@ pub fn target_grid(affine: &Mat4, shape: [usize; 3], pixdim: [f64; 3]) -> Result
     let offset = (0..8)
         .find(|&i| {
             (0..3).all(|a| {
-                let m = out_corners.iter().map(|c| c[a] - out_corners[i][a]).fold(f64::INFINITY, f64::min);
+                let m = out_corners
+                    .iter()
+                    .map(|c| c[a] - out_corners[i][a])
+                    .fold(f64::INFINITY, f64::min);
                 m.abs() <= 1e-8 // np.allclose(min_corner, 0) with its default atol
             })
         })
@@ -81,7 +83,9 @@ pub fn target_grid(affine: &Mat4, shape: [usize; 3], pixdim: [f64; 3]) -> Result
             let mut o = [0.0; 3];
             for (r, or) in o.iter_mut().enumerate() {
                 *or = affine[r][3]
-                    + (0..3).map(|c| affine[r][c] * shape[c] as f64 / 2.0 - new[r][c] * out_shape[c] as f64 / 2.0).sum::<f64>();
+                    + (0..3)
+                        .map(|c| affine[r][c] * shape[c] as f64 / 2.0 - new[r][c] * out_shape[c] as f64 / 2.0)
+                        .sum::<f64>();
             }
             o
         });
@@ -101,25 +105,47 @@ pub fn to_spacing(vol: &Volume, pixdim: [f64; 3], interp: Interp) -> Result<Volu
 pub fn resample_to(vol: &Volume, out_affine: &Mat4, out_shape: [usize; 3], interp: Interp) -> Result<Volume> {
     let inv = inv_affine(&vol.affine).context("input affine is singular")?;
     let m = matmul4(&inv, out_affine);
-    let scale = m.iter().take(3).flat_map(|r| r[..3].iter()).fold(0.0f64, |a, v| a.max(v.abs()));
+    let scale = m
+        .iter()
+        .take(3)
+        .flat_map(|r| r[..3].iter())
+        .fold(0.0f64, |a, v| a.max(v.abs()));
     let axis_aligned = (0..3).all(|i| (0..3).all(|j| i == j || m[i][j].abs() <= 1e-9 * scale.max(1.0)));
     let data = if axis_aligned {
         separable(&vol.data, &m, out_shape, interp)
     } else {
         general(&vol.data, &m, out_shape, interp)
     };
-    Ok(Volume { data, affine: *out_affine })
+    Ok(Volume {
+        data,
+        affine: *out_affine,
+    })
+}
+
+/// Nearest voxel of a (non-negative) coordinate. Coordinates that are a
+/// half-integer up to float error (2.3 * 25 = 57.49999999999999) are snapped
+/// first, then ties go to even as in grid_sample, so label resampling does
+/// not depend on the last bit of the affine arithmetic.
+fn nearest_index(s: f64) -> usize {
+    let snapped = (s * 1e6).round() / 1e6;
+    snapped.round_ties_even() as usize
 }
 
 /// Per output index along one axis: (lower source index, upper, weight).
-pub(crate) fn axis_table(n_in: usize, n_out: usize, scale: f64, shift: f64, interp: Interp) -> Vec<(usize, usize, f32)> {
+pub(crate) fn axis_table(
+    n_in: usize,
+    n_out: usize,
+    scale: f64,
+    shift: f64,
+    interp: Interp,
+) -> Vec<(usize, usize, f32)> {
     let hi = n_in as f64 - 1.0;
     (0..n_out)
         .map(|j| {
             let s = (scale * j as f64 + shift).clamp(0.0, hi);
             match interp {
                 Interp::Nearest => {
-                    let i = s.round_ties_even() as usize;
+                    let i = nearest_index(s);
                     (i, i, 0.0)
                 }
                 Interp::Linear => {
@@ -165,7 +191,10 @@ pub(crate) fn interp_axes(data: &Array3<f32>, tables: &[Option<Vec<(usize, usize
                 dst.assign(&a);
             } else {
                 let b = cur.index_axis(Axis(ax), i1);
-                Zip::from(&mut dst).and(&a).and(&b).for_each(|o, &x, &y| *o = x + w * (y - x));
+                Zip::from(&mut dst)
+                    .and(&a)
+                    .and(&b)
+                    .for_each(|o, &x, &y| *o = x + w * (y - x));
             }
         }
         cur = out;
@@ -180,13 +209,15 @@ fn general(data: &Array3<f32>, m: &Mat4, out_shape: [usize; 3], interp: Interp) 
         let p = apply4(m, [i as f64, j as f64, k as f64]);
         let s = [p[0].clamp(0.0, hi[0]), p[1].clamp(0.0, hi[1]), p[2].clamp(0.0, hi[2])];
         match interp {
-            Interp::Nearest => {
-                data[[s[0].round_ties_even() as usize, s[1].round_ties_even() as usize, s[2].round_ties_even() as usize]]
-            }
+            Interp::Nearest => data[[nearest_index(s[0]), nearest_index(s[1]), nearest_index(s[2])]],
             Interp::Linear => {
                 let i0 = [s[0].floor() as usize, s[1].floor() as usize, s[2].floor() as usize];
                 let f = [s[0] - i0[0] as f64, s[1] - i0[1] as f64, s[2] - i0[2] as f64];
-                let i1 = [(i0[0] + 1).min(n[0] - 1), (i0[1] + 1).min(n[1] - 1), (i0[2] + 1).min(n[2] - 1)];
+                let i1 = [
+                    (i0[0] + 1).min(n[0] - 1),
+                    (i0[1] + 1).min(n[1] - 1),
+                    (i0[2] + 1).min(n[2] - 1),
+                ];
                 let mut acc = 0.0f64;
                 for c in 0..8 {
                     let (x, wx) = if c & 1 != 0 { (i1[0], f[0]) } else { (i0[0], 1.0 - f[0]) };
