@@ -39,6 +39,7 @@ bench: build
 lint: setup
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
+	$(VENV)/bin/hadolint Dockerfile
 
 clean:
 	rm -rf work target
