@@ -1,12 +1,13 @@
 //! `med3d info`: what a file holds, as nibabel would report it (shape, voxel
 //! size, datatype, affine, orientation code) plus intensity statistics of the
-//! scaled voxels over every volume of the file.
+//! scaled voxels over every volume of the file. DICOM inputs (a folder or a
+//! file) get the same report for one series, or a list of the series found.
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::volume::{affine, nifti};
+use crate::volume::{affine, dicom, nifti};
 
 #[derive(Debug, Serialize)]
 pub struct Info {
@@ -29,6 +30,63 @@ pub struct Info {
     pub std: f64,
     /// Voxels that are NaN or infinite (excluded from the statistics).
     pub nonfinite: usize,
+    /// DICOM inputs: how the voxels were assembled and decoded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dicom: Option<dicom::Provenance>,
+    /// DICOM folders: files skipped as not DICOM images, with the reason.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
+}
+
+/// What `med3d info` reports: one image, or the series of a DICOM folder
+/// that holds several (when none was picked).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Described {
+    Image(Box<Info>),
+    Series { path: String, format: String, series: Vec<dicom::SeriesSummary>, skipped: Vec<String> },
+}
+
+/// Describes a NIfTI file, a DICOM file, or one series of a DICOM folder
+/// (`series`, or the only one; with several and none picked, lists them).
+pub fn describe(path: &Path, series: Option<&str>) -> Result<Described> {
+    if !dicom::is_dicom_path(path) {
+        if series.is_some() {
+            anyhow::bail!("{}: --series is for DICOM inputs", path.display());
+        }
+        return Ok(Described::Image(Box::new(info(path)?)));
+    }
+    let scan = dicom::scan(path)?;
+    let skipped: Vec<String> = scan.skipped.iter().map(|(p, why)| format!("{}: {why}", p.display())).collect();
+    let found = scan.series();
+    if series.is_none() && found.len() > 1 {
+        return Ok(Described::Series { path: path.display().to_string(), format: "DICOM".into(), series: found, skipped });
+    }
+    let d = dicom::load_from_scan(&scan, series).with_context(|| format!("DICOM input {}", path.display()))?;
+    let v = &d.volume;
+    let flat: Vec<f32> = v.data.iter().copied().collect();
+    let s = stats(&flat);
+    let p = &d.provenance;
+    let [slope, inter] = p.rescale.first().copied().unwrap_or([1.0, 0.0]);
+    Ok(Described::Image(Box::new(Info {
+        path: path.display().to_string(),
+        format: format!("DICOM ({} files, {} frames; {})", p.files, p.frames, p.transfer_syntaxes.join(", ")),
+        shape: v.shape().to_vec(),
+        spacing: v.spacing(),
+        zooms: vec![p.pixel_spacing[1], p.pixel_spacing[0], p.slice_spacing],
+        dtype: d.stored_dtype.clone(),
+        affine: v.affine,
+        orientation: v.orientation().unwrap_or_else(|| "singular".into()),
+        scl_slope: slope,
+        scl_inter: inter,
+        min: s.min,
+        max: s.max,
+        mean: s.mean,
+        std: s.std,
+        nonfinite: s.nonfinite,
+        dicom: Some(d.provenance),
+        skipped,
+    })))
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -83,6 +141,8 @@ pub fn info(path: &Path) -> Result<Info> {
         mean: s.mean,
         std: s.std,
         nonfinite: s.nonfinite,
+        dicom: None,
+        skipped: Vec::new(),
     })
 }
 
@@ -103,6 +163,41 @@ impl std::fmt::Display for Info {
         if self.nonfinite > 0 {
             write!(f, " ({} NaN/Inf voxels excluded)", self.nonfinite)?;
         }
+        if let Some(d) = &self.dicom {
+            write!(f, "\n  modality     {}", d.modality.as_deref().unwrap_or("?"))?;
+            write!(f, "\n  rescale      {:?}{}", d.rescale, if d.modality_lut { " (modality LUT applied)" } else { "" })?;
+        }
+        for s in &self.skipped {
+            write!(f, "\n  skipped      {s}")?;
+        }
         Ok(())
+    }
+}
+
+impl std::fmt::Display for Described {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Described::Image(i) => i.fmt(f),
+            Described::Series { path, series, skipped, .. } => {
+                writeln!(f, "{path}: {} DICOM series; pick one with --series UID", series.len())?;
+                for s in series {
+                    let m: Vec<String> = s.matrices.iter().map(|m| format!("{}x{}", m[0], m[1])).collect();
+                    write!(
+                        f,
+                        "\n  {}\n    modality {}  files {}  frames {}  rows x cols {}  orientations {}",
+                        s.series_uid,
+                        s.modality.as_deref().unwrap_or("?"),
+                        s.files,
+                        s.frames,
+                        m.join(", "),
+                        s.orientations.len()
+                    )?;
+                }
+                for s in skipped {
+                    write!(f, "\n  skipped  {s}")?;
+                }
+                Ok(())
+            }
+        }
     }
 }

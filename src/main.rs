@@ -18,9 +18,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Describe an image file: shape, spacing, affine, orientation, intensities.
+    /// Describe an image (NIfTI file, DICOM file or folder): shape, spacing,
+    /// affine, orientation, intensities; lists a folder's series when it holds several.
     Info {
         path: PathBuf,
+        /// DICOM: the SeriesInstanceUID to describe when a folder holds several.
+        #[arg(long)]
+        series: Option<String>,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -76,8 +80,8 @@ fn preprocess_stage(manifest: &Manifest, exp: &Experiment, out: &std::path::Path
 fn real_main() -> Result<bool> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Info { path, json } => {
-            let info = med3dinsight::info::info(&path)?;
+        Cmd::Info { path, series, json } => {
+            let info = med3dinsight::info::describe(&path, series.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string(&info)?);
             } else {

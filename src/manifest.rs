@@ -20,6 +20,8 @@ pub struct Case {
     pub label: Option<PathBuf>,
     /// Class label for classification tasks.
     pub class: Option<i64>,
+    /// For a DICOM folder holding several series: the SeriesInstanceUID to read.
+    pub series_uid: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +53,8 @@ struct YamlCase {
     label: Option<PathBuf>,
     #[serde(default)]
     class: Option<i64>,
+    #[serde(default)]
+    series_uid: Option<String>,
 }
 
 /// Case ids become folder names in the cache: keep them portable.
@@ -113,6 +117,7 @@ impl Manifest {
                     modality,
                     label: c.label.map(|l| base.join(l)),
                     class: c.class,
+                    series_uid: c.series_uid,
                 });
             }
             Manifest {
@@ -155,6 +160,7 @@ impl Manifest {
                     modality,
                     label: e.label.map(|l| base.join(l)),
                     class: None,
+                    series_uid: None,
                 }
             })
             .collect();
@@ -186,6 +192,7 @@ impl Manifest {
                     modality,
                     label: label.exists().then_some(label),
                     class: None,
+                    series_uid: None,
                 });
             }
         }
@@ -213,6 +220,17 @@ mod tests {
         std::fs::write(&p, "cases:\n  - id: a\n    image: a.nii\n    modality: CT\n    lable: b.nii\n").unwrap();
         let e = format!("{:#}", Manifest::load(&p).unwrap_err());
         assert!(e.contains("lable") && e.contains("m.yaml"), "{e}");
+    }
+
+    #[test]
+    fn yaml_case_may_pick_a_dicom_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.yaml");
+        std::fs::write(&p, "cases:\n  - id: ct\n    image: dicom/ct\n    modality: CT\n    series_uid: 1.2.3.4\n  - id: mr\n    image: b.nii\n    modality: MR\n").unwrap();
+        let m = Manifest::load(&p).unwrap();
+        assert_eq!(m.cases[0].series_uid.as_deref(), Some("1.2.3.4"));
+        assert_eq!(m.cases[0].image, dir.path().join("dicom/ct"));
+        assert_eq!(m.cases[1].series_uid, None);
     }
 
     #[test]

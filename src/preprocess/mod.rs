@@ -113,6 +113,10 @@ pub struct CaseRecord {
     pub intensity_window: [f64; 2],
     pub foreground_bbox: [[usize; 2]; 3],
     pub slices: usize,
+    /// For DICOM sources: transfer syntax, rescale applied, slice spacing
+    /// (geometry and decoding values only; nothing that identifies anyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicom: Option<volume::dicom::Provenance>,
 }
 
 /// One row of the slice index.
@@ -160,11 +164,13 @@ pub struct Processed {
     pub source_geometry: Geometry,
     pub intensity_window: [f64; 2],
     pub foreground_bbox: crop::BBox,
+    pub dicom: Option<volume::dicom::Provenance>,
 }
 
 /// The per-case transform chain; pure (reads files, writes nothing).
 pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> {
-    let image = volume::load(&case.image, cfg.volume_index)?;
+    let loaded = volume::load_image(&case.image, case.series_uid.as_deref(), cfg.volume_index)?;
+    let (image, dicom) = (loaded.volume, loaded.dicom);
     let label = match &case.label {
         Some(p) => {
             let l = volume::load(p, cfg.volume_index)?;
@@ -211,7 +217,7 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
             label.map(|l| crop::resize(&l, cfg.roi, resample::Interp::Nearest)).transpose()?,
         ),
     };
-    Ok(Processed { image, label, source_geometry, intensity_window: window, foreground_bbox: bbox })
+    Ok(Processed { image, label, source_geometry, intensity_window: window, foreground_bbox: bbox, dicom })
 }
 
 fn case_dir(cache: &Path, id: &str) -> PathBuf {
@@ -225,7 +231,7 @@ pub fn read_case_record(cache: &Path, id: &str) -> Option<CaseRecord> {
 }
 
 fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Path) -> Result<bool> {
-    let image_src = SourceFile { path: case.image.clone(), sha256: sha256_file(&case.image)? };
+    let image_src = SourceFile { path: case.image.clone(), sha256: volume::source_sha256(&case.image, case.series_uid.as_deref())? };
     let label_src = match &case.label {
         Some(p) => Some(SourceFile { path: p.clone(), sha256: sha256_file(p)? }),
         None => None,
@@ -296,6 +302,7 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
         intensity_window: p.intensity_window,
         foreground_bbox: p.foreground_bbox.map(|(a, b)| [a, b]),
         slices: rows.len(),
+        dicom: p.dicom,
     };
     std::fs::write(work.join("case.json"), serde_json::to_vec_pretty(&rec)?)?;
     // Swap the finished folder into place: old -> aside, new -> in, drop old.

@@ -5,6 +5,7 @@
 //! transforms), so a crop applied to one is applied to the other.
 pub mod affine;
 pub mod crop;
+pub mod dicom;
 pub mod intensity;
 pub mod nifti;
 pub mod orient;
@@ -102,10 +103,46 @@ impl Volume {
     }
 }
 
+/// A loaded image and, for DICOM inputs, what went into its voxels.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub volume: Volume,
+    pub dicom: Option<dicom::Provenance>,
+}
+
+/// Reads an image: a DICOM folder or file (the series `series_uid`, or the
+/// only one there is) or a NIfTI file (4D needs `volume_index`).
+pub fn load_image(path: &Path, series_uid: Option<&str>, volume_index: Option<usize>) -> Result<Loaded> {
+    if dicom::is_dicom_path(path) {
+        let d = dicom::load(path, series_uid).with_context(|| format!("DICOM input {}", path.display()))?;
+        d.volume.validate(path)?;
+        return Ok(Loaded { volume: d.volume, dicom: Some(d.provenance) });
+    }
+    if let Some(uid) = series_uid {
+        bail!("{}: series_uid {uid} is set, but this is not a DICOM folder or file", path.display());
+    }
+    Ok(Loaded { volume: load_nifti(path, volume_index)?, dicom: None })
+}
+
+/// Reads a NIfTI file or a single-series DICOM input into a `Volume`.
+pub fn load(path: &Path, volume_index: Option<usize>) -> Result<Volume> {
+    Ok(load_image(path, None, volume_index)?.volume)
+}
+
+/// Content hash of an image source for the cache's skip test: the file's
+/// sha256, or for a DICOM folder a hash over its files and the chosen series.
+pub fn source_sha256(path: &Path, series_uid: Option<&str>) -> Result<String> {
+    if path.is_dir() {
+        dicom::source_sha256(path, series_uid)
+    } else {
+        crate::fsutil::sha256_file(path)
+    }
+}
+
 /// Reads a NIfTI file (any of the supported names) into a `Volume`, after
 /// checking its header for the geometry problems that would make the
 /// result meaningless.
-pub fn load(path: &Path, volume_index: Option<usize>) -> Result<Volume> {
+pub fn load_nifti(path: &Path, volume_index: Option<usize>) -> Result<Volume> {
     let img = nifti::read(path)?;
     let h = &img.header;
     for (i, &p) in h.pixdim[1..=3].iter().enumerate() {

@@ -1,0 +1,436 @@
+//! DICOM ingestion: a folder of single-frame files (searched recursively) or
+//! one multi-frame (enhanced) file becomes a `Volume` with the same voxel
+//! layout and RAS+ affine a NIfTI conversion (dcm2niix, ITK, MONAI's
+//! readers) would give: axis 0 runs along the columns of a slice, axis 1 down
+//! its rows, axis 2 along the slice normal (the cross product of the two
+//! ImageOrientationPatient vectors), and DICOM's LPS world is flipped to RAS.
+//!
+//! Three layers, each testable alone:
+//! - [`header`] reads a file and keeps only geometry, modality and the values
+//!   needed to decode pixels (nothing else from the header leaves it, so no
+//!   patient data can reach the cache, logs or prompts);
+//! - [`series`] groups slices by SeriesInstanceUID, sorts them along the
+//!   normal and checks spacing, duplicates, gaps and orientation: pure, and
+//!   fuzzed;
+//! - [`pixels`] decodes frames (native or any transfer syntax the pure-Rust
+//!   decoders of dicom-rs support) and applies the modality LUT or
+//!   RescaleSlope/Intercept exactly once.
+pub mod header;
+pub mod pixels;
+pub mod series;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use ndarray::Array3;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::Volume;
+use header::{FileHeader, ScanOutcome};
+
+/// The ways a DICOM input can be wrong, each with a name that shows up at
+/// the start of its message (tests and users match on these).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DicomError {
+    #[error("not a DICOM file: {0}")]
+    NotDicom(String),
+    #[error("no DICOM image files found under {0}")]
+    NoDicomFiles(String),
+    #[error("missing PixelData (7FE0,0010) in {0}: the file holds no image")]
+    MissingPixelData(String),
+    #[error("missing ImagePositionPatient (0020,0032) in {0}: cannot place the slice in space")]
+    MissingPosition(String),
+    #[error("missing ImageOrientationPatient (0020,0037) in {0}: cannot orient the slice")]
+    MissingOrientation(String),
+    #[error("missing PixelSpacing (0028,0030) in {0}")]
+    MissingPixelSpacing(String),
+    #[error("invalid {what} in {label}: {detail}")]
+    InvalidAttribute {
+        label: String,
+        what: &'static str,
+        detail: String,
+    },
+    #[error("inconsistent Rows/Columns within the series: {first} is {rows0}x{cols0} but {other} is {rows1}x{cols1}")]
+    InconsistentMatrix {
+        first: String,
+        rows0: u32,
+        cols0: u32,
+        other: String,
+        rows1: u32,
+        cols1: u32,
+    },
+    #[error("inconsistent PixelSpacing within the series: {first} has {a:?} but {other} has {b:?}")]
+    InconsistentPixelSpacing {
+        first: String,
+        a: [f64; 2],
+        other: String,
+        b: [f64; 2],
+    },
+    #[error("mixed orientations within the series: {first} has ImageOrientationPatient {a:?} but {other} has {b:?}")]
+    MixedOrientation {
+        first: String,
+        a: [f64; 6],
+        other: String,
+        b: [f64; 6],
+    },
+    #[error("duplicate slice position: {a} and {b} both lie at {position:.4} mm along the slice normal (repeated acquisitions, echoes or time points need separate series)")]
+    DuplicatePosition { a: String, b: String, position: f64 },
+    #[error("gap in the slice positions: about {missing} slice(s) missing between {a} and {b} ({step:.4} mm apart where the series steps {spacing:.4} mm)")]
+    Gap {
+        a: String,
+        b: String,
+        missing: usize,
+        step: f64,
+        spacing: f64,
+    },
+    #[error("non-uniform slice spacing: {a} and {b} are {step:.4} mm apart where the series steps {spacing:.4} mm (tolerance {tolerance:.4} mm)")]
+    NonUniformSpacing {
+        a: String,
+        b: String,
+        step: f64,
+        spacing: f64,
+        tolerance: f64,
+    },
+    #[error("slice positions do not lie along the slice normal (gantry tilt or sheared stack): {label} is {offset:.4} mm off the line through the first slice")]
+    Sheared { label: String, offset: f64 },
+    #[error("several series found in {path}; pick one with `series_uid` in the manifest (or `--series` for `med3d info`): {found}")]
+    MultipleSeries { path: String, found: String },
+    #[error("no series with SeriesInstanceUID {uid} under {path}; found: {found}")]
+    SeriesNotFound { uid: String, path: String, found: String },
+    #[error("unsupported transfer syntax {name} ({uid}) in {label}")]
+    UnsupportedTransferSyntax { name: String, uid: String, label: String },
+    #[error("unsupported pixel format in {label}: {detail}")]
+    UnsupportedPixelFormat { label: String, detail: String },
+    #[error("truncated or corrupt file {label}: {detail}")]
+    Truncated { label: String, detail: String },
+    #[error("cannot decode the pixel data of {label}: {detail}")]
+    Decode { label: String, detail: String },
+}
+
+/// What went into the voxels, for the case's provenance record: geometry
+/// and decoding values only (no identifiers, dates or names).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Provenance {
+    pub modality: Option<String>,
+    pub transfer_syntaxes: Vec<String>,
+    pub files: usize,
+    pub frames: usize,
+    /// Distinct (slope, intercept) pairs applied, once, to the stored values.
+    pub rescale: Vec<[f64; 2]>,
+    /// Whether a Modality LUT Sequence was applied instead of a rescale.
+    pub modality_lut: bool,
+    /// Slice step along the normal, from the positions (not SliceThickness).
+    pub slice_spacing: f64,
+    pub pixel_spacing: [f64; 2],
+    pub orientation: [f64; 6],
+}
+
+/// A series found in a scan: one SeriesInstanceUID.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeriesSummary {
+    pub series_uid: String,
+    pub modality: Option<String>,
+    pub files: usize,
+    pub frames: usize,
+    /// Distinct (rows, columns) seen.
+    pub matrices: Vec<[u32; 2]>,
+    /// Distinct orientations seen (rounded to 4 decimals).
+    pub orientations: Vec<[f64; 6]>,
+}
+
+/// Everything a scan of a path found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub root: PathBuf,
+    pub files: Vec<FileHeader>,
+    /// Files skipped as not DICOM images, each with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
+    /// DICOM files that could not even be parsed far enough to tell their
+    /// series; loading any series from this scan fails on them.
+    pub broken: Vec<(PathBuf, String)>,
+}
+
+/// True when `path` should be read as DICOM: a folder, a file with the
+/// Part 10 "DICM" marker, or a `.dcm` / `.dicom` / `.ima` name.
+pub fn is_dicom_path(path: &Path) -> bool {
+    if path.is_dir() {
+        return true;
+    }
+    let by_name = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| ["dcm", "dicom", "ima"].iter().any(|x| e.eq_ignore_ascii_case(x)));
+    by_name || header::has_dicm_marker(path)
+}
+
+fn list_files(root: &Path) -> Result<Vec<PathBuf>> {
+    if !root.is_dir() {
+        return Ok(vec![root.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let rd = std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
+        for e in rd {
+            let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
+            let p = e.path();
+            let ft = e.file_type().with_context(|| format!("cannot stat {}", p.display()))?;
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() || (ft.is_symlink() && p.is_file()) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads the headers of every file under `path` (or of the one file).
+pub fn scan(path: &Path) -> Result<Scan> {
+    if !path.exists() {
+        anyhow::bail!("{}: no such file or folder", path.display());
+    }
+    let paths = list_files(path)?;
+    let outcomes: Vec<(PathBuf, ScanOutcome)> = paths
+        .into_par_iter()
+        .map(|p| (p.clone(), header::scan_file(&p)))
+        .collect();
+    let mut s = Scan {
+        root: path.to_path_buf(),
+        ..Default::default()
+    };
+    for (p, o) in outcomes {
+        match o {
+            ScanOutcome::Image(h) => s.files.push(*h),
+            ScanOutcome::Skip(why) => s.skipped.push((p, why)),
+            ScanOutcome::Broken(why) => s.broken.push((p, why)),
+        }
+    }
+    for (p, why) in &s.skipped {
+        tracing::info!(file = %p.display(), "skipped: {why}");
+    }
+    Ok(s)
+}
+
+impl Scan {
+    /// One summary per SeriesInstanceUID, sorted by UID.
+    pub fn series(&self) -> Vec<SeriesSummary> {
+        let mut by: BTreeMap<&str, SeriesSummary> = BTreeMap::new();
+        for f in &self.files {
+            let s = by.entry(f.series_uid.as_str()).or_insert_with(|| SeriesSummary {
+                series_uid: f.series_uid.clone(),
+                modality: f.modality.clone(),
+                files: 0,
+                frames: 0,
+                matrices: Vec::new(),
+                orientations: Vec::new(),
+            });
+            s.files += 1;
+            s.frames += f.frames.len();
+            let m = [f.pixel.rows, f.pixel.cols];
+            if !s.matrices.contains(&m) {
+                s.matrices.push(m);
+            }
+            for fr in &f.frames {
+                if let Some(o) = fr.geom.orientation {
+                    let o = o.map(|v| (v * 1e4).round() / 1e4 + 0.0);
+                    if !s.orientations.contains(&o) {
+                        s.orientations.push(o);
+                    }
+                }
+            }
+        }
+        by.into_values().collect()
+    }
+
+    fn found_list(&self) -> String {
+        self.series()
+            .iter()
+            .map(|s| format!("{} ({} files, {} frames)", s.series_uid, s.files, s.frames))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The files of the series to load: the one with `uid`, or the only one.
+    pub fn select(&self, uid: Option<&str>) -> Result<Vec<&FileHeader>, DicomError> {
+        let root = self.root.display().to_string();
+        if let Some((p, why)) = self.broken.first() {
+            return Err(DicomError::Truncated {
+                label: p.display().to_string(),
+                detail: why.clone(),
+            });
+        }
+        if self.files.is_empty() {
+            if self.root.is_dir() {
+                return Err(DicomError::NoDicomFiles(root));
+            }
+            let why = self.skipped.first().map(|(_, w)| w.clone()).unwrap_or_default();
+            return Err(DicomError::NotDicom(format!("{root} ({why})")));
+        }
+        match uid {
+            Some(u) => {
+                let chosen: Vec<&FileHeader> = self.files.iter().filter(|f| f.series_uid == u).collect();
+                if chosen.is_empty() {
+                    return Err(DicomError::SeriesNotFound {
+                        uid: u.to_string(),
+                        path: root,
+                        found: self.found_list(),
+                    });
+                }
+                Ok(chosen)
+            }
+            None => {
+                let first = &self.files[0].series_uid;
+                if self.files.iter().any(|f| &f.series_uid != first) {
+                    return Err(DicomError::MultipleSeries {
+                        path: root,
+                        found: self.found_list(),
+                    });
+                }
+                Ok(self.files.iter().collect())
+            }
+        }
+    }
+}
+
+/// A loaded DICOM series: the volume and what went into it.
+#[derive(Debug, Clone)]
+pub struct DicomVolume {
+    pub volume: Volume,
+    pub provenance: Provenance,
+    /// On-disk sample type of the stored values, e.g. "int16".
+    pub stored_dtype: String,
+}
+
+/// Loads one series (by UID, or the only one) from a folder or file.
+pub fn load(path: &Path, series_uid: Option<&str>) -> Result<DicomVolume> {
+    let scan = scan(path)?;
+    load_from_scan(&scan, series_uid)
+}
+
+/// Loads one series of an existing scan.
+pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>) -> Result<DicomVolume> {
+    let files = scan.select(series_uid)?;
+    // One slice per frame of every file, in a stable order.
+    let mut slices: Vec<(usize, usize)> = Vec::new();
+    for (fi, f) in files.iter().enumerate() {
+        if !f.has_pixel_data {
+            return Err(DicomError::MissingPixelData(f.path.display().to_string()).into());
+        }
+        for k in 0..f.frames.len() {
+            slices.push((fi, k));
+        }
+    }
+    let labels: Vec<String> = slices
+        .iter()
+        .map(|&(fi, k)| header::frame_label(files[fi], k))
+        .collect();
+    let geoms: Vec<series::SliceGeom> = slices.iter().map(|&(fi, k)| files[fi].frames[k].geom.clone()).collect();
+    let asm = series::assemble(&geoms, &labels, &series::Tolerance::default())?;
+    for f in &files {
+        pixels::check_supported(f)?;
+    }
+    let [nx, ny, nz] = asm.shape;
+    let per = nx * ny;
+    // Decode file by file (each file opened once), in parallel.
+    let mut by_file: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new(); // file -> (frame, z)
+    for (z, &si) in asm.order.iter().enumerate() {
+        let (fi, k) = slices[si];
+        by_file.entry(fi).or_default().push((k, z));
+    }
+    let decoded: Vec<Result<Vec<(usize, Vec<f32>)>>> = by_file
+        .into_par_iter()
+        .map(|(fi, frames)| {
+            let f = files[fi];
+            let obj = header::open_full(&f.path)?;
+            frames
+                .into_iter()
+                .map(|(k, z)| {
+                    let v = pixels::decode_frame(&obj, f, k)?;
+                    if v.len() != per {
+                        return Err(DicomError::Decode {
+                            label: header::frame_label(f, k),
+                            detail: format!("decoded {} pixels, expected {per}", v.len()),
+                        }
+                        .into());
+                    }
+                    Ok((z, v))
+                })
+                .collect()
+        })
+        .collect();
+    // data[[x, y, z]] = frame_z[y * nx + x]
+    let mut data = Array3::<f32>::zeros((nx, ny, nz));
+    for r in decoded {
+        for (z, v) in r? {
+            for y in 0..ny {
+                for x in 0..nx {
+                    data[[x, y, z]] = v[y * nx + x];
+                }
+            }
+        }
+    }
+    let mut rescale: Vec<[f64; 2]> = Vec::new();
+    let mut tss: Vec<String> = Vec::new();
+    let mut lut = false;
+    for &si in &asm.order {
+        let (fi, k) = slices[si];
+        let f = files[fi];
+        if f.modality_lut.is_some() {
+            lut = true;
+        } else {
+            let r = f.frames[k].rescale;
+            if !rescale.contains(&[r.slope, r.intercept]) {
+                rescale.push([r.slope, r.intercept]);
+            }
+        }
+        let ts = header::transfer_syntax_name(&f.transfer_syntax);
+        if !tss.contains(&ts) {
+            tss.push(ts);
+        }
+    }
+    let g0 = &geoms[asm.order[0]];
+    let provenance = Provenance {
+        modality: files[0].modality.clone(),
+        transfer_syntaxes: tss,
+        files: files.len(),
+        frames: slices.len(),
+        rescale,
+        modality_lut: lut,
+        slice_spacing: asm.slice_spacing,
+        pixel_spacing: g0.pixel_spacing.unwrap_or([f64::NAN; 2]),
+        orientation: g0.orientation.unwrap_or([f64::NAN; 6]),
+    };
+    let volume = Volume {
+        data,
+        affine: asm.affine,
+    };
+    Ok(DicomVolume {
+        volume,
+        provenance,
+        stored_dtype: files[0].pixel.dtype_name(),
+    })
+}
+
+/// A content hash of the files of a DICOM input, for the cache's skip test:
+/// sha256 over the sorted (relative path, file sha256) pairs, and the chosen
+/// series UID.
+pub fn source_sha256(path: &Path, series_uid: Option<&str>) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in list_files(path)? {
+        let rel = p.strip_prefix(path).unwrap_or(&p).to_string_lossy().into_owned();
+        h.update(rel.as_bytes());
+        h.update([0u8]);
+        h.update(crate::fsutil::sha256_file(&p)?.as_bytes());
+        h.update([b'\n']);
+    }
+    if let Some(u) = series_uid {
+        h.update(b"series_uid=");
+        h.update(u.as_bytes());
+    }
+    Ok(hex::encode(h.finalize()))
+}
