@@ -14,7 +14,7 @@ pub mod resample;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ndarray::{Array3, ShapeBuilder};
+use ndarray::Array3;
 
 pub use affine::Mat4;
 
@@ -78,14 +78,12 @@ impl Volume {
         };
         let per = nx * ny * nz;
         let start = t * per;
-        let mut vox = img.data;
-        if start != 0 || vox.len() != per {
-            vox = vox[start..start + per].to_vec();
-        }
+        let Some(vox) = img.data.get(start..start + per) else {
+            bail!("{}: voxel count does not match the header", img.path.display());
+        };
         // File order is first-axis-fastest: an F-ordered (nx, ny, nz) array.
-        let f = Array3::from_shape_vec((nx, ny, nz).f(), vox)
+        let data = Array3::from_shape_vec((nx, ny, nz), f_to_c_order(vox, [nx, ny, nz]))
             .with_context(|| format!("{}: voxel count does not match the header", img.path.display()))?;
-        let data = if f.is_standard_layout() { f } else { f.as_standard_layout().into_owned() };
         Ok(Volume { data, affine: img.header.affine() })
     }
 
@@ -139,6 +137,31 @@ pub fn source_sha256(path: &Path, series_uid: Option<&str>) -> Result<String> {
     }
 }
 
+/// Reorders an F-ordered (first axis fastest) `shape` array into C order
+/// (last axis fastest). A transpose of the (i, k) planes, done in tiles so
+/// that every cache line read and written is used whole: ndarray's generic
+/// `as_standard_layout` walks the source with a stride of a whole plane and
+/// was half of the load time of a 512x512x300 CT.
+fn f_to_c_order(src: &[f32], [nx, ny, nz]: [usize; 3]) -> Vec<f32> {
+    const TILE: usize = 32;
+    debug_assert_eq!(src.len(), nx * ny * nz);
+    let mut dst = vec![0f32; src.len()];
+    for j in 0..ny {
+        for i0 in (0..nx).step_by(TILE) {
+            for k0 in (0..nz).step_by(TILE) {
+                for i in i0..(i0 + TILE).min(nx) {
+                    // dst[i, j, k] = src[i + nx * (j + ny * k)]
+                    let row = &mut dst[(i * ny + j) * nz..][k0..(k0 + TILE).min(nz)];
+                    for (dk, d) in row.iter_mut().enumerate() {
+                        *d = src[i + nx * (j + ny * (k0 + dk))];
+                    }
+                }
+            }
+        }
+    }
+    dst
+}
+
 /// Reads a NIfTI file (any of the supported names) into a `Volume`, after
 /// checking its header for the geometry problems that would make the
 /// result meaningless.
@@ -153,4 +176,21 @@ pub fn load_nifti(path: &Path, volume_index: Option<usize>) -> Result<Volume> {
     let vol = Volume::from_nifti(img, volume_index)?;
     vol.validate(path)?;
     Ok(vol)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::ShapeBuilder;
+
+    #[test]
+    fn f_to_c_order_matches_ndarray() {
+        for shape in [[37, 5, 41], [1, 3, 4], [3, 1, 1], [2, 70, 1], [64, 33, 65]] {
+            let n = shape.iter().product();
+            let src: Vec<f32> = (0..n).map(|v| v as f32).collect();
+            let want = Array3::from_shape_vec((shape[0], shape[1], shape[2]).f(), src.clone()).unwrap();
+            let got = Array3::from_shape_vec(shape, f_to_c_order(&src, shape)).unwrap();
+            assert_eq!(got, want, "{shape:?}");
+        }
+    }
 }
