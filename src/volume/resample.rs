@@ -208,7 +208,11 @@ fn interp_axis(src: &Array3<f32>, ax: usize, table: &[(usize, usize, f32)]) -> A
     for (s, d) in s.chunks_exact(n_in * inner).zip(out.chunks_exact_mut(n_out * inner)) {
         if inner == 1 {
             for (o, &(i0, i1, w)) in d.iter_mut().zip(table) {
-                *o = if w == 0.0 || i0 == i1 { s[i0] } else { blend(s[i0], s[i1], w) };
+                *o = if w == 0.0 || i0 == i1 {
+                    s[i0]
+                } else {
+                    blend(s[i0], s[i1], w)
+                };
             }
             continue;
         }
@@ -282,7 +286,9 @@ mod tests {
         let in_shape = data.shape().to_vec();
         let out_len = |ax: usize| tables[ax].as_ref().map_or(in_shape[ax], Vec::len);
         let mut order = [0usize, 1, 2];
-        order.sort_by(|&a, &b| (out_len(a) as f64 / in_shape[a] as f64).total_cmp(&(out_len(b) as f64 / in_shape[b] as f64)));
+        order.sort_by(|&a, &b| {
+            (out_len(a) as f64 / in_shape[a] as f64).total_cmp(&(out_len(b) as f64 / in_shape[b] as f64))
+        });
         let mut cur = data.clone();
         for &ax in &order {
             let Some(table) = &tables[ax] else { continue };
@@ -296,7 +302,10 @@ mod tests {
                     dst.assign(&a);
                 } else {
                     let b = cur.index_axis(Axis(ax), i1);
-                    Zip::from(&mut dst).and(&a).and(&b).for_each(|o, &x, &y| *o = x + w * (y - x));
+                    Zip::from(&mut dst)
+                        .and(&a)
+                        .and(&b)
+                        .for_each(|o, &x, &y| *o = x + w * (y - x));
                 }
             }
             cur = out;
@@ -306,9 +315,18 @@ mod tests {
 
     #[test]
     fn line_passes_match_the_reference_bit_for_bit() {
-        let data = Array3::from_shape_fn((23, 17, 29), |(i, j, k)| ((i * 7919 + j * 104729 + k * 31) % 1009) as f32 * 0.37 - 100.0);
-        let vol = Volume { data: data.clone(), affine: identity4() };
-        for (pixdim, interp) in [([1.7, 0.6, 1.3], Interp::Linear), ([0.45, 2.2, 1.0], Interp::Linear), ([1.0, 1.0, 0.7], Interp::Nearest)] {
+        let data = Array3::from_shape_fn((23, 17, 29), |(i, j, k)| {
+            ((i * 7919 + j * 104729 + k * 31) % 1009) as f32 * 0.37 - 100.0
+        });
+        let vol = Volume {
+            data: data.clone(),
+            affine: identity4(),
+        };
+        for (pixdim, interp) in [
+            ([1.7, 0.6, 1.3], Interp::Linear),
+            ([0.45, 2.2, 1.0], Interp::Linear),
+            ([1.0, 1.0, 0.7], Interp::Nearest),
+        ] {
             let (aff, shape) = target_grid(&vol.affine, vol.shape(), pixdim).unwrap();
             let m = matmul4(&inv_affine(&vol.affine).unwrap(), &aff);
             let tables: [Option<Vec<(usize, usize, f32)>>; 3] = std::array::from_fn(|ax| {
@@ -318,13 +336,23 @@ mod tests {
             let got = interp_axes(&data, &tables);
             let want = interp_axes_reference(&data, &tables);
             assert_eq!(got.shape(), want.shape());
-            assert!(got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{pixdim:?}");
+            assert!(
+                got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{pixdim:?}"
+            );
         }
         // a non-standard-layout input is read correctly too
         let t = data.clone().reversed_axes();
-        let tables = [Some(axis_table(29, 11, 2.5, 0.3, Interp::Linear)), None, Some(axis_table(23, 40, 0.5, 0.1, Interp::Linear))];
+        let tables = [
+            Some(axis_table(29, 11, 2.5, 0.3, Interp::Linear)),
+            None,
+            Some(axis_table(23, 40, 0.5, 0.1, Interp::Linear)),
+        ];
         let got = interp_axes(&t.to_owned(), &tables);
-        assert_eq!(got, interp_axes_reference(&t.as_standard_layout().into_owned(), &tables));
+        assert_eq!(
+            got,
+            interp_axes_reference(&t.as_standard_layout().into_owned(), &tables)
+        );
     }
 
     #[test]
