@@ -2,6 +2,7 @@
 //! (Med3DInsight), as staged subcommands over files. See ARCHITECTURE.md
 //! (in shared/) for the stages; each module below is one piece of that
 //! pipeline.
+pub mod align;
 pub mod config;
 pub mod fsutil;
 pub mod info;
