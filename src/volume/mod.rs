@@ -78,11 +78,16 @@ impl Volume {
         };
         let per = nx * ny * nz;
         let start = t * per;
-        let Some(vox) = img.data.get(start..start + per) else {
+        if img.data.len() < start + per {
             bail!("{}: voxel count does not match the header", img.path.display());
+        }
+        let vox = match img.layout {
+            // File order is first-axis-fastest: an F-ordered (nx, ny, nz) array.
+            nifti::Layout::File => f_to_c_order(&img.data[start..start + per], [nx, ny, nz]),
+            nifti::Layout::CPerVolume if img.data.len() == per => img.data,
+            nifti::Layout::CPerVolume => img.data[start..start + per].to_vec(),
         };
-        // File order is first-axis-fastest: an F-ordered (nx, ny, nz) array.
-        let data = Array3::from_shape_vec((nx, ny, nz), f_to_c_order(vox, [nx, ny, nz]))
+        let data = Array3::from_shape_vec((nx, ny, nz), vox)
             .with_context(|| format!("{}: voxel count does not match the header", img.path.display()))?;
         Ok(Volume { data, affine: img.header.affine() })
     }
@@ -166,7 +171,7 @@ fn f_to_c_order(src: &[f32], [nx, ny, nz]: [usize; 3]) -> Vec<f32> {
 /// checking its header for the geometry problems that would make the
 /// result meaningless.
 pub fn load_nifti(path: &Path, volume_index: Option<usize>) -> Result<Volume> {
-    let img = nifti::read(path)?;
+    let img = nifti::read_as(path, nifti::Layout::CPerVolume)?;
     let h = &img.header;
     for (i, &p) in h.pixdim[1..=3].iter().enumerate() {
         if (i as i64) < h.dim[0] && (!p.is_finite() || p <= 0.0) {

@@ -7,7 +7,7 @@
 //! Our own parser rather than the `nifti` crate: that crate reads NIfTI-1
 //! only, and the header parser is small enough to own, fuzz and give errors
 //! that name the field that is wrong.
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -334,8 +334,20 @@ impl NiftiHeader {
     }
 }
 
-/// A decoded NIfTI image: header, shape and scaled voxels in file order
-/// (first axis fastest, as on disk and as nibabel's F-ordered arrays).
+/// How the voxels of a `NiftiImage` are laid out in `data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// As on disk: first axis fastest over every dimension (nibabel's
+    /// F-ordered array).
+    File,
+    /// Each 3D volume (the first three axes) in C order, last axis fastest,
+    /// volumes one after another: the layout `Volume` keeps.
+    CPerVolume,
+}
+
+/// A decoded NIfTI image: header, shape and scaled voxels, in file order
+/// (first axis fastest, as on disk and as nibabel's F-ordered arrays) unless
+/// it was read with `read_as(.., Layout::CPerVolume)`.
 #[derive(Debug, Clone)]
 pub struct NiftiImage {
     pub path: PathBuf,
@@ -343,6 +355,7 @@ pub struct NiftiImage {
     pub shape: Vec<usize>,
     pub dtype: DataType,
     pub data: Vec<f32>,
+    pub layout: Layout,
 }
 
 fn is_gz(path: &Path) -> bool {
@@ -350,14 +363,23 @@ fn is_gz(path: &Path) -> bool {
 }
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if is_gz(path) || raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len() * 3);
-        flate2::read::MultiGzDecoder::new(&raw[..])
+    let cannot_read = || format!("cannot read {}", path.display());
+    let mut file = std::fs::File::open(path).with_context(cannot_read)?;
+    let len = file.metadata().with_context(cannot_read)?.len() as usize;
+    let mut magic = [0u8; 2];
+    let gz = is_gz(path) || (file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]);
+    file.rewind().with_context(cannot_read)?;
+    if gz {
+        // Inflate straight from the file: the compressed bytes are never
+        // held in memory as a whole.
+        let mut out = Vec::with_capacity(len * 3);
+        flate2::read::MultiGzDecoder::new(file)
             .read_to_end(&mut out)
             .with_context(|| format!("{}: gzip stream is corrupt or truncated", path.display()))?;
         Ok(out)
     } else {
+        let mut raw = Vec::with_capacity(len);
+        file.read_to_end(&mut raw).with_context(cannot_read)?;
         Ok(raw)
     }
 }
@@ -394,21 +416,45 @@ pub fn read_header(path: &Path) -> Result<NiftiHeader> {
 
 /// Decodes raw little/big-endian elements into f32, applying scaling once.
 pub fn decode(bytes: &[u8], dtype: DataType, big_endian: bool, scaling: Option<(f64, f64)>) -> Vec<f32> {
+    decode_as(bytes, dtype, big_endian, scaling, None)
+}
+
+/// Like `decode`, for elements in file order that make up volumes of
+/// `shape` (3D; any number of them): writes each volume in C order (last
+/// axis fastest), so the caller needs no transpose of its own.
+pub fn decode_c_order(
+    bytes: &[u8],
+    dtype: DataType,
+    big_endian: bool,
+    scaling: Option<(f64, f64)>,
+    shape: [usize; 3],
+) -> Vec<f32> {
+    decode_as(bytes, dtype, big_endian, scaling, Some(shape))
+}
+
+fn decode_as(
+    bytes: &[u8],
+    dtype: DataType,
+    big_endian: bool,
+    scaling: Option<(f64, f64)>,
+    c_order: Option<[usize; 3]>,
+) -> Vec<f32> {
+    // One element: raw bytes in either order, widened to f64, scaled, then
+    // rounded to f32 once (nibabel's arithmetic).
     macro_rules! conv {
-        ($t:ty, $n:expr) => {{
-            bytes
-                .chunks_exact($n)
-                .map(|c| {
-                    let a: [u8; $n] = c.try_into().unwrap_or([0; $n]);
-                    let v = if big_endian { <$t>::from_be_bytes(a) } else { <$t>::from_le_bytes(a) };
-                    v as f64
-                })
-                .map(|v| match scaling {
+        ($t:ty, $n:expr) => {
+            decode_with::<$n>(bytes, c_order, |a| {
+                let v = if big_endian {
+                    <$t>::from_be_bytes(a)
+                } else {
+                    <$t>::from_le_bytes(a)
+                } as f64;
+                match scaling {
                     Some((s, i)) => (v * s + i) as f32,
                     None => v as f32,
-                })
-                .collect()
-        }};
+                }
+            })
+        };
     }
     match dtype {
         DataType::U8 => conv!(u8, 1),
@@ -424,6 +470,46 @@ pub fn decode(bytes: &[u8], dtype: DataType, big_endian: bool, scaling: Option<(
     }
 }
 
+/// Decodes `N`-byte elements with `conv`, in file order or (given a 3D
+/// shape) transposed to C order volume by volume. The transpose goes through
+/// a small tile, so that both the file-order rows read and the C-order rows
+/// written are contiguous runs.
+fn decode_with<const N: usize>(bytes: &[u8], c_order: Option<[usize; 3]>, conv: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+    let elem = |c: &[u8]| conv(c.try_into().unwrap_or([0; N]));
+    let Some([nx, ny, nz]) = c_order else {
+        return bytes.chunks_exact(N).map(elem).collect();
+    };
+    const T: usize = 32;
+    let per = nx * ny * nz;
+    let mut out = vec![0f32; bytes.len() / N];
+    if per == 0 {
+        return out;
+    }
+    let mut tile = [[0f32; T]; T];
+    for (src, dst) in bytes.chunks_exact(per * N).zip(out.chunks_exact_mut(per)) {
+        for j in 0..ny {
+            for i0 in (0..nx).step_by(T) {
+                let i1 = (i0 + T).min(nx);
+                for k0 in (0..nz).step_by(T) {
+                    let k1 = (k0 + T).min(nz);
+                    for k in k0..k1 {
+                        // file order: element (i, j, k) is at i + nx * (j + ny * k)
+                        let row = nx * (j + ny * k);
+                        for (di, c) in src[(row + i0) * N..(row + i1) * N].chunks_exact(N).enumerate() {
+                            tile[di][k - k0] = elem(c);
+                        }
+                    }
+                    for i in i0..i1 {
+                        let row = (i * ny + j) * nz;
+                        dst[row + k0..row + k1].copy_from_slice(&tile[i - i0][..k1 - k0]);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Number of bytes the voxel data needs, or an error when the dims overflow.
 pub fn data_nbytes(h: &NiftiHeader, dtype: DataType) -> Result<usize> {
     h.shape()
@@ -433,8 +519,13 @@ pub fn data_nbytes(h: &NiftiHeader, dtype: DataType) -> Result<usize> {
         .with_context(|| format!("header dims {:?} describe an impossibly large image", h.shape()))
 }
 
-/// Reads and decodes a whole NIfTI image.
+/// Reads and decodes a whole NIfTI image, voxels in file order.
 pub fn read(path: &Path) -> Result<NiftiImage> {
+    read_as(path, Layout::File)
+}
+
+/// Reads and decodes a whole NIfTI image, voxels in the given layout.
+pub fn read_as(path: &Path, layout: Layout) -> Result<NiftiImage> {
     let ctx = || format!("{}", path.display());
     if !path.exists() {
         bail!("{}: file not found", path.display());
@@ -473,8 +564,23 @@ pub fn read(path: &Path) -> Result<NiftiImage> {
             dtype.name()
         );
     }
-    let data = decode(&bytes[offset..offset + need], dtype, header.big_endian, header.scaling());
-    Ok(NiftiImage { path: path.to_path_buf(), shape: header.shape(), header, dtype, data })
+    let raw = &bytes[offset..offset + need];
+    let data = match layout {
+        Layout::File => decode(raw, dtype, header.big_endian, header.scaling()),
+        Layout::CPerVolume => {
+            let sh = header.shape();
+            let volume = [sh[0], *sh.get(1).unwrap_or(&1), *sh.get(2).unwrap_or(&1)];
+            decode_c_order(raw, dtype, header.big_endian, header.scaling(), volume)
+        }
+    };
+    Ok(NiftiImage {
+        path: path.to_path_buf(),
+        shape: header.shape(),
+        header,
+        dtype,
+        data,
+        layout,
+    })
 }
 
 /// Serialises a NIfTI-1 single-file image (float32 or uint8 or int16 data
@@ -542,6 +648,34 @@ mod tests {
         assert_eq!(v, vec![10.5, 9.0, 160.0, 12.0, 12.5, 13.0]);
         bytes[112..116].copy_from_slice(&0f32.to_le_bytes());
         assert_eq!(parse_header(&bytes).unwrap().scaling(), None);
+    }
+
+    #[test]
+    fn c_order_decoding_is_the_transpose_of_file_order() {
+        use ndarray::{Array3, ShapeBuilder};
+        // 2 volumes of (37, 5, 33), every dtype width, both byte orders, with scaling
+        let (nx, ny, nz) = (37, 5, 33);
+        let per = nx * ny * nz;
+        for (dtype, be, scaling) in [
+            (DataType::I16, false, None),
+            (DataType::I16, true, Some((0.5, -3.0))),
+            (DataType::U8, false, None),
+            (DataType::F32, true, None),
+            (DataType::F64, false, Some((2.0, 1.0))),
+        ] {
+            let raw: Vec<u8> = (0..2 * per * dtype.size()).map(|b| (b * 7 % 251) as u8).collect();
+            let file = decode(&raw, dtype, be, scaling);
+            let c = decode_c_order(&raw, dtype, be, scaling, [nx, ny, nz]);
+            for t in 0..2 {
+                let want = Array3::from_shape_vec((nx, ny, nz).f(), file[t * per..(t + 1) * per].to_vec()).unwrap();
+                let got = Array3::from_shape_vec((nx, ny, nz), c[t * per..(t + 1) * per].to_vec()).unwrap();
+                let same = want.iter().zip(got.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same && want.shape() == got.shape(),
+                    "{dtype:?} be={be} {scaling:?} volume {t}"
+                );
+            }
+        }
     }
 
     #[test]
