@@ -27,6 +27,17 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
 }
 
+/// Like `atomic_write`, but leaves the file (and its mtime) alone when it
+/// already holds `bytes`, so a rerun that changes nothing rewrites nothing.
+/// Returns whether it wrote.
+pub fn atomic_write_if_changed(path: &Path, bytes: &[u8]) -> Result<bool> {
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(false);
+    }
+    atomic_write(path, bytes)?;
+    Ok(true)
+}
+
 /// Hex sha256 of a file's bytes.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("{}: file not found or unreadable", path.display()))?;
@@ -88,5 +99,17 @@ mod tests {
         assert_eq!(sweep_stale_tmp(d.path()).unwrap(), 1);
         assert!(mine.exists());
         assert_eq!(std::fs::read(d.path().join("c.json")).unwrap(), b"z");
+    }
+
+    #[test]
+    fn unchanged_bytes_are_not_rewritten() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.json");
+        assert!(atomic_write_if_changed(&p, b"x").unwrap());
+        let t = std::fs::metadata(&p).unwrap().modified().unwrap();
+        assert!(!atomic_write_if_changed(&p, b"x").unwrap());
+        assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), t);
+        assert!(atomic_write_if_changed(&p, b"y").unwrap());
+        assert_eq!(std::fs::read(&p).unwrap(), b"y");
     }
 }

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Plane, PreprocessConfig, RoiMode};
-use crate::fsutil::{atomic_write, sha256_file, sweep_stale_tmp, tmp_path};
+use crate::fsutil::{atomic_write, atomic_write_if_changed, sha256_file, sweep_stale_tmp, tmp_path};
 use crate::manifest::{Case, Manifest};
 use crate::volume::{self, crop, intensity, orient, resample, Modality, Volume};
 
@@ -192,7 +192,8 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
     let tr = orient::ras_transform(&image).with_context(|| format!("{}", case.image.display()))?;
     let image = orient::apply(&image, &tr);
     let label = label.map(|l| orient::apply(&l, &tr));
-    let (grid, shape) = resample::target_grid(&image.affine, image.shape(), cfg.spacing)?;
+    let (grid, shape) = resample::target_grid(&image.affine, image.shape(), cfg.spacing)
+        .with_context(|| format!("{}", case.image.display()))?;
     let mut image = resample::resample_to(&image, &grid, shape, resample::Interp::Linear)?;
     let label = label.map(|l| resample::resample_to(&l, &grid, shape, resample::Interp::Nearest)).transpose()?;
     let window = match case.modality {
@@ -343,7 +344,7 @@ pub fn rebuild_index(cache: &Path) -> Result<usize> {
         n += rows.lines().count();
         out.push_str(&rows);
     }
-    atomic_write(&cache.join("index.jsonl"), out.as_bytes())?;
+    atomic_write_if_changed(&cache.join("index.jsonl"), out.as_bytes())?;
     drop(lock);
     Ok(n)
 }
@@ -366,7 +367,7 @@ pub fn run(manifest: &Manifest, cfg: &PreprocessConfig, cache: &Path, shard: Sha
     sweep_stale_tmp(&cache.join("cases"))?;
     let cfg_hash = cfg.hash();
     let info = CacheInfo { format: CACHE_FORMAT, med3d_version: VERSION.into(), config_hash: cfg_hash.clone(), preprocess: cfg.clone() };
-    atomic_write(&cache.join("cache.json"), &serde_json::to_vec_pretty(&info)?)?;
+    atomic_write_if_changed(&cache.join("cache.json"), &serde_json::to_vec_pretty(&info)?)?;
 
     let cases: Vec<&Case> = manifest.cases.iter().filter(|c| shard.owns(&c.id)).collect();
     let bar = crate::progress::bar(cases.len() as u64, "preprocess");

@@ -26,6 +26,12 @@ pub enum Interp {
     Nearest,
 }
 
+/// The most voxels `target_grid` will lay out: far beyond any real scan at a
+/// sensible spacing, so a larger grid means an implausible affine (voxels
+/// kilometres wide), which is reported instead of an allocation that aborts
+/// the whole batch.
+pub const MAX_GRID_VOXELS: usize = 1 << 31;
+
 /// The output affine and shape MONAI's `Spacing(pixdim, diagonal=False)`
 /// produces for an input affine and shape.
 pub fn target_grid(affine: &Mat4, shape: [usize; 3], pixdim: [f64; 3]) -> Result<(Mat4, [usize; 3])> {
@@ -65,6 +71,13 @@ pub fn target_grid(affine: &Mat4, shape: [usize; 3], pixdim: [f64; 3]) -> Result
         let lo = out_corners.iter().map(|c| c[a]).fold(f64::INFINITY, f64::min);
         let hi = out_corners.iter().map(|c| c[a]).fold(f64::NEG_INFINITY, f64::max);
         out_shape[a] = ((hi - lo) + 1.0).round_ties_even().max(1.0) as usize;
+    }
+    let voxels = out_shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if voxels.is_none_or(|n| n > MAX_GRID_VOXELS) {
+        bail!(
+            "resampling to {pixdim:?} mm needs a {out_shape:?} grid (more than {MAX_GRID_VOXELS} voxels): \
+             the voxel sizes {orig:?} mm in the affine are implausible"
+        );
     }
     // Origin at the input corner that is smallest along every output axis;
     // if no corner is, centre the output grid on the input.
@@ -266,6 +279,21 @@ fn general(data: &Array3<f32>, m: &Mat4, out_shape: [usize; 3], interp: Interp) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn implausible_voxel_sizes_are_an_error_not_an_allocation() {
+        // 20 m voxels (an affine off by 10^4) resampled to 2.5 mm: ~10^16 voxels.
+        let mut a = identity4();
+        for (i, row) in a.iter_mut().take(3).enumerate() {
+            row[i] = 2e4;
+        }
+        let e = target_grid(&a, [33, 41, 25], [2.5; 3]).unwrap_err().to_string();
+        assert!(
+            e.contains("implausible") && e.contains("[256001, 320001, 192001]"),
+            "{e}"
+        );
+        assert_eq!(target_grid(&a, [33, 41, 25], [2e4; 3]).unwrap().1, [33, 41, 25]);
+    }
 
     #[test]
     fn grid_matches_monai_rule_for_diagonal_affine() {
