@@ -167,8 +167,31 @@ pub struct Processed {
     pub dicom: Option<volume::dicom::Provenance>,
 }
 
+/// Time spent on each step of a case, logged at debug level
+/// (`MED3D_LOG=med3dinsight=debug`), for profiling.
+struct Lap<'a> {
+    case: &'a str,
+    start: std::time::Instant,
+}
+
+impl<'a> Lap<'a> {
+    fn start(case: &'a str) -> Self {
+        Lap {
+            case,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn done(&mut self, step: &str) {
+        let ms = self.start.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(case = self.case, step, ms = format!("{ms:.1}"), "step done");
+        self.start = std::time::Instant::now();
+    }
+}
+
 /// The per-case transform chain; pure (reads files, writes nothing).
 pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> {
+    let mut lap = Lap::start(&case.id);
     let loaded = volume::load_image(&case.image, case.series_uid.as_deref(), cfg.volume_index)?;
     let (image, dicom) = (loaded.volume, loaded.dicom);
     let label = match &case.label {
@@ -188,14 +211,17 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
         }
         None => None,
     };
+    lap.done("load");
     let source_geometry = Geometry::of(&image);
     let tr = orient::ras_transform(&image).with_context(|| format!("{}", case.image.display()))?;
     let image = orient::apply(&image, &tr);
     let label = label.map(|l| orient::apply(&l, &tr));
+    lap.done("orient");
     let (grid, shape) = resample::target_grid(&image.affine, image.shape(), cfg.spacing)
         .with_context(|| format!("{}", case.image.display()))?;
     let mut image = resample::resample_to(&image, &grid, shape, resample::Interp::Linear)?;
     let label = label.map(|l| resample::resample_to(&l, &grid, shape, resample::Interp::Nearest)).transpose()?;
+    lap.done("resample");
     let window = match case.modality {
         Modality::CT => {
             intensity::scale_window(&mut image.data, cfg.ct_window[0], cfg.ct_window[1])?;
@@ -206,6 +232,7 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
             [lo, hi]
         }
     };
+    lap.done("intensity");
     let bbox = crop::foreground_bbox(&image.data, cfg.foreground_threshold).with_context(|| {
         format!("{}: no voxel is above the foreground threshold {} after normalisation", case.image.display(), cfg.foreground_threshold)
     })?;
@@ -218,6 +245,7 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
             label.map(|l| crop::resize(&l, cfg.roi, resample::Interp::Nearest)).transpose()?,
         ),
     };
+    lap.done("crop");
     Ok(Processed { image, label, source_geometry, intensity_window: window, foreground_bbox: bbox, dicom })
 }
 
@@ -232,6 +260,7 @@ pub fn read_case_record(cache: &Path, id: &str) -> Option<CaseRecord> {
 }
 
 fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Path) -> Result<bool> {
+    let mut lap = Lap::start(&case.id);
     let image_src = SourceFile { path: case.image.clone(), sha256: volume::source_sha256(&case.image, case.series_uid.as_deref())? };
     let label_src = match &case.label {
         Some(p) => Some(SourceFile { path: p.clone(), sha256: sha256_file(p)? }),
@@ -247,7 +276,9 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
             return Ok(false);
         }
     }
+    lap.done("hash");
     let p = process_volume(case, cfg)?;
+    lap = Lap::start(&case.id);
 
     let final_dir = case_dir(cache, &case.id);
     let work = tmp_path(&final_dir);
@@ -306,6 +337,7 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
         dicom: p.dicom,
     };
     std::fs::write(work.join("case.json"), serde_json::to_vec_pretty(&rec)?)?;
+    lap.done("write");
     // Swap the finished folder into place: old -> aside, new -> in, drop old.
     // A kill in between leaves no committed case.json, so a rerun redoes it.
     if final_dir.exists() {
