@@ -16,10 +16,14 @@ own): med3d `--workers 1` and `--workers <ncores>`; MONAI sequential with
 one torch thread, and a multiprocessing pool of <ncores> processes with one
 torch thread each.
 
-Times: med3d is the wall clock of the whole `med3d preprocess` process
-(start-up, hashing, slices and index included); MONAI is the wall clock of
-the processing loop inside its process (Python and torch/MONAI import time
-excluded). Memory: "peak RSS" is the kernel's ru_maxrss of the largest single
+Times: med3d is the wall clock and CPU time (user + system) of the whole
+`med3d preprocess` process (start-up, hashing, slices and index included);
+MONAI is the wall clock and CPU time (its own and its pool workers') of the
+processing loop inside its process (Python and torch/MONAI import time
+excluded). Two ratios are printed: throughput (volumes per wall-clock
+second) and CPU efficiency (MONAI CPU seconds / med3d CPU seconds, the
+per-core ratio, which a busy machine disturbs far less than wall clock; the
+load average is recorded alongside). Memory: "peak RSS" is the kernel's ru_maxrss of the largest single
 process (exact); "peak PSS" is the summed proportional set size of the whole
 process tree, sampled every 50 ms (what a pool of workers really occupies,
 shared pages counted once).
@@ -198,6 +202,7 @@ def monai_one(args: tuple) -> str:
 def monai_child(cases_json: str, out: str, workers: int) -> None:
     """Runs inside a fresh process: imports, then times the processing loop."""
     import multiprocessing as mp
+    import resource
 
     import monai  # noqa: F401  (imported before timing, and before forking)
     import torch
@@ -206,14 +211,22 @@ def monai_child(cases_json: str, out: str, workers: int) -> None:
     cases = json.loads(Path(cases_json).read_text())
     Path(out).mkdir(parents=True, exist_ok=True)
     jobs = [(c, out) for c in cases]
-    t = time.perf_counter()
+    def children_cpu():
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+
+    t, c, cc = time.perf_counter(), time.process_time(), children_cpu()
     if workers == 1:
         for j in jobs:
             monai_one(j)
     else:
-        with mp.get_context("fork").Pool(workers, initializer=_monai_init) as pool:
-            list(pool.imap_unordered(monai_one, jobs, chunksize=1))
-    print(json.dumps({"loop_s": time.perf_counter() - t}), flush=True)
+        pool = mp.get_context("fork").Pool(workers, initializer=_monai_init)
+        list(pool.imap_unordered(monai_one, jobs, chunksize=1))
+        pool.close()
+        pool.join()  # reaps the workers, so their CPU time is counted below
+    wall = time.perf_counter() - t
+    cpu = time.process_time() - c + children_cpu() - cc
+    print(json.dumps({"loop_s": wall, "loop_cpu_s": cpu}), flush=True)
 
 
 # ---------------------------------------------------------------- measuring
@@ -298,7 +311,9 @@ def run_monai(cases_json: Path, workers: int, tag: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, **SINGLE_THREAD_ENV, PYTHONWARNINGS="ignore")
     m = measure([sys.executable, str(Path(__file__).resolve()), "--monai-child", str(cases_json), str(out), str(workers)], env)
-    m["seconds"] = json.loads(m["stdout"].strip().splitlines()[-1])["loop_s"]
+    loop = json.loads(m["stdout"].strip().splitlines()[-1])
+    m["process_wall_s"], m["process_cpu_s"] = m["wall_s"], m["cpu_s"]
+    m["seconds"], m["cpu_s"] = loop["loop_s"], loop["loop_cpu_s"]
     m["out"] = str(out)
     return m
 
@@ -347,6 +362,9 @@ def main() -> None:
             while f.read(1 << 24):
                 pass
     n = len(cases)
+    load0 = os.getloadavg()
+    if load0[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"note: load average {load0[0]:.1f} on {os.cpu_count()} CPUs: other work is running, wall-clock numbers will be noisy")
     mb = sum(Path(c["image"]).stat().st_size for c in cases) / 1e6
     print(f"{n} volumes ({a.ct} CT {'x'.join(map(str, CT_SHAPE))} int16 + MNI152 T1), {mb:.0f} MB compressed; "
           f"all cores = {a.workers} workers", flush=True)
@@ -365,7 +383,7 @@ def main() -> None:
             if best is None or m["seconds"] < best["seconds"]:
                 best = m
         best.pop("stdout", None)
-        best.update(tool=tool, workers=w, volumes=n, volumes_per_s=n / best["seconds"])
+        best.update(tool=tool, workers=w, volumes=n, volumes_per_s=n / best["seconds"], loadavg_after=os.getloadavg())
         results[tag] = best
         print(f"  {tag:<10} {best['seconds']:7.2f} s  {best['volumes_per_s']:6.3f} vol/s  "
               f"rss {best['peak_rss_mb']:6.0f} MB  pss {best['peak_pss_mb']:6.0f} MB", flush=True)
@@ -379,8 +397,9 @@ def main() -> None:
         k1, k2 = f"med3d-w{w}", f"monai-w{w}"
         if k1 in results and k2 in results:
             r = results[k1]["volumes_per_s"] / results[k2]["volumes_per_s"]
-            ratios[f"w{w}"] = r
-            print(f"med3d / MONAI throughput, {label}: {r:.1f}x")
+            c = results[k2]["cpu_s"] / results[k1]["cpu_s"]
+            ratios[f"w{w}"] = {"throughput": r, "cpu": c}
+            print(f"med3d / MONAI, {label}: throughput {r:.1f}x, CPU efficiency {c:.1f}x")
     par = None
     if "med3d-w1" in results and "monai-w1" in results:
         par = parity(cases, results["med3d-w1"]["out"], results["monai-w1"]["out"])
@@ -392,12 +411,13 @@ def main() -> None:
                 print(f"  {cid}: max |diff| {p['max_abs_diff']:.4g}, mean |diff| {p['mean_abs_diff']:.3g}")
 
     out = {
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                 "loadavg_before": load0, "loadavg_after": os.getloadavg()},
         "binary": str(binary),
         "cases": cases,
         "config": {"spacing": SPACING, "roi": ROI, "ct_window": CT_WINDOW, "mr_percentiles": MR_PERCENTILES,
                    "slices_per_plane": SLICES_PER_PLANE},
-        "timing": "med3d: process wall clock; MONAI: processing loop wall clock (imports excluded)",
+        "timing": "med3d: whole process (wall, CPU); MONAI: processing loop (wall, CPU incl. pool workers; imports excluded)",
         "results": results,
         "ratio_med3d_over_monai": ratios,
         "parity": par,
