@@ -4,6 +4,7 @@
 //! pipeline.
 pub mod align;
 pub mod config;
+pub mod convert;
 pub mod fsutil;
 pub mod info;
 pub mod manifest;

@@ -29,6 +29,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write an image (DICOM folder or file, or NIfTI) as the float32 NIfTI
+    /// med3d sees: the voxels and RAS+ affine every stage works from.
+    Convert {
+        input: PathBuf,
+        /// Output .nii or .nii.gz.
+        output: PathBuf,
+        /// DICOM: the SeriesInstanceUID to read when a folder holds several.
+        #[arg(long)]
+        series: Option<String>,
+        /// 4D NIfTI: the volume to take.
+        #[arg(long)]
+        volume_index: Option<usize>,
+    },
     /// Turn the volumes of a manifest into a slice cache.
     Preprocess {
         /// Dataset manifest (YAML, MSD or nnU-Net v2 dataset.json); default: the config's.
@@ -80,6 +93,11 @@ fn preprocess_stage(manifest: &Manifest, exp: &Experiment, out: &std::path::Path
 fn real_main() -> Result<bool> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Convert { input, output, series, volume_index } => {
+            let v = med3dinsight::convert::convert(&input, series.as_deref(), volume_index, &output)?;
+            println!("{} -> {} {:?} {}", input.display(), output.display(), v.shape(), v.orientation().unwrap_or_default());
+            Ok(true)
+        }
         Cmd::Info { path, series, json } => {
             let info = med3dinsight::info::describe(&path, series.as_deref())?;
             if json {

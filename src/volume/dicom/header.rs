@@ -7,9 +7,12 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use dicom_core::header::Header;
 use dicom_core::value::{PrimitiveValue, Value};
+use dicom_core::VR;
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::mem::InMemElement;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
@@ -78,6 +81,8 @@ pub struct FileHeader {
     pub float_pixel_data: bool,
     /// Set when the header parsed but the pixel data did not.
     pub truncated: Option<String>,
+    /// Set when the geometry or decoding attributes are unreadable.
+    pub problem: Option<DicomError>,
     pub modality_lut: Option<ModalityLut>,
     /// One entry per frame.
     pub frames: Vec<FrameHeader>,
@@ -129,7 +134,8 @@ pub fn open_full(path: &Path) -> Result<DefaultDicomObject, DicomError> {
         })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its causes, "a: b: c".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -184,8 +190,36 @@ fn invalid(path: &Path, what: &'static str, detail: impl Into<String>) -> DicomE
     }
 }
 
+/// The text of an element whose VR the file left as UN (pydicom reads these
+/// by the dictionary's VR; dicom-rs hands over the raw bytes).
+fn un_text(e: &InMemElement) -> Option<String> {
+    if e.vr() != VR::UN {
+        return None;
+    }
+    let b = e.value().to_bytes().ok()?;
+    Some(
+        String::from_utf8_lossy(&b)
+            .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+            .to_string(),
+    )
+}
+
+fn parse_numbers(path: &Path, text: &str, what: &'static str) -> Result<Vec<f64>, DicomError> {
+    text.split('\\')
+        .map(|t| {
+            t.trim()
+                .parse::<f64>()
+                .map_err(|_| invalid(path, what, format!("{text:?} is not a number list")))
+        })
+        .collect()
+}
+
 fn get_str(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<String> {
-    let s = obj.get(tag)?.to_str().ok()?;
+    let e = obj.get(tag)?;
+    let s = match un_text(e) {
+        Some(t) => t,
+        None => e.to_str().ok()?.into_owned(),
+    };
     let s = s.trim_matches(|c: char| c == '\0' || c.is_whitespace()).to_string();
     (!s.is_empty()).then_some(s)
 }
@@ -204,6 +238,13 @@ fn is_empty(obj: &InMemDicomObject, tag: dicom_core::Tag) -> bool {
     }
 }
 
+fn floats(path: &Path, e: &InMemElement, what: &'static str) -> Result<Vec<f64>, DicomError> {
+    match un_text(e) {
+        Some(t) => parse_numbers(path, &t, what),
+        None => e.to_multi_float64().map_err(|err| invalid(path, what, err.to_string())),
+    }
+}
+
 fn get_f64s(
     path: &Path,
     obj: &InMemDicomObject,
@@ -215,9 +256,7 @@ fn get_f64s(
         return Ok(None);
     }
     let Some(e) = obj.get(tag) else { return Ok(None) };
-    let v = e
-        .to_multi_float64()
-        .map_err(|err| invalid(path, what, err.to_string()))?;
+    let v = floats(path, e, what)?;
     if v.len() != n {
         return Err(invalid(path, what, format!("has {} values, expected {n}", v.len())));
     }
@@ -238,27 +277,45 @@ fn get_f64(
     }
     // Some writers repeat a DS value (e.g. "1\1"); the first is the value.
     let Some(e) = obj.get(tag) else { return Ok(None) };
-    let v = e
-        .to_multi_float64()
-        .map_err(|err| invalid(path, what, err.to_string()))?;
-    match v.first() {
+    match floats(path, e, what)?.first() {
         Some(x) if x.is_finite() => Ok(Some(*x)),
         Some(x) => Err(invalid(path, what, format!("{x} is not finite"))),
         None => Ok(None),
     }
 }
 
+/// A US attribute (`binary`) or an IS one, as u32.
 fn get_uint(
     path: &Path,
     obj: &InMemDicomObject,
     tag: dicom_core::Tag,
     what: &'static str,
+    binary: bool,
 ) -> Result<Option<u32>, DicomError> {
     if is_empty(obj, tag) {
         return Ok(None);
     }
     let Some(e) = obj.get(tag) else { return Ok(None) };
-    let v = e.to_int::<i64>().map_err(|err| invalid(path, what, err.to_string()))?;
+    let v: i64 = if e.vr() == VR::UN {
+        // US left as UN is 2 little-endian bytes; IS left as UN is text.
+        let b = e
+            .value()
+            .to_bytes()
+            .map_err(|err| invalid(path, what, err.to_string()))?;
+        match (binary, b.len()) {
+            (true, 2) => i64::from(u16::from_le_bytes([b[0], b[1]])),
+            (true, 4) => i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            _ => {
+                let t = String::from_utf8_lossy(&b)
+                    .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+                    .to_string();
+                t.parse()
+                    .map_err(|_| invalid(path, what, format!("{t:?} is not an integer")))?
+            }
+        }
+    } else {
+        e.to_int::<i64>().map_err(|err| invalid(path, what, err.to_string()))?
+    };
     u32::try_from(v)
         .map(Some)
         .map_err(|_| invalid(path, what, format!("{v} is out of range")))
@@ -406,37 +463,15 @@ fn modality_lut(path: &Path, obj: &InMemDicomObject, signed: bool) -> Result<Opt
     }))
 }
 
-/// Extracts the header; `Ok(None)` for DICOM objects without an image.
-pub fn header_of(
+/// Per-frame geometry and rescale: per-frame functional groups over shared
+/// ones over the top level.
+fn frame_headers(
     path: &Path,
     obj: &InMemDicomObject,
-    transfer_syntax: String,
-) -> Result<Option<FileHeader>, DicomError> {
-    let (Some(rows), Some(cols)) = (
-        get_uint(path, obj, tags::ROWS, "Rows")?,
-        get_uint(path, obj, tags::COLUMNS, "Columns")?,
-    ) else {
-        return Ok(None);
-    };
-    let bits_allocated = get_uint(path, obj, tags::BITS_ALLOCATED, "BitsAllocated")?.unwrap_or(0);
-    let bits_stored = get_uint(path, obj, tags::BITS_STORED, "BitsStored")?.unwrap_or(bits_allocated);
-    let signed = get_uint(path, obj, tags::PIXEL_REPRESENTATION, "PixelRepresentation")?.unwrap_or(0) == 1;
-    let samples = get_uint(path, obj, tags::SAMPLES_PER_PIXEL, "SamplesPerPixel")?.unwrap_or(1);
-    let frames = get_uint(path, obj, tags::NUMBER_OF_FRAMES, "NumberOfFrames")?
-        .unwrap_or(1)
-        .max(1);
-    let to16 =
-        |v: u32, what: &'static str| u16::try_from(v).map_err(|_| invalid(path, what, format!("{v} is out of range")));
-    let pixel = PixelFormat {
-        rows,
-        cols,
-        bits_allocated: to16(bits_allocated, "BitsAllocated")?,
-        bits_stored: to16(bits_stored, "BitsStored")?,
-        signed,
-        samples_per_pixel: to16(samples, "SamplesPerPixel")?,
-        photometric: get_str(obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default(),
-        frames,
-    };
+    rows: u32,
+    cols: u32,
+    frames: u32,
+) -> Result<Vec<FrameHeader>, DicomError> {
     let top = partial_plain(path, obj)?;
     let shared = match first_item(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE) {
         Some(it) => partial_fg(path, it)?.over(&top),
@@ -491,7 +526,7 @@ pub fn header_of(
             }
         }
     }
-    let frames_h = parts
+    Ok(parts
         .into_iter()
         .map(|p| FrameHeader {
             geom: SliceGeom {
@@ -508,7 +543,60 @@ pub fn header_of(
                 intercept: p.intercept.unwrap_or(0.0),
             },
         })
-        .collect();
+        .collect())
+}
+
+/// Extracts the header; `Ok(None)` for DICOM objects without an image.
+pub fn header_of(
+    path: &Path,
+    obj: &InMemDicomObject,
+    transfer_syntax: String,
+) -> Result<Option<FileHeader>, DicomError> {
+    let (Some(rows), Some(cols)) = (
+        get_uint(path, obj, tags::ROWS, "Rows", true)?,
+        get_uint(path, obj, tags::COLUMNS, "Columns", true)?,
+    ) else {
+        return Ok(None);
+    };
+    let bits_allocated = get_uint(path, obj, tags::BITS_ALLOCATED, "BitsAllocated", true)?.unwrap_or(0);
+    let bits_stored = get_uint(path, obj, tags::BITS_STORED, "BitsStored", true)?.unwrap_or(bits_allocated);
+    let signed = get_uint(path, obj, tags::PIXEL_REPRESENTATION, "PixelRepresentation", true)?.unwrap_or(0) == 1;
+    let samples = get_uint(path, obj, tags::SAMPLES_PER_PIXEL, "SamplesPerPixel", true)?.unwrap_or(1);
+    let frames = get_uint(path, obj, tags::NUMBER_OF_FRAMES, "NumberOfFrames", false)?
+        .unwrap_or(1)
+        .max(1);
+    let to16 =
+        |v: u32, what: &'static str| u16::try_from(v).map_err(|_| invalid(path, what, format!("{v} is out of range")));
+    let pixel = PixelFormat {
+        rows,
+        cols,
+        bits_allocated: to16(bits_allocated, "BitsAllocated")?,
+        bits_stored: to16(bits_stored, "BitsStored")?,
+        signed,
+        samples_per_pixel: to16(samples, "SamplesPerPixel")?,
+        photometric: get_str(obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default(),
+        frames,
+    };
+    // A header whose geometry cannot be read still has a series; the problem
+    // is reported when that series is loaded (after any pixel-format error).
+    let (frames_h, mut problem) = match frame_headers(path, obj, rows, cols, frames) {
+        Ok(f) => (f, None),
+        Err(e) => (
+            vec![FrameHeader {
+                geom: SliceGeom {
+                    rows,
+                    cols,
+                    ..Default::default()
+                },
+                rescale: Rescale::default(),
+            }],
+            Some(e),
+        ),
+    };
+    let modality_lut = modality_lut(path, obj, signed).unwrap_or_else(|e| {
+        problem.get_or_insert(e);
+        None
+    });
     let has_pixel_data = obj.get(tags::PIXEL_DATA).is_some();
     let float_pixel_data =
         obj.get(tags::FLOAT_PIXEL_DATA).is_some() || obj.get(tags::DOUBLE_FLOAT_PIXEL_DATA).is_some();
@@ -517,7 +605,8 @@ pub fn header_of(
         series_uid: get_str(obj, tags::SERIES_INSTANCE_UID).unwrap_or_else(|| "(no SeriesInstanceUID)".into()),
         modality: get_str(obj, tags::MODALITY),
         transfer_syntax,
-        modality_lut: modality_lut(path, obj, signed)?,
+        modality_lut,
+        problem,
         pixel,
         has_pixel_data: has_pixel_data || float_pixel_data,
         float_pixel_data,

@@ -32,9 +32,9 @@ use header::{FileHeader, ScanOutcome};
 
 /// The ways a DICOM input can be wrong, each with a name that shows up at
 /// the start of its message (tests and users match on these).
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum DicomError {
-    #[error("not a DICOM file: {0}")]
+    #[error("not a DICOM image file: {0}")]
     NotDicom(String),
     #[error("no DICOM image files found under {0}")]
     NoDicomFiles(String),
@@ -317,8 +317,10 @@ pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>) -> Result<DicomVolu
     // One slice per frame of every file, in a stable order.
     let mut slices: Vec<(usize, usize)> = Vec::new();
     for (fi, f) in files.iter().enumerate() {
-        if !f.has_pixel_data {
-            return Err(DicomError::MissingPixelData(f.path.display().to_string()).into());
+        // What cannot be decoded is named before any geometry complaint.
+        pixels::check_supported(f)?;
+        if let Some(p) = &f.problem {
+            return Err(p.clone().into());
         }
         for k in 0..f.frames.len() {
             slices.push((fi, k));
@@ -330,9 +332,6 @@ pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>) -> Result<DicomVolu
         .collect();
     let geoms: Vec<series::SliceGeom> = slices.iter().map(|&(fi, k)| files[fi].frames[k].geom.clone()).collect();
     let asm = series::assemble(&geoms, &labels, &series::Tolerance::default())?;
-    for f in &files {
-        pixels::check_supported(f)?;
-    }
     let [nx, ny, nz] = asm.shape;
     let per = nx * ny;
     // Decode file by file (each file opened once), in parallel.

@@ -118,7 +118,7 @@ pub fn decode_frame(obj: &DefaultDicomObject, f: &FileHeader, k: usize) -> Resul
             })?;
             let d = obj.decode_pixel_data_frame(frame).map_err(|e| DicomError::Decode {
                 label: label.clone(),
-                detail: e.to_string(),
+                detail: super::header::error_chain(&e),
             })?;
             owned = d.data().to_vec();
             if owned.len() < fb {
