@@ -8,6 +8,7 @@ pub mod convert;
 pub mod fsutil;
 pub mod info;
 pub mod manifest;
+pub mod model;
 pub mod preprocess;
 pub mod progress;
 pub mod volume;
