@@ -473,7 +473,9 @@ fn decode_as(
 /// Decodes `N`-byte elements with `conv`, in file order or (given a 3D
 /// shape) transposed to C order volume by volume. The transpose goes through
 /// a small tile, so that both the file-order rows read and the C-order rows
-/// written are contiguous runs.
+/// written are contiguous runs; the tile is filled row by row as decoded
+/// (the conversion runs over contiguous input and output) and read by
+/// column on the way out.
 fn decode_with<const N: usize>(bytes: &[u8], c_order: Option<[usize; 3]>, conv: impl Fn([u8; N]) -> f32) -> Vec<f32> {
     let elem = |c: &[u8]| conv(c.try_into().unwrap_or([0; N]));
     let Some([nx, ny, nz]) = c_order else {
@@ -495,13 +497,16 @@ fn decode_with<const N: usize>(bytes: &[u8], c_order: Option<[usize; 3]>, conv: 
                     for k in k0..k1 {
                         // file order: element (i, j, k) is at i + nx * (j + ny * k)
                         let row = nx * (j + ny * k);
-                        for (di, c) in src[(row + i0) * N..(row + i1) * N].chunks_exact(N).enumerate() {
-                            tile[di][k - k0] = elem(c);
+                        let src_row = src[(row + i0) * N..(row + i1) * N].chunks_exact(N);
+                        for (t, c) in tile[k - k0].iter_mut().zip(src_row) {
+                            *t = elem(c);
                         }
                     }
                     for i in i0..i1 {
                         let row = (i * ny + j) * nz;
-                        dst[row + k0..row + k1].copy_from_slice(&tile[i - i0][..k1 - k0]);
+                        for (d, t) in dst[row + k0..row + k1].iter_mut().zip(&tile) {
+                            *d = t[i - i0];
+                        }
                     }
                 }
             }
