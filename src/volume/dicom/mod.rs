@@ -210,7 +210,7 @@ pub fn scan(path: &Path) -> Result<Scan> {
         }
     }
     for (p, why) in &s.skipped {
-        tracing::info!(file = %p.display(), "skipped: {why}");
+        tracing::warn!("skipped {}: {why}", p.display());
     }
     Ok(s)
 }
