@@ -16,6 +16,9 @@ pub struct Experiment {
     pub workdir: PathBuf,
     #[serde(default)]
     pub preprocess: PreprocessConfig,
+    /// Absent: the offline `descriptor` backend with default settings.
+    #[serde(default)]
+    pub caption: crate::caption::CaptionConfig,
 }
 
 /// How a volume is brought to a fixed grid after the foreground crop.
@@ -129,6 +132,9 @@ impl Experiment {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         let e: Experiment = serde_yaml::from_str(&text).with_context(|| format!("{}: invalid experiment config", path.display()))?;
         e.preprocess.validate().with_context(|| format!("{}: invalid preprocess section", path.display()))?;
+        e.caption
+            .validate()
+            .with_context(|| format!("{}: invalid caption section", path.display()))?;
         Ok(e)
     }
 

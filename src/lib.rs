@@ -3,6 +3,7 @@
 //! (in shared/) for the stages; each module below is one piece of that
 //! pipeline.
 pub mod align;
+pub mod caption;
 pub mod config;
 pub mod convert;
 pub mod fsutil;

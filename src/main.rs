@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use med3dinsight::caption;
 use med3dinsight::config::Experiment;
 use med3dinsight::manifest::Manifest;
 use med3dinsight::preprocess::{self, Shard};
@@ -60,6 +61,35 @@ enum Cmd {
         #[arg(long)]
         workers: Option<usize>,
     },
+    /// Caption every slice of a cache (descriptor or an OpenAI-compatible server).
+    Caption {
+        /// Cache folder; default: <workdir>/cache from the config.
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Experiment config (its `caption` section is used).
+        #[arg(long)]
+        config: PathBuf,
+        /// Caption only the slices of shard i of n (1-based, by case, as preprocess).
+        #[arg(long)]
+        shard: Option<String>,
+        /// Captions file; default: <cache>/captions.jsonl.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Write an HTML contact sheet of slices beside their captions.
+    Inspect {
+        #[arg(long)]
+        cache: PathBuf,
+        /// Captions file; default: <cache>/captions.jsonl.
+        #[arg(long)]
+        captions: Option<PathBuf>,
+        /// HTML file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// At most this many slices per section.
+        #[arg(long, default_value_t = 120)]
+        limit: usize,
+    },
     /// Run every stage of an experiment in order, skipping what is done.
     Run {
         #[arg(long)]
@@ -90,6 +120,43 @@ fn preprocess_stage(manifest: &Manifest, exp: &Experiment, out: &std::path::Path
     Ok(s.failed == 0)
 }
 
+fn caption_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Path, shard: Shard) -> Result<bool> {
+    let s = caption::run(&exp.caption, cache, out, shard)?;
+    let mut flags: Vec<String> = s.flag_counts.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    flags.sort();
+    println!(
+        "caption ({} {}): {} captioned, {} retried, {} failed, {} flagged{}, {} dropped, {} skipped (of {} slices in shard {}) -> {}",
+        s.backend,
+        s.model,
+        s.captioned,
+        s.retried,
+        s.failed,
+        s.flagged,
+        if flags.is_empty() { String::new() } else { format!(" ({})", flags.join(", ")) },
+        s.dropped,
+        s.skipped,
+        s.total,
+        s.shard,
+        out.display()
+    );
+    for f in &s.failures {
+        eprintln!("  FAILED {}: {}", f.slice_id, f.error);
+    }
+    if s.failed > s.failures.len() {
+        eprintln!(
+            "  ... and {} more failures (see the records with status failed)",
+            s.failed - s.failures.len()
+        );
+    }
+    if let Some(why) = &s.stopped {
+        eprintln!(
+            "caption: stopped early, {} slices not attempted: {why}",
+            s.not_attempted
+        );
+    }
+    Ok(s.failed == 0 && s.stopped.is_none())
+}
+
 fn real_main() -> Result<bool> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -114,12 +181,45 @@ fn real_main() -> Result<bool> {
             let out = out.unwrap_or_else(|| exp.cache_dir());
             preprocess_stage(&manifest, &exp, &out, shard, workers(w))
         }
+        Cmd::Caption {
+            cache,
+            config,
+            shard,
+            out,
+        } => {
+            let exp = Experiment::load(&config)?;
+            let shard = shard.as_deref().map(Shard::parse).transpose()?.unwrap_or(Shard::ALL);
+            let cache = cache.unwrap_or_else(|| exp.cache_dir());
+            let out = out.unwrap_or_else(|| cache.join("captions.jsonl"));
+            caption_stage(&exp, &cache, &out, shard)
+        }
+        Cmd::Inspect {
+            cache,
+            captions,
+            out,
+            limit,
+        } => {
+            let captions = captions.unwrap_or_else(|| cache.join("captions.jsonl"));
+            let s = caption::sheet::write(&cache, &captions, &out, limit)?;
+            println!(
+                "inspect: {} slices, {} with a record; {} needing a look and {} sampled shown -> {}",
+                s.slices,
+                s.with_caption,
+                s.needs_look_shown,
+                s.sample_shown,
+                out.display()
+            );
+            Ok(true)
+        }
         Cmd::Run { config, workers: w } => {
             let exp = Experiment::load(&config)?;
             let manifest = Manifest::load(&exp.manifest)?;
             let ok = preprocess_stage(&manifest, &exp, &exp.cache_dir(), Shard::ALL, workers(w))
                 .with_context(|| format!("experiment {}: preprocess", exp.name))?;
-            Ok(ok)
+            let cache = exp.cache_dir();
+            let captioned = caption_stage(&exp, &cache, &cache.join("captions.jsonl"), Shard::ALL)
+                .with_context(|| format!("experiment {}: caption", exp.name))?;
+            Ok(ok && captioned)
         }
     }
 }

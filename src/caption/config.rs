@@ -1,0 +1,219 @@
+//! The `caption:` section of an experiment config: which backend, the
+//! prompt, the quality policy, and the HTTP client's limits. Unknown keys
+//! are rejected like everywhere else in the config.
+use std::path::PathBuf;
+
+use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+
+use super::prompt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Offline, deterministic facts computed from the cached volume.
+    Descriptor,
+    /// Any server speaking the OpenAI chat-completions API.
+    Openai,
+}
+
+/// What to do with a caption that carries a quality flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Ask again (within `max_attempts`); still flagged after that: failed.
+    Retry,
+    /// Keep the caption as `ok`, with the flag on its record.
+    Keep,
+    /// Record the slice as `dropped` (done, but not to be trained on).
+    Drop,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlagPolicy {
+    pub empty: Action,
+    pub refusal: Action,
+    pub truncated: Action,
+    pub not_english: Action,
+    /// Decided at the end of a run over every record; `retry` asks once
+    /// more for the repeated slices, and keeps what is still repeated.
+    pub repeated: Action,
+}
+
+impl Default for FlagPolicy {
+    fn default() -> Self {
+        FlagPolicy {
+            empty: Action::Retry,
+            refusal: Action::Retry,
+            truncated: Action::Keep,
+            not_english: Action::Keep,
+            repeated: Action::Keep,
+        }
+    }
+}
+
+pub const DEFAULT_PROMPT: &str = "This image is one 2D {plane} slice of a 3D {modality} scan, taken at \
+{position_pct}% along the {axis} axis. Describe the anatomy it shows: the structures you can identify, \
+the imaging plane, and any notable findings. Answer in English, in plain text, in at most {max_words} words.";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptionConfig {
+    /// Absent: `openai` when an `openai:` section is given, else `descriptor`.
+    pub backend: Option<BackendKind>,
+    /// Template; variables {plane} {modality} {position_pct} {axis}
+    /// {max_words}; `{{` and `}}` for literal braces.
+    pub prompt: String,
+    pub max_words: usize,
+    pub policy: FlagPolicy,
+    /// The same normalised text on at least this many different slices is
+    /// flagged `repeated`.
+    pub repeated_threshold: usize,
+    pub openai: Option<OpenAiConfig>,
+}
+
+impl Default for CaptionConfig {
+    fn default() -> Self {
+        CaptionConfig {
+            backend: None,
+            prompt: DEFAULT_PROMPT.to_string(),
+            max_words: 60,
+            policy: FlagPolicy::default(),
+            repeated_threshold: 10,
+            openai: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiConfig {
+    /// Up to and including the API version, e.g. `http://127.0.0.1:8000/v1`;
+    /// requests go to `<base_url>/chat/completions`.
+    pub base_url: String,
+    pub model: String,
+    /// Environment variable holding the API key (read when no file is given).
+    pub api_key_env: String,
+    /// File holding the API key (first line); takes precedence over the variable.
+    pub api_key_file: Option<PathBuf>,
+    pub max_in_flight: usize,
+    /// Per request, connection to last byte.
+    pub timeout_s: f64,
+    /// Requests per slice in one run, the first included.
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    pub max_tokens: u32,
+    pub temperature: f64,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        OpenAiConfig {
+            base_url: "http://127.0.0.1:8000/v1".into(),
+            model: String::new(),
+            api_key_env: "OPENAI_API_KEY".into(),
+            api_key_file: None,
+            max_in_flight: 64,
+            timeout_s: 120.0,
+            max_attempts: 6,
+            backoff_base_ms: 500,
+            backoff_max_ms: 30_000,
+            max_tokens: 256,
+            temperature: 0.0,
+        }
+    }
+}
+
+impl CaptionConfig {
+    pub fn backend(&self) -> BackendKind {
+        self.backend.unwrap_or(if self.openai.is_some() {
+            BackendKind::Openai
+        } else {
+            BackendKind::Descriptor
+        })
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.max_words >= 1, "caption.max_words must be at least 1");
+        ensure!(
+            self.repeated_threshold >= 2,
+            "caption.repeated_threshold must be at least 2 (it counts different slices)"
+        );
+        prompt::check(&self.prompt).map_err(|e| anyhow::anyhow!("caption.prompt: {e}"))?;
+        if self.backend() == BackendKind::Openai {
+            let Some(o) = &self.openai else {
+                bail!("caption.backend is openai but there is no caption.openai section (base_url, model)");
+            };
+            o.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl OpenAiConfig {
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            self.base_url.starts_with("http://") || self.base_url.starts_with("https://"),
+            "caption.openai.base_url must start with http:// or https://, got {:?}",
+            self.base_url
+        );
+        ensure!(
+            !self.model.trim().is_empty(),
+            "caption.openai.model is required (the model name the server serves)"
+        );
+        ensure!(
+            self.max_in_flight >= 1,
+            "caption.openai.max_in_flight must be at least 1"
+        );
+        ensure!(
+            self.timeout_s.is_finite() && self.timeout_s > 0.0,
+            "caption.openai.timeout_s must be positive"
+        );
+        ensure!(self.max_attempts >= 1, "caption.openai.max_attempts must be at least 1");
+        ensure!(
+            self.backoff_base_ms >= 1 && self.backoff_base_ms <= self.backoff_max_ms,
+            "caption.openai: need 1 <= backoff_base_ms <= backoff_max_ms"
+        );
+        ensure!(self.max_tokens >= 1, "caption.openai.max_tokens must be at least 1");
+        ensure!(
+            (0.0..=2.0).contains(&self.temperature),
+            "caption.openai.temperature must be within 0..2"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_follows_the_openai_section_unless_named() {
+        let mut c = CaptionConfig::default();
+        assert_eq!(c.backend(), BackendKind::Descriptor);
+        c.openai = Some(OpenAiConfig {
+            model: "m".into(),
+            ..Default::default()
+        });
+        assert_eq!(c.backend(), BackendKind::Openai);
+        c.validate().unwrap();
+        c.backend = Some(BackendKind::Descriptor);
+        assert_eq!(c.backend(), BackendKind::Descriptor);
+    }
+
+    #[test]
+    fn bad_sections_are_named() {
+        let c: CaptionConfig = serde_yaml::from_str("backend: openai\n").unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("caption.openai"));
+        let c: CaptionConfig = serde_yaml::from_str("openai: {base_url: 'http://x/v1'}\n").unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("model"));
+        let c: CaptionConfig = serde_yaml::from_str("prompt: 'a {plnae} slice'\n").unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("plnae"));
+        let e = serde_yaml::from_str::<CaptionConfig>("policy: {refusal: retyr}\n").unwrap_err();
+        assert!(e.to_string().contains("retyr"), "{e}");
+        let e = serde_yaml::from_str::<CaptionConfig>("openai: {max_inflight: 3}\n").unwrap_err();
+        assert!(e.to_string().contains("max_inflight"), "{e}");
+    }
+}

@@ -1,0 +1,718 @@
+//! The caption stage: cache/index.jsonl + slice PNGs -> captions.jsonl, one
+//! record per slice, appended as each answer arrives (see `store` for how
+//! appends survive kill -9 and concurrent shards).
+//!
+//! A slice is done when its latest record is `ok` or `dropped` with the
+//! prompt hash the current config would send and the sha256 of the PNG as
+//! it is now; everything else (no record, `failed`, changed prompt, model
+//! or image) is captioned on the next run. At the end of a run the records
+//! are judged for `repeated` text over all slices and the file is compacted
+//! to the latest record per slice.
+//!
+//! Backends: `descriptor` (offline facts from the volume, the default) and
+//! `openai` (any OpenAI-compatible server, with bounded concurrency,
+//! retries and Retry-After).
+pub mod config;
+pub mod descriptor;
+pub mod openai;
+pub mod prompt;
+pub mod quality;
+pub mod sheet;
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+pub use config::{Action, BackendKind, CaptionConfig, FlagPolicy, OpenAiConfig};
+use quality::Flag;
+use store::{CaptionRecord, Status, Store};
+
+use crate::fsutil::{atomic_write, sha256_bytes, sweep_stale_tmp};
+use crate::preprocess::{read_case_record, read_index, CaseRecord, Shard, SliceRow};
+
+/// Failures listed by name in the report (the counts are always complete).
+const LISTED_FAILURES: usize = 100;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Summary {
+    pub shard: String,
+    pub backend: String,
+    pub model: String,
+    /// Slices in this shard.
+    pub total: usize,
+    /// Captioned `ok` in this run.
+    pub captioned: usize,
+    pub dropped: usize,
+    pub failed: usize,
+    /// Already done before this run.
+    pub skipped: usize,
+    /// Slices that needed more than one request.
+    pub retried: usize,
+    pub requests: u64,
+    /// Slices asked once more because their caption was repeated.
+    pub asked_again: usize,
+    /// This shard's captions (ok or dropped) whose final record carries a flag.
+    pub flagged: usize,
+    pub flag_counts: HashMap<String, usize>,
+    /// Slices not attempted because the run stopped.
+    pub not_attempted: usize,
+    /// Why the run stopped early (e.g. the server refused the key).
+    pub stopped: Option<String>,
+    pub captions: PathBuf,
+    pub failures: Vec<SliceFailure>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SliceFailure {
+    pub slice_id: String,
+    pub error: String,
+}
+
+/// Per-run counters, shared by the workers.
+#[derive(Default)]
+struct Tally {
+    captioned: usize,
+    dropped: usize,
+    failed: usize,
+    skipped: usize,
+    retried: usize,
+    requests: u64,
+    asked_again: usize,
+    failures: Vec<SliceFailure>,
+}
+
+impl Tally {
+    fn add(&mut self, r: &CaptionRecord) {
+        match r.status {
+            Status::Ok => self.captioned += 1,
+            Status::Dropped => self.dropped += 1,
+            Status::Failed => {
+                self.failed += 1;
+                if self.failures.len() < LISTED_FAILURES {
+                    self.failures.push(SliceFailure {
+                        slice_id: r.slice_id.clone(),
+                        error: r.error.clone().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        if r.attempts > 1 {
+            self.retried += 1;
+        }
+        self.requests += r.attempts as u64;
+    }
+}
+
+/// What every worker shares: the record sink, counters and progress bar.
+struct Sink {
+    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    tally: Mutex<Tally>,
+    bar: indicatif::ProgressBar,
+    /// Set when nothing more should be sent (fatal server reply, write error).
+    stop: AtomicBool,
+    stopped: Mutex<Option<String>>,
+}
+
+impl Sink {
+    fn record(&self, r: CaptionRecord) {
+        let msg = {
+            let Ok(mut t) = self.tally.lock() else { return };
+            t.add(&r);
+            format!("ok {} failed {} retried {}", t.captioned, t.failed, t.retried)
+        };
+        self.send(Msg::Record(Box::new(r)));
+        self.bar.set_message(msg);
+        self.bar.inc(1);
+    }
+
+    /// A record from the round that asks again for repeated captions: only
+    /// a usable answer replaces the caption the slice already has.
+    fn record_again(&self, r: CaptionRecord) {
+        if let Ok(mut t) = self.tally.lock() {
+            t.asked_again += 1;
+            t.requests += r.attempts as u64;
+        }
+        if r.status != Status::Failed {
+            self.send(Msg::Record(Box::new(r)));
+        }
+        self.bar.inc(1);
+    }
+
+    fn send(&self, m: Msg) {
+        let sent = self
+            .tx
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|tx| tx.send(m).is_ok()))
+            .unwrap_or(false);
+        if !sent {
+            self.halt("the caption writer stopped (see the error above)".into());
+        }
+    }
+
+    /// Returns once every record sent so far is in the file.
+    fn flush(&self) {
+        let (tx, rx) = mpsc::channel();
+        self.send(Msg::Flush(tx));
+        let _ = rx.recv();
+    }
+
+    fn skip(&self) {
+        if let Ok(mut t) = self.tally.lock() {
+            t.skipped += 1;
+        }
+        self.bar.inc(1);
+    }
+
+    fn halt(&self, why: String) {
+        if !self.stop.swap(true, Ordering::SeqCst) {
+            if let Ok(mut s) = self.stopped.lock() {
+                *s = Some(why);
+            }
+        }
+    }
+}
+
+enum Msg {
+    Record(Box<CaptionRecord>),
+    /// Answered once everything sent before it is in the file.
+    Flush(mpsc::Sender<()>),
+}
+
+/// Appends records in batches on its own thread, so workers never wait on
+/// the file lock.
+fn spawn_writer(store: Arc<Store>) -> (mpsc::Sender<Msg>, std::thread::JoinHandle<Result<()>>) {
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let h = std::thread::spawn(move || -> Result<()> {
+        while let Ok(first) = rx.recv() {
+            let mut batch = Vec::new();
+            let mut acks = Vec::new();
+            let mut next = Some(first);
+            while let Some(m) = next.take() {
+                match m {
+                    Msg::Record(r) => batch.push(*r),
+                    Msg::Flush(a) => acks.push(a),
+                }
+                if batch.len() < 4096 {
+                    next = rx.try_recv().ok();
+                }
+            }
+            store.append(&batch)?;
+            for a in acks {
+                let _ = a.send(());
+            }
+        }
+        Ok(())
+    });
+    (tx, h)
+}
+
+/// The slice's PNG bytes and their sha256.
+fn read_png(cache: &Path, row: &SliceRow) -> Result<(Vec<u8>, String)> {
+    let p = cache.join(&row.png);
+    let bytes = std::fs::read(&p).with_context(|| format!("cannot read slice image {}", p.display()))?;
+    let sha = sha256_bytes(&bytes);
+    Ok((bytes, sha))
+}
+
+/// Identity of the backend's answer for a slice (see `prompt::hash`).
+struct Asker<'a> {
+    cfg: &'a CaptionConfig,
+    backend: BackendKind,
+    threshold: f32,
+}
+
+impl Asker<'_> {
+    fn model(&self) -> String {
+        match (self.backend, &self.cfg.openai) {
+            (BackendKind::Openai, Some(o)) => o.model.clone(),
+            _ => descriptor::MODEL.to_string(),
+        }
+    }
+
+    fn backend_name(&self) -> &'static str {
+        match self.backend {
+            BackendKind::Openai => "openai",
+            BackendKind::Descriptor => "descriptor",
+        }
+    }
+
+    /// The rendered prompt (openai only) and the hash recorded for it.
+    fn prompt(&self, row: &SliceRow, case: &CaseRecord) -> Result<(String, String)> {
+        match (self.backend, &self.cfg.openai) {
+            (BackendKind::Openai, Some(o)) => {
+                let modality = case.modality.to_string();
+                let vars = prompt::Vars {
+                    plane: row.plane,
+                    modality: &modality,
+                    position: row.position,
+                    max_words: self.cfg.max_words,
+                };
+                let text =
+                    prompt::render(&self.cfg.prompt, &vars).map_err(|e| anyhow::anyhow!("caption.prompt: {e}"))?;
+                let h = prompt::hash(&serde_json::json!({
+                    "backend": "openai", "model": o.model, "prompt": text,
+                    "max_tokens": o.max_tokens, "temperature": o.temperature,
+                }));
+                Ok((text, h))
+            }
+            _ => Ok((
+                String::new(),
+                prompt::hash(&serde_json::json!({
+                    "backend": "descriptor", "model": descriptor::MODEL, "foreground_threshold": self.threshold,
+                })),
+            )),
+        }
+    }
+
+    fn record(&self, row: &SliceRow, prompt_hash: String, image_sha256: String) -> CaptionRecord {
+        CaptionRecord {
+            slice_id: row.slice_id.clone(),
+            case: row.case.clone(),
+            plane: row.plane,
+            index: row.index,
+            status: Status::Failed,
+            text: String::new(),
+            backend: self.backend_name().into(),
+            model: self.model(),
+            prompt_hash,
+            image_sha256,
+            latency_ms: 0,
+            attempts: 0,
+            flags: Vec::new(),
+            error: None,
+        }
+    }
+}
+
+fn failed(asker: &Asker, row: &SliceRow, e: &anyhow::Error) -> CaptionRecord {
+    let mut r = asker.record(row, String::new(), String::new());
+    r.error = Some(format!("{e:#}"));
+    r
+}
+
+/// `cache.json`'s preprocess.foreground_threshold (what counts as foreground).
+fn foreground_threshold(cache: &Path) -> f32 {
+    std::fs::read(cache.join("cache.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["preprocess"]["foreground_threshold"].as_f64())
+        .unwrap_or(0.0) as f32
+}
+
+fn run_descriptor(
+    cache: &Path,
+    rows: &[SliceRow],
+    cases: &HashMap<String, Option<CaseRecord>>,
+    latest: &HashMap<String, CaptionRecord>,
+    asker: &Asker,
+    sink: &Sink,
+) {
+    let mut groups: Vec<(&str, Vec<&SliceRow>)> = Vec::new();
+    for r in rows {
+        match groups.last_mut() {
+            Some((c, v)) if *c == r.case => v.push(r),
+            _ => groups.push((&r.case, vec![r])),
+        }
+    }
+    groups.par_iter().for_each(|(case, rows)| {
+        let mut volume: Option<Result<ndarray::Array3<f32>>> = None;
+        for row in rows {
+            if sink.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let rec = describe_one(
+                cache,
+                row,
+                cases.get(*case).and_then(Option::as_ref),
+                latest,
+                asker,
+                &mut volume,
+            );
+            match rec {
+                Some(r) => sink.record(r),
+                None => sink.skip(),
+            }
+        }
+    });
+}
+
+/// None when the slice is already done.
+fn describe_one(
+    cache: &Path,
+    row: &SliceRow,
+    case: Option<&CaseRecord>,
+    latest: &HashMap<String, CaptionRecord>,
+    asker: &Asker,
+    volume: &mut Option<Result<ndarray::Array3<f32>>>,
+) -> Option<CaptionRecord> {
+    let t0 = Instant::now();
+    let Some(case) = case else {
+        let e = anyhow::anyhow!(
+            "case {}: no committed case.json in the cache (rerun preprocess)",
+            row.case
+        );
+        return Some(failed(asker, row, &e));
+    };
+    let (png_sha, (_, hash)) = match read_png(cache, row).and_then(|(_, sha)| Ok((sha, asker.prompt(row, case)?))) {
+        Ok(x) => x,
+        Err(e) => return Some(failed(asker, row, &e)),
+    };
+    if latest
+        .get(&row.slice_id)
+        .is_some_and(|r| r.is_done_for(&hash, &png_sha))
+    {
+        return None;
+    }
+    let mut rec = asker.record(row, hash, png_sha);
+    rec.attempts = 1;
+    let vol = volume.get_or_insert_with(|| descriptor::load_volume(cache, &row.case));
+    let text = match vol {
+        Ok(v) => descriptor::describe(v, case, asker.threshold, row.plane, row.index, row.position),
+        Err(e) => Err(anyhow::anyhow!("{e:#}")),
+    };
+    match text {
+        Ok(t) => {
+            rec.status = Status::Ok;
+            rec.text = t;
+        }
+        Err(e) => rec.error = Some(format!("{e:#}")),
+    }
+    rec.latency_ms = t0.elapsed().as_millis() as u64;
+    Some(rec)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_openai(
+    cache: &Path,
+    rows: Vec<SliceRow>,
+    cases: Arc<HashMap<String, Option<CaseRecord>>>,
+    latest: Arc<HashMap<String, CaptionRecord>>,
+    cfg: &CaptionConfig,
+    threshold: f32,
+    sink: Arc<Sink>,
+    again: bool,
+) -> Result<()> {
+    let Some(o) = cfg.openai.clone() else {
+        anyhow::bail!("caption.openai section missing");
+    };
+    let key = openai::read_api_key(&o)?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 8);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let client = Arc::new(openai::Client::new(&o, key)?);
+    let cfg = Arc::new(cfg.clone());
+    let cache = Arc::new(cache.to_path_buf());
+    rt.block_on(async move {
+        // Tasks alive at once: enough to keep max_in_flight requests busy
+        // while others sleep in backoff, and no more (memory stays bounded).
+        let slots = Arc::new(tokio::sync::Semaphore::new(2 * o.max_in_flight));
+        let mut set = tokio::task::JoinSet::new();
+        for row in rows {
+            if sink.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            while let Some(done) = set.try_join_next() {
+                if let Err(e) = done {
+                    sink.halt(format!("a caption task failed: {e}"));
+                }
+            }
+            let (client, cfg, cache, cases, latest, sink) = (
+                client.clone(),
+                cfg.clone(),
+                cache.clone(),
+                cases.clone(),
+                latest.clone(),
+                sink.clone(),
+            );
+            set.spawn(async move {
+                let _permit = permit;
+                let asker = Asker {
+                    cfg: &cfg,
+                    backend: BackendKind::Openai,
+                    threshold,
+                };
+                let case = cases.get(&row.case).and_then(Option::as_ref);
+                let prepared = match case {
+                    None => Err(anyhow::anyhow!(
+                        "case {}: no committed case.json in the cache (rerun preprocess)",
+                        row.case
+                    )),
+                    Some(c) => read_png(&cache, &row).and_then(|(png, sha)| Ok((png, sha, asker.prompt(&row, c)?))),
+                };
+                let (png, sha, (text, hash)) = match prepared {
+                    Ok(x) => x,
+                    Err(e) if again => return sink.record_again(failed(&asker, &row, &e)),
+                    Err(e) => return sink.record(failed(&asker, &row, &e)),
+                };
+                if !again && latest.get(&row.slice_id).is_some_and(|r| r.is_done_for(&hash, &sha)) {
+                    return sink.skip();
+                }
+                let body = openai::body(cfg.openai.as_ref().unwrap_or(&OpenAiConfig::default()), &text, &png);
+                drop(png);
+                let Some(out) = client.caption(&body, &cfg.policy, &sink.stop).await else {
+                    return;
+                };
+                if let Some(f) = &out.fatal {
+                    sink.halt(f.clone());
+                }
+                let mut rec = asker.record(&row, hash, sha);
+                rec.status = out.status;
+                rec.text = out.text;
+                rec.flags = out.flags;
+                rec.attempts = out.attempts;
+                rec.latency_ms = out.latency_ms;
+                rec.error = out.error;
+                if again {
+                    sink.record_again(rec);
+                } else {
+                    sink.record(rec);
+                }
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            if let Err(e) = done {
+                sink.halt(format!("a caption task failed: {e}"));
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Sets the `repeated` flag over all records (latest per slice) and applies
+/// the policy: `drop` turns repeated `ok` records into `dropped`; `keep`
+/// and `retry` (after its one extra round) keep them flagged. A record
+/// whose text is no longer shared widely enough loses the flag.
+fn judge_repeated(recs: &mut [CaptionRecord], threshold: usize, action: Action) {
+    let counted = |r: &CaptionRecord| {
+        r.status == Status::Ok || (r.status == Status::Dropped && r.flags.contains(&Flag::Repeated))
+    };
+    let rep = quality::repeated(
+        recs.iter()
+            .filter(|r| counted(r))
+            .map(|r| (r.slice_id.as_str(), r.text.as_str())),
+        threshold,
+    );
+    for r in recs.iter_mut().filter(|r| r.status != Status::Failed) {
+        let has = r.flags.contains(&Flag::Repeated);
+        if rep.contains(&r.slice_id) {
+            if !has {
+                r.flags.push(Flag::Repeated);
+            }
+            if action == Action::Drop && r.status == Status::Ok {
+                r.status = Status::Dropped;
+            }
+        } else if has && r.status == Status::Ok {
+            r.flags.retain(|f| *f != Flag::Repeated);
+        }
+    }
+}
+
+fn shard_suffix(shard: Shard) -> String {
+    if shard.count == 1 {
+        String::new()
+    } else {
+        format!("-shard-{}-of-{}", shard.index, shard.count)
+    }
+}
+
+/// Captions this shard's slices of `cache` into `out`.
+pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Result<Summary> {
+    cfg.validate()?;
+    let rows: Vec<SliceRow> = read_index(cache)?.into_iter().filter(|r| shard.owns(&r.case)).collect();
+    let store = Arc::new(Store::new(out)?);
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        sweep_stale_tmp(dir)?;
+    }
+    let latest = Arc::new(store.latest()?);
+    let mut cases: HashMap<String, Option<CaseRecord>> = HashMap::new();
+    for r in &rows {
+        if !cases.contains_key(&r.case) {
+            cases.insert(r.case.clone(), read_case_record(cache, &r.case));
+        }
+    }
+    let cases = Arc::new(cases);
+    let threshold = foreground_threshold(cache);
+    let backend = cfg.backend();
+    let asker = Asker {
+        cfg,
+        backend,
+        threshold,
+    };
+
+    let bar = crate::progress::bar(rows.len() as u64, "caption");
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let (tx, writer) = spawn_writer(store.clone());
+    let sink = Arc::new(Sink {
+        tx: Mutex::new(Some(tx)),
+        tally: Mutex::new(Tally::default()),
+        bar,
+        stop: AtomicBool::new(false),
+        stopped: Mutex::new(None),
+    });
+    let result = match backend {
+        BackendKind::Descriptor => {
+            run_descriptor(cache, &rows, &cases, &latest, &asker, &sink);
+            Ok(())
+        }
+        BackendKind::Openai => {
+            let r = run_openai(
+                cache,
+                rows.clone(),
+                cases.clone(),
+                latest.clone(),
+                cfg,
+                threshold,
+                sink.clone(),
+                false,
+            );
+            // One more round for repeated captions, when the policy asks.
+            if r.is_ok() && cfg.policy.repeated == Action::Retry && !sink.stop.load(Ordering::Relaxed) {
+                sink.flush();
+                let now = store.latest()?;
+                let rep = quality::repeated(
+                    now.values()
+                        .filter(|r| r.status == Status::Ok)
+                        .map(|r| (r.slice_id.as_str(), r.text.as_str())),
+                    cfg.repeated_threshold,
+                );
+                let redo: Vec<SliceRow> = rows.iter().filter(|r| rep.contains(&r.slice_id)).cloned().collect();
+                if !redo.is_empty() {
+                    tracing::info!("asking again for {} slices with repeated captions", redo.len());
+                    sink.bar.inc_length(redo.len() as u64);
+                    run_openai(
+                        cache,
+                        redo,
+                        cases.clone(),
+                        latest.clone(),
+                        cfg,
+                        threshold,
+                        sink.clone(),
+                        true,
+                    )?;
+                }
+            }
+            r
+        }
+    };
+    sink.bar.finish_and_clear();
+    if let Ok(mut tx) = sink.tx.lock() {
+        tx.take();
+    }
+    let written = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the caption writer panicked"))?;
+    written.with_context(|| format!("cannot write captions to {}", out.display()))?;
+    result?;
+
+    let finals = store.compact(|recs| judge_repeated(recs, cfg.repeated_threshold, cfg.policy.repeated))?;
+    let mine: HashSet<&str> = rows.iter().map(|r| r.slice_id.as_str()).collect();
+    let t = sink
+        .tally
+        .lock()
+        .map_err(|_| anyhow::anyhow!("caption counters poisoned"))?;
+    let mut s = Summary {
+        shard: format!("{}/{}", shard.index, shard.count),
+        backend: asker.backend_name().into(),
+        model: asker.model(),
+        total: rows.len(),
+        captioned: t.captioned,
+        dropped: t.dropped,
+        failed: t.failed,
+        skipped: t.skipped,
+        retried: t.retried,
+        requests: t.requests,
+        asked_again: t.asked_again,
+        stopped: sink.stopped.lock().ok().and_then(|s| s.clone()),
+        captions: out.to_path_buf(),
+        failures: t.failures.clone(),
+        ..Default::default()
+    };
+    // Failed records keep the flags of their last reply, but they count as failed.
+    for r in finals
+        .iter()
+        .filter(|r| r.status != Status::Failed && mine.contains(r.slice_id.as_str()))
+    {
+        if !r.flags.is_empty() {
+            s.flagged += 1;
+        }
+        for f in &r.flags {
+            *s.flag_counts.entry(f.name().to_string()).or_default() += 1;
+        }
+    }
+    let attempted = s.captioned + s.dropped + s.failed + s.skipped;
+    s.not_attempted = s.total.saturating_sub(attempted);
+    let report = out.with_file_name(format!("caption-report{}.json", shard_suffix(shard)));
+    atomic_write(&report, &serde_json::to_vec_pretty(&s)?)?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, status: Status, text: &str) -> CaptionRecord {
+        CaptionRecord {
+            slice_id: id.into(),
+            case: "a".into(),
+            plane: crate::config::Plane::Axial,
+            index: id.len(),
+            status,
+            text: text.into(),
+            backend: "openai".into(),
+            model: "m".into(),
+            prompt_hash: "p".into(),
+            image_sha256: "i".into(),
+            latency_ms: 1,
+            attempts: 1,
+            flags: vec![],
+            error: None,
+        }
+    }
+
+    #[test]
+    fn repeated_is_flagged_dropped_and_cleared() {
+        let mut recs = vec![
+            rec("1", Status::Ok, "Same."),
+            rec("2", Status::Ok, "same"),
+            rec("3", Status::Ok, "SAME!"),
+            rec("4", Status::Failed, "same"),
+            rec("5", Status::Ok, "different"),
+        ];
+        judge_repeated(&mut recs, 3, Action::Keep);
+        let flagged: Vec<_> = recs
+            .iter()
+            .filter(|r| r.flags.contains(&Flag::Repeated))
+            .map(|r| &r.slice_id)
+            .collect();
+        assert_eq!(flagged, vec!["1", "2", "3"]);
+        assert!(recs.iter().all(|r| r.status != Status::Dropped));
+        judge_repeated(&mut recs, 3, Action::Drop);
+        assert_eq!(recs.iter().filter(|r| r.status == Status::Dropped).count(), 3);
+        // a group that shrinks below the threshold loses the flag on ok records
+        let mut recs = vec![rec("1", Status::Ok, "x"), rec("2", Status::Ok, "y")];
+        recs[0].flags.push(Flag::Repeated);
+        judge_repeated(&mut recs, 2, Action::Keep);
+        assert!(recs[0].flags.is_empty());
+    }
+}

@@ -1,0 +1,509 @@
+//! The `openai` backend: OpenAI chat-completions over HTTP, which vLLM,
+//! SGLang, Ollama, llama.cpp's server and hosted endpoints all speak. One
+//! request per slice: a text part (the rendered prompt) and an image part
+//! (the slice's PNG as a `data:image/png;base64,` URL).
+//!
+//! Failure handling, per slice, within `max_attempts` requests:
+//! - 429, 408, 409, 425, 5xx, timeouts, connection errors and replies that
+//!   are not the expected JSON are retried after a full-jitter exponential
+//!   backoff (uniform in [0, min(max, base * 2^(attempt-1))]);
+//! - a `Retry-After` (seconds or HTTP date; or `retry-after-ms`) is
+//!   honoured: that slice waits at least that long, and every other request
+//!   waits for the same moment before it is sent (one shared gate);
+//! - 401, 403 and 404 mean no request can succeed (key, permission, URL or
+//!   model name): the run stops sending and reports it;
+//! - other 4xx fail that slice at once.
+//!
+//! The API key is read once, sent as a Bearer header marked sensitive, and
+//! scrubbed from any error text before it can reach a record or a log.
+use std::error::Error as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use serde::Deserialize;
+
+use super::config::{Action, FlagPolicy, OpenAiConfig};
+use super::quality::{self, Flag};
+use super::store::Status;
+
+/// Longest Retry-After honoured; a server asking for more is asked again then.
+const RETRY_AFTER_CAP: Duration = Duration::from_secs(600);
+
+/// The API key; its Debug form never shows it.
+pub struct ApiKey(String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// The key from `api_key_file` (first line) if set, else from the
+/// `api_key_env` variable; none is fine for local servers.
+pub fn read_api_key(cfg: &OpenAiConfig) -> Result<Option<ApiKey>> {
+    if let Some(p) = &cfg.api_key_file {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("caption.openai.api_key_file: cannot read {}", p.display()))?;
+        let key = text.lines().next().unwrap_or("").trim().to_string();
+        anyhow::ensure!(!key.is_empty(), "caption.openai.api_key_file: {} is empty", p.display());
+        return Ok(Some(ApiKey(key)));
+    }
+    match std::env::var(&cfg.api_key_env) {
+        Ok(k) if !k.trim().is_empty() => Ok(Some(ApiKey(k.trim().to_string()))),
+        _ => {
+            tracing::info!(
+                "no API key in ${} and no caption.openai.api_key_file: sending requests without one",
+                cfg.api_key_env
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// A usable reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub text: String,
+    /// finish_reason was `length`.
+    pub truncated: bool,
+}
+
+/// Why one request did not give a reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    Retry { msg: String, after: Option<Duration> },
+    Slice(String),
+    Run(String),
+}
+
+/// How a slice ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: Status,
+    pub text: String,
+    pub flags: Vec<Flag>,
+    pub attempts: u32,
+    pub latency_ms: u64,
+    pub error: Option<String>,
+    /// Set when no request can succeed; the run stops.
+    pub fatal: Option<String>,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    url: String,
+    key: Option<ApiKey>,
+    cfg: OpenAiConfig,
+    in_flight: tokio::sync::Semaphore,
+    gate: Mutex<Option<tokio::time::Instant>>,
+}
+
+/// The request body for one slice.
+pub fn body(cfg: &OpenAiConfig, prompt: &str, png: &[u8]) -> Vec<u8> {
+    let mut url = String::with_capacity(22 + png.len() * 4 / 3 + 4);
+    url.push_str("data:image/png;base64,");
+    base64::engine::general_purpose::STANDARD.encode_string(png, &mut url);
+    let v = serde_json::json!({
+        "model": cfg.model,
+        "messages": [{
+            "role": "user",
+            "content": [
+                {"type": "text", "text": prompt},
+                {"type": "image_url", "image_url": {"url": url}},
+            ],
+        }],
+        "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
+    });
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+struct Completion {
+    choices: Vec<Choice>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    message: Message,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    content: Option<serde_json::Value>,
+}
+
+/// Parses a chat-completions reply: the first choice's content (a string,
+/// or a list of text parts), and whether it stopped at the token limit.
+pub fn parse_reply(bytes: &[u8]) -> Result<Reply, String> {
+    let c: Completion = serde_json::from_slice(bytes).map_err(|e| format!("reply is not a chat completion: {e}"))?;
+    let choice = c.choices.into_iter().next().ok_or("reply has no choices")?;
+    let text = match choice.message.content {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s,
+        Some(serde_json::Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
+            .collect::<Vec<_>>()
+            .join(""),
+        Some(other) => return Err(format!("reply content is neither text nor parts: {other}")),
+    };
+    Ok(Reply {
+        text: text.trim().to_string(),
+        truncated: choice.finish_reason.as_deref() == Some("length"),
+    })
+}
+
+/// A Retry-After value: delay-seconds (fractions accepted) or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    let d = if let Ok(s) = v.parse::<f64>() {
+        if !s.is_finite() || s < 0.0 {
+            return None;
+        }
+        Duration::from_secs_f64(s.min(RETRY_AFTER_CAP.as_secs_f64()))
+    } else {
+        let t = httpdate::parse_http_date(v).ok()?;
+        t.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(d.min(RETRY_AFTER_CAP))
+}
+
+fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = h
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0).min(RETRY_AFTER_CAP));
+    }
+    h.get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()))
+}
+
+/// Full-jitter exponential backoff before attempt `attempt + 1`.
+pub fn backoff(attempt: u32, base_ms: u64, max_ms: u64) -> Duration {
+    let cap = base_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(32))
+        .min(max_ms);
+    Duration::from_millis(fastrand::u64(0..=cap))
+}
+
+fn chain(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn excerpt(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let s = s.trim();
+    if s.chars().count() > 300 {
+        format!("{}...", s.chars().take(300).collect::<String>())
+    } else {
+        s.to_string()
+    }
+}
+
+impl Client {
+    pub fn new(cfg: &OpenAiConfig, key: Option<ApiKey>) -> Result<Client> {
+        let timeout = Duration::from_secs_f64(cfg.timeout_s);
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(cfg.max_in_flight)
+            .tcp_nodelay(true)
+            .user_agent(concat!("med3d/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Client {
+            http,
+            url: format!("{}/chat/completions", cfg.base_url.trim_end_matches('/')),
+            key,
+            cfg: cfg.clone(),
+            in_flight: tokio::sync::Semaphore::new(cfg.max_in_flight),
+            gate: Mutex::new(None),
+        })
+    }
+
+    /// Removes the key from text that may reach a record or a log.
+    fn scrub(&self, s: String) -> String {
+        match &self.key {
+            Some(k) if !k.0.is_empty() && s.contains(&k.0) => s.replace(&k.0, "<redacted>"),
+            _ => s,
+        }
+    }
+
+    async fn wait_gate(&self) {
+        loop {
+            let until = self.gate.lock().ok().and_then(|g| *g);
+            match until {
+                Some(t) if t > tokio::time::Instant::now() => tokio::time::sleep_until(t).await,
+                _ => return,
+            }
+        }
+    }
+
+    fn close_gate_for(&self, d: Duration) {
+        let until = tokio::time::Instant::now() + d;
+        if let Ok(mut g) = self.gate.lock() {
+            if g.is_none_or(|t| t < until) {
+                *g = Some(until);
+            }
+        }
+    }
+
+    /// One request; returns its outcome and how long it took.
+    pub async fn request(&self, body: &[u8]) -> (Result<Reply, Failure>, Duration) {
+        let Ok(_permit) = self.in_flight.acquire().await else {
+            return (Err(Failure::Run("client closed".into())), Duration::ZERO);
+        };
+        let t0 = Instant::now();
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_vec());
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(&k.0);
+        }
+        let r = match req.send().await {
+            Ok(resp) => {
+                let status = resp.status();
+                let after = retry_after(resp.headers());
+                match resp.bytes().await {
+                    Err(e) if e.is_timeout() => Err(Failure::Retry {
+                        msg: format!("no complete reply within {} s", self.cfg.timeout_s),
+                        after: None,
+                    }),
+                    Err(e) => Err(Failure::Retry {
+                        msg: format!("reply cut off: {}", chain(&e)),
+                        after: None,
+                    }),
+                    Ok(bytes) => self.judge(status, after, &bytes),
+                }
+            }
+            Err(e) if e.is_timeout() => Err(Failure::Retry {
+                msg: format!("no reply within {} s", self.cfg.timeout_s),
+                after: None,
+            }),
+            Err(e) => Err(Failure::Retry {
+                msg: format!("request to {} failed: {}", self.url, chain(&e)),
+                after: None,
+            }),
+        };
+        let r = r.map_err(|f| match f {
+            Failure::Retry { msg, after } => Failure::Retry {
+                msg: self.scrub(msg),
+                after,
+            },
+            Failure::Slice(m) => Failure::Slice(self.scrub(m)),
+            Failure::Run(m) => Failure::Run(self.scrub(m)),
+        });
+        (r, t0.elapsed())
+    }
+
+    fn judge(&self, status: reqwest::StatusCode, after: Option<Duration>, bytes: &[u8]) -> Result<Reply, Failure> {
+        let code = status.as_u16();
+        if status.is_success() {
+            return parse_reply(bytes).map_err(|msg| Failure::Retry {
+                msg: format!("malformed reply: {msg}"),
+                after: None,
+            });
+        }
+        let msg = format!("HTTP {code} from {}: {}", self.url, excerpt(bytes));
+        match code {
+            408 | 409 | 425 | 429 | 500..=599 => Err(Failure::Retry { msg, after }),
+            401 | 403 => Err(Failure::Run(format!(
+                "{msg} (check the key in ${} or caption.openai.api_key_file)",
+                self.cfg.api_key_env
+            ))),
+            404 => Err(Failure::Run(format!(
+                "{msg} (check caption.openai.base_url, which should end in the API version such as /v1, and caption.openai.model)"
+            ))),
+            _ => Err(Failure::Slice(msg)),
+        }
+    }
+
+    /// Captions one slice: requests, retries and applies the flag policy.
+    /// None when the run was stopped before this slice was asked.
+    pub async fn caption(&self, body: &[u8], policy: &FlagPolicy, stop: &AtomicBool) -> Option<Outcome> {
+        let max = self.cfg.max_attempts;
+        let mut out = Outcome {
+            status: Status::Failed,
+            text: String::new(),
+            flags: Vec::new(),
+            attempts: 0,
+            latency_ms: 0,
+            error: None,
+            fatal: None,
+        };
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                if out.attempts == 0 {
+                    return None;
+                }
+                out.error = Some(format!(
+                    "{} (the run stopped before the next attempt)",
+                    out.error.unwrap_or_default()
+                ));
+                return Some(out);
+            }
+            self.wait_gate().await;
+            out.attempts += 1;
+            let (r, took) = self.request(body).await;
+            out.latency_ms = took.as_millis() as u64;
+            let mut wait = backoff(out.attempts, self.cfg.backoff_base_ms, self.cfg.backoff_max_ms);
+            match r {
+                Ok(reply) => {
+                    let flags = quality::reply_flags(&reply.text, reply.truncated);
+                    out.text = reply.text;
+                    out.flags = flags;
+                    match quality::verdict(&out.flags, policy) {
+                        Action::Keep => {
+                            out.status = Status::Ok;
+                            out.error = None;
+                            return Some(out);
+                        }
+                        Action::Drop => {
+                            out.status = Status::Dropped;
+                            out.error = None;
+                            return Some(out);
+                        }
+                        Action::Retry => {
+                            let names: Vec<&str> = out.flags.iter().map(|f| f.name()).collect();
+                            out.error = Some(format!("reply flagged {}", names.join(", ")));
+                        }
+                    }
+                }
+                Err(Failure::Retry { msg, after }) => {
+                    tracing::debug!("attempt {}: {msg}", out.attempts);
+                    out.error = Some(msg);
+                    out.text.clear();
+                    out.flags.clear();
+                    if let Some(a) = after {
+                        self.close_gate_for(a);
+                        wait = wait.max(a);
+                    }
+                }
+                Err(Failure::Slice(msg)) => {
+                    out.error = Some(msg);
+                    return Some(out);
+                }
+                Err(Failure::Run(msg)) => {
+                    out.error = Some(msg.clone());
+                    out.fatal = Some(msg);
+                    return Some(out);
+                }
+            }
+            if out.attempts >= max {
+                out.status = Status::Failed;
+                out.error = Some(format!(
+                    "{} (gave up after {} attempts)",
+                    out.error.take().unwrap_or_default(),
+                    out.attempts
+                ));
+                return Some(out);
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_carries_prompt_and_png_as_data_url() {
+        let cfg = OpenAiConfig {
+            model: "qwen".into(),
+            ..Default::default()
+        };
+        let png = [0x89u8, b'P', b'N', b'G', 0, 1, 2, 255];
+        let v: serde_json::Value = serde_json::from_slice(&body(&cfg, "describe", &png)).unwrap();
+        assert_eq!(v["model"], "qwen");
+        assert_eq!(v["max_tokens"], 256);
+        let parts = &v["messages"][0]["content"];
+        assert_eq!(parts[0]["text"], "describe");
+        let url = parts[1]["image_url"]["url"].as_str().unwrap();
+        let b64 = url.strip_prefix("data:image/png;base64,").unwrap();
+        assert_eq!(base64::engine::general_purpose::STANDARD.decode(b64).unwrap(), png);
+    }
+
+    #[test]
+    fn replies_parse_strings_parts_null_and_length() {
+        let r = parse_reply(br#"{"choices":[{"message":{"content":" Axial. "},"finish_reason":"stop"}]}"#).unwrap();
+        assert_eq!(
+            r,
+            Reply {
+                text: "Axial.".into(),
+                truncated: false
+            }
+        );
+        let r = parse_reply(
+            br#"{"choices":[{"message":{"content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},"finish_reason":"length"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Reply {
+                text: "ab".into(),
+                truncated: true
+            }
+        );
+        let r = parse_reply(br#"{"choices":[{"message":{"content":null}}]}"#).unwrap();
+        assert_eq!(r.text, "");
+        assert!(parse_reply(br#"{"choices":[]}"#).is_err());
+        assert!(parse_reply(b"{\"choices\": [").is_err());
+        assert!(parse_reply(br#"{"error":{"message":"overloaded"}}"#).is_err());
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(" 0.5 ", now), Some(Duration::from_millis(500)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(7)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(7));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("99999", now), Some(RETRY_AFTER_CAP));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+
+    #[test]
+    fn backoff_is_bounded_by_the_exponential_cap() {
+        for attempt in 1..40 {
+            let cap = (100u64 << (attempt - 1).min(32)).min(5_000);
+            for _ in 0..50 {
+                assert!(backoff(attempt, 100, 5_000) <= Duration::from_millis(cap));
+            }
+        }
+        // full jitter: not always the cap
+        assert!((0..100).any(|_| backoff(5, 100, 5_000) < Duration::from_millis(1_000)));
+    }
+
+    #[test]
+    fn key_is_scrubbed_and_not_debug_printed() {
+        let cfg = OpenAiConfig {
+            model: "m".into(),
+            ..Default::default()
+        };
+        let c = Client::new(&cfg, Some(ApiKey("sk-secret-123".into()))).unwrap();
+        assert_eq!(c.scrub("bad key sk-secret-123!".into()), "bad key <redacted>!");
+        assert_eq!(format!("{:?}", ApiKey("sk-secret-123".into())), "ApiKey(<redacted>)");
+    }
+}
