@@ -414,10 +414,61 @@ pub fn read_header(path: &Path) -> Result<NiftiHeader> {
     parse_header(&bytes).with_context(|| format!("{}: invalid NIfTI header", hdr_path.display()))
 }
 
+/// An element type of NIfTI voxel data, read from its bytes in either order.
+trait Raw<const N: usize> {
+    fn to_f64(bytes: [u8; N], big_endian: bool) -> f64;
+}
+
+macro_rules! raw {
+    ($($t:ty, $n:literal);*) => {$(
+        impl Raw<$n> for $t {
+            fn to_f64(a: [u8; $n], big_endian: bool) -> f64 {
+                (if big_endian { <$t>::from_be_bytes(a) } else { <$t>::from_le_bytes(a) }) as f64
+            }
+        }
+    )*};
+}
+raw!(u8, 1; i8, 1; i16, 2; u16, 2; i32, 4; u32, 4; i64, 8; u64, 8; f32, 4; f64, 8);
+
+/// Calls `f::<T, N>(args..)` with the Rust type and size of `dtype`'s elements.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DataType::U8 => $f::<u8, 1>($($arg),*),
+            DataType::I8 => $f::<i8, 1>($($arg),*),
+            DataType::I16 => $f::<i16, 2>($($arg),*),
+            DataType::U16 => $f::<u16, 2>($($arg),*),
+            DataType::I32 => $f::<i32, 4>($($arg),*),
+            DataType::U32 => $f::<u32, 4>($($arg),*),
+            DataType::I64 => $f::<i64, 8>($($arg),*),
+            DataType::U64 => $f::<u64, 8>($($arg),*),
+            DataType::F32 => $f::<f32, 4>($($arg),*),
+            DataType::F64 => $f::<f64, 8>($($arg),*),
+        }
+    };
+}
+
+/// One element: raw bytes, widened to f64, scaled, then rounded to f32 once
+/// (nibabel's arithmetic).
+#[inline(always)]
+fn element<T: Raw<N>, const N: usize>(c: &[u8], big_endian: bool, scaling: Option<(f64, f64)>) -> f32 {
+    let v = T::to_f64(c.try_into().unwrap_or([0; N]), big_endian);
+    match scaling {
+        Some((s, i)) => (v * s + i) as f32,
+        None => v as f32,
+    }
+}
+
 /// Decodes raw little/big-endian elements into f32, applying scaling once.
 pub fn decode(bytes: &[u8], dtype: DataType, big_endian: bool, scaling: Option<(f64, f64)>) -> Vec<f32> {
-    decode_as(bytes, dtype, big_endian, scaling, None)
+    fn run<T: Raw<N>, const N: usize>(bytes: &[u8], be: bool, scaling: Option<(f64, f64)>) -> Vec<f32> {
+        bytes.chunks_exact(N).map(|c| element::<T, N>(c, be, scaling)).collect()
+    }
+    by_dtype!(dtype, run(bytes, big_endian, scaling))
 }
+
+/// k-planes decoded at a time into C order: the tile's size along k.
+const SLAB: usize = 32;
 
 /// Like `decode`, for elements in file order that make up volumes of
 /// `shape` (3D; any number of them): writes each volume in C order (last
@@ -429,90 +480,131 @@ pub fn decode_c_order(
     scaling: Option<(f64, f64)>,
     shape: [usize; 3],
 ) -> Vec<f32> {
-    decode_as(bytes, dtype, big_endian, scaling, Some(shape))
-}
-
-fn decode_as(
-    bytes: &[u8],
-    dtype: DataType,
-    big_endian: bool,
-    scaling: Option<(f64, f64)>,
-    c_order: Option<[usize; 3]>,
-) -> Vec<f32> {
-    // One element: raw bytes in either order, widened to f64, scaled, then
-    // rounded to f32 once (nibabel's arithmetic).
-    macro_rules! conv {
-        ($t:ty, $n:expr) => {
-            decode_with::<$n>(bytes, c_order, |a| {
-                let v = if big_endian {
-                    <$t>::from_be_bytes(a)
-                } else {
-                    <$t>::from_le_bytes(a)
-                } as f64;
-                match scaling {
-                    Some((s, i)) => (v * s + i) as f32,
-                    None => v as f32,
-                }
-            })
-        };
-    }
-    match dtype {
-        DataType::U8 => conv!(u8, 1),
-        DataType::I8 => conv!(i8, 1),
-        DataType::I16 => conv!(i16, 2),
-        DataType::U16 => conv!(u16, 2),
-        DataType::I32 => conv!(i32, 4),
-        DataType::U32 => conv!(u32, 4),
-        DataType::I64 => conv!(i64, 8),
-        DataType::U64 => conv!(u64, 8),
-        DataType::F32 => conv!(f32, 4),
-        DataType::F64 => conv!(f64, 8),
-    }
-}
-
-/// Decodes `N`-byte elements with `conv`, in file order or (given a 3D
-/// shape) transposed to C order volume by volume. The transpose goes through
-/// a small tile, so that both the file-order rows read and the C-order rows
-/// written are contiguous runs; the tile is filled row by row as decoded
-/// (the conversion runs over contiguous input and output) and read by
-/// column on the way out.
-fn decode_with<const N: usize>(bytes: &[u8], c_order: Option<[usize; 3]>, conv: impl Fn([u8; N]) -> f32) -> Vec<f32> {
-    let elem = |c: &[u8]| conv(c.try_into().unwrap_or([0; N]));
-    let Some([nx, ny, nz]) = c_order else {
-        return bytes.chunks_exact(N).map(elem).collect();
-    };
-    const T: usize = 32;
-    let per = nx * ny * nz;
-    let mut out = vec![0f32; bytes.len() / N];
+    let size = dtype.size();
+    let mut out = vec![0f32; bytes.len() / size];
+    let (plane, per) = (shape[0] * shape[1], shape.iter().product::<usize>());
     if per == 0 {
         return out;
     }
-    let mut tile = [[0f32; T]; T];
-    for (src, dst) in bytes.chunks_exact(per * N).zip(out.chunks_exact_mut(per)) {
-        for j in 0..ny {
-            for i0 in (0..nx).step_by(T) {
-                let i1 = (i0 + T).min(nx);
-                for k0 in (0..nz).step_by(T) {
-                    let k1 = (k0 + T).min(nz);
-                    for k in k0..k1 {
-                        // file order: element (i, j, k) is at i + nx * (j + ny * k)
-                        let row = nx * (j + ny * k);
-                        let src_row = src[(row + i0) * N..(row + i1) * N].chunks_exact(N);
-                        for (t, c) in tile[k - k0].iter_mut().zip(src_row) {
-                            *t = elem(c);
-                        }
-                    }
-                    for i in i0..i1 {
-                        let row = (i * ny + j) * nz;
-                        for (d, t) in dst[row + k0..row + k1].iter_mut().zip(&tile) {
-                            *d = t[i - i0];
-                        }
-                    }
+    for (src, volume) in bytes.chunks_exact(per * size).zip(out.chunks_exact_mut(per)) {
+        for (s, slab) in src.chunks(SLAB * plane * size).enumerate() {
+            decode_slab(slab, dtype, big_endian, scaling, shape, s * SLAB, volume);
+        }
+    }
+    out
+}
+
+/// Decodes `src`, the file-order k-planes k0.. of one volume of `shape`,
+/// into their C-order places in `volume`.
+fn decode_slab(
+    src: &[u8],
+    dtype: DataType,
+    big_endian: bool,
+    scaling: Option<(f64, f64)>,
+    shape: [usize; 3],
+    k0: usize,
+    volume: &mut [f32],
+) {
+    by_dtype!(dtype, slab_into(src, big_endian, scaling, shape, k0, volume))
+}
+
+/// The transpose of `decode_slab` goes through a small tile, so that both
+/// the file-order rows read and the C-order rows written are contiguous
+/// runs; the tile is filled row by row as decoded (the conversion runs over
+/// contiguous input and output) and read by column on the way out.
+fn slab_into<T: Raw<N>, const N: usize>(
+    src: &[u8],
+    big_endian: bool,
+    scaling: Option<(f64, f64)>,
+    [nx, ny, nz]: [usize; 3],
+    k0: usize,
+    volume: &mut [f32],
+) {
+    const I: usize = 32;
+    let k1 = (k0 + src.len() / (N * nx * ny)).min(nz);
+    let mut tile = [[0f32; I]; SLAB];
+    for j in 0..ny {
+        for i0 in (0..nx).step_by(I) {
+            let i1 = (i0 + I).min(nx);
+            for k in k0..k1 {
+                // file order: element (i, j, k) is at i + nx * (j + ny * k)
+                let row = nx * (j + ny * (k - k0));
+                let src_row = src[(row + i0) * N..(row + i1) * N].chunks_exact(N);
+                for (t, c) in tile[k - k0].iter_mut().zip(src_row) {
+                    *t = element::<T, N>(c, big_endian, scaling);
+                }
+            }
+            for i in i0..i1 {
+                let row = (i * ny + j) * nz;
+                for (d, t) in volume[row + k0..row + k1].iter_mut().zip(&tile) {
+                    *d = t[i - i0];
                 }
             }
         }
     }
-    out
+}
+
+/// `read_as(.., Layout::CPerVolume)` for a single .nii or .nii.gz, without
+/// holding the whole (decompressed) file: the header is parsed from the
+/// first bytes, then the voxels are inflated and decoded `SLAB` k-planes at
+/// a time straight into their C-order places. None for anything but a
+/// well-formed single file (a pair, a short or corrupt file, ...): `read_as`
+/// then goes the general way, which names the problem.
+fn read_c_order_streamed(path: &Path) -> Option<NiftiImage> {
+    if pair_paths(path).is_some() {
+        return None;
+    }
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut magic = [0u8; 2];
+    let gz = is_gz(path) || (file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]);
+    file.rewind().ok()?;
+    let mut stream: Box<dyn Read> = if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut head = Vec::with_capacity(540);
+    (&mut stream).take(540).read_to_end(&mut head).ok()?;
+    let header = parse_header(&head).ok()?;
+    if !header.single_file {
+        return None;
+    }
+    let dtype = header.data_type().ok()?;
+    let need = data_nbytes(&header, dtype).ok()?;
+    let min = if header.version == 1 { 348 } else { 540 };
+    let offset = (header.vox_offset as usize).max(min);
+    let skip = offset.saturating_sub(head.len()) as u64;
+    if std::io::copy(&mut (&mut stream).take(skip), &mut std::io::sink()).ok()? != skip {
+        return None;
+    }
+    // The voxels: those the header read took, then the rest of the stream.
+    let mut voxels = head.get(offset..).unwrap_or(&[]).chain(stream);
+    let sh = header.shape();
+    let shape = [sh[0], *sh.get(1).unwrap_or(&1), *sh.get(2).unwrap_or(&1)];
+    let (size, plane, per) = (dtype.size(), shape[0] * shape[1], shape.iter().product::<usize>());
+    if per == 0 {
+        return None;
+    }
+    let mut data = vec![0f32; need / size];
+    let mut slab = vec![0u8; SLAB * plane * size];
+    for volume in data.chunks_exact_mut(per) {
+        for k0 in (0..shape[2]).step_by(SLAB) {
+            let bytes = &mut slab[..(SLAB.min(shape[2] - k0)) * plane * size];
+            voxels.read_exact(bytes).ok()?;
+            decode_slab(bytes, dtype, header.big_endian, header.scaling(), shape, k0, volume);
+        }
+    }
+    // Read to the end as the general way does: for gzip, that checks the
+    // CRC and size of every member.
+    std::io::copy(&mut voxels, &mut std::io::sink()).ok()?;
+    Some(NiftiImage {
+        path: path.to_path_buf(),
+        shape: header.shape(),
+        header,
+        dtype,
+        data,
+        layout: Layout::CPerVolume,
+    })
 }
 
 /// Number of bytes the voxel data needs, or an error when the dims overflow.
@@ -531,6 +623,16 @@ pub fn read(path: &Path) -> Result<NiftiImage> {
 
 /// Reads and decodes a whole NIfTI image, voxels in the given layout.
 pub fn read_as(path: &Path, layout: Layout) -> Result<NiftiImage> {
+    if layout == Layout::CPerVolume {
+        if let Some(img) = read_c_order_streamed(path) {
+            return Ok(img);
+        }
+    }
+    read_whole(path, layout)
+}
+
+/// `read_as` by way of the whole file's bytes in memory.
+fn read_whole(path: &Path, layout: Layout) -> Result<NiftiImage> {
     let ctx = || format!("{}", path.display());
     if !path.exists() {
         bail!("{}: file not found", path.display());
@@ -680,6 +782,54 @@ mod tests {
                     "{dtype:?} be={be} {scaling:?} volume {t}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn streamed_reading_matches_whole_file_reading() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let gz = |bytes: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(bytes).unwrap();
+            e.finish().unwrap()
+        };
+        // i16 3D (more k-planes than one slab), f32 4D with scaling, u8 2D
+        let i16s: Vec<u8> = (0..37 * 5 * 70)
+            .flat_map(|v| ((v * 37 % 4001) as i16 - 2000).to_le_bytes())
+            .collect();
+        let f32s: Vec<u8> = (0..9 * 4 * 3 * 2)
+            .flat_map(|v| (v as f32 * 0.25 - 3.0).to_le_bytes())
+            .collect();
+        let mut scaled = write_nifti1(&[9, 4, 3, 2], [1.0; 3], &identity4(), 16, &f32s);
+        scaled[112..116].copy_from_slice(&0.5f32.to_le_bytes());
+        scaled[116..120].copy_from_slice(&10f32.to_le_bytes());
+        let files = [
+            ("a.nii", write_nifti1(&[37, 5, 70], [1.0; 3], &identity4(), 4, &i16s)),
+            ("b.nii.gz", gz(&scaled)),
+            (
+                "c.nii.gz",
+                gz(&write_nifti1(&[6, 7], [1.0; 3], &identity4(), 2, &[7u8; 42])),
+            ),
+        ];
+        for (name, bytes) in files {
+            let p = d.path().join(name);
+            std::fs::write(&p, &bytes).unwrap();
+            let a = read_c_order_streamed(&p).unwrap_or_else(|| panic!("{name}: not streamed"));
+            let b = read_whole(&p, Layout::CPerVolume).unwrap();
+            assert_eq!(
+                (&a.header, &a.shape, a.dtype, a.layout),
+                (&b.header, &b.shape, b.dtype, b.layout),
+                "{name}"
+            );
+            assert!(
+                a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()) && a.data.len() == b.data.len()
+            );
+            // anything short or corrupt is left to the general way
+            let cut = d.path().join(format!("cut_{name}"));
+            std::fs::write(&cut, &bytes[..bytes.len() - 5]).unwrap();
+            assert!(read_c_order_streamed(&cut).is_none(), "{name}");
+            assert!(read_whole(&cut, Layout::CPerVolume).is_err(), "{name}");
         }
     }
 
