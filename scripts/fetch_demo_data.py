@@ -4,6 +4,10 @@
   tissue label map (0 background, 1 grey matter, 2 white matter) is derived
   from the two probability maps by thresholding at 0.5.
 - nibabel's test image anatomical.nii (big-endian int16, LAS).
+- a real CT as DICOM: pydicom-data's eCT_Supplemental.dcm, an enhanced
+  (multi-frame) CT Image with two 512x512 frames 10 mm apart, stored in
+  reverse order, rescale intercept -1024 in the shared functional groups;
+  copied into its own folder, as a series export would be.
 
 Usage: python scripts/fetch_demo_data.py OUT_DIR
 """
@@ -11,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import data_store  # pydicom-data
 import nibabel as nib
 import nilearn
 import numpy as np
@@ -34,6 +39,9 @@ def main(out: Path) -> None:
     img.set_data_dtype(np.uint8)
     nib.save(img, out / "mni152_tissue.nii.gz")
     shutil.copyfile(nb / "anatomical.nii", out / "nibabel_anatomical.nii")
+    ct = out / "dicom" / "ect_supplemental"
+    ct.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(data_store.__file__).parent / "data" / "eCT_Supplemental.dcm", ct / "eCT_Supplemental.dcm")
     print(f"demo data in {out}")
 
 

@@ -12,6 +12,7 @@ use dicom_core::value::{PrimitiveValue, Value};
 use dicom_core::VR;
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::file::ReadPreamble;
 use dicom_object::mem::InMemElement;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
@@ -126,12 +127,12 @@ pub fn has_dicm_marker(path: &Path) -> bool {
 
 /// Opens a whole file (pixel data included).
 pub fn open_full(path: &Path) -> Result<DefaultDicomObject, DicomError> {
-    OpenFileOptions::new()
-        .open_file(path)
-        .map_err(|e| DicomError::Truncated {
-            label: path.display().to_string(),
-            detail: error_chain(&e),
-        })
+    let trunc = |detail: String| DicomError::Truncated {
+        label: path.display().to_string(),
+        detail,
+    };
+    let bytes = std::fs::read(path).map_err(|e| trunc(e.to_string()))?;
+    parse_bytes(&bytes, None).map_err(|e| trunc(error_chain(&e)))
 }
 
 /// An error with its causes, "a: b: c".
@@ -146,15 +147,37 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Parses a DICOM Part 10 byte stream (with or without the 128-byte
+/// preamble), up to `until` when given.
+pub fn parse_bytes(
+    bytes: &[u8],
+    until: Option<dicom_core::Tag>,
+) -> Result<DefaultDicomObject, dicom_object::ReadError> {
+    let off = if bytes.get(128..132) == Some(b"DICM") { 128 } else { 0 };
+    let opts = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
+    let opts = match until {
+        Some(t) => opts.read_until(t),
+        None => opts,
+    };
+    opts.from_reader(&bytes[off..])
+}
+
 /// Reads a file's header; never panics on any input.
 pub fn scan_file(path: &Path) -> ScanOutcome {
-    let full = OpenFileOptions::new().open_file(path);
-    let (obj, truncated) = match full {
+    match std::fs::read(path) {
+        Ok(bytes) => scan_bytes(path, &bytes),
+        Err(e) => ScanOutcome::Skip(format!("unreadable ({e})")),
+    }
+}
+
+/// `scan_file` on bytes already read; `path` only names them.
+pub fn scan_bytes(path: &Path, bytes: &[u8]) -> ScanOutcome {
+    let (obj, truncated) = match parse_bytes(bytes, None) {
         Ok(o) => (o, None),
-        Err(e_full) => match OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(path) {
+        Err(e_full) => match parse_bytes(bytes, Some(tags::PIXEL_DATA)) {
             Ok(o) => (o, Some(error_chain(&e_full))),
             Err(e) => {
-                return if has_dicm_marker(path) {
+                return if bytes.get(128..132) == Some(b"DICM") {
                     ScanOutcome::Broken(error_chain(&e))
                 } else {
                     ScanOutcome::Skip(format!("not a DICOM Part 10 file ({})", error_chain(&e)))

@@ -17,7 +17,7 @@
 //!
 //! Pure functions over plain data: this is a fuzz target.
 use super::DicomError;
-use crate::volume::affine::{identity4, Mat4};
+use crate::volume::affine::{identity4, inv_affine, Mat4};
 
 /// What one slice says about where it is.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -303,6 +303,15 @@ pub fn assemble(slices: &[SliceGeom], labels: &[String], tol: &Tolerance) -> Res
         for c in 0..4 {
             ras[r][c] = -lps[r][c] + 0.0;
         }
+    }
+    // Extreme (finite) positions or spacings can still overflow the arithmetic.
+    let finite = ras.iter().flatten().all(|v| v.is_finite()) && step.is_finite() && step > 0.0;
+    if !finite || inv_affine(&ras).is_none() {
+        return Err(DicomError::InvalidAttribute {
+            label: label(0),
+            what: "ImagePositionPatient/PixelSpacing",
+            detail: "values too large for a voxel grid".into(),
+        });
     }
     Ok(Assembled {
         order,
