@@ -10,7 +10,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(CURDIR)/$(BIN)
 
-.PHONY: setup build demo test test-rust test-python bench lint clean
+.PHONY: setup build demo test test-rust test-python bench bench-caption lint clean
 
 setup: $(VENV)/.installed data/demo/.fetched
 
@@ -35,6 +35,12 @@ test: build
 
 bench: build
 	$(PY) bench/preprocess_bench.py
+	$(MAKE) bench-caption
+
+# Caption client: requests/s and CPU per request against a fast local server.
+bench-caption: build
+	cargo build --release --example caption_server
+	$(PY) bench/caption_bench.py
 
 lint: setup
 	cargo fmt --check

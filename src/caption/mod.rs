@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 pub use config::{Action, BackendKind, CaptionConfig, FlagPolicy, OpenAiConfig};
 use quality::Flag;
-use store::{CaptionRecord, Status, Store};
+use store::{CaptionRecord, Latest, Status, Store};
 
 use crate::fsutil::{atomic_write, sha256_bytes, sweep_stale_tmp};
 use crate::preprocess::{read_case_record, read_index, CaseRecord, Shard, SliceRow};
@@ -311,7 +311,7 @@ fn run_descriptor(
     cache: &Path,
     rows: &[SliceRow],
     cases: &HashMap<String, Option<CaseRecord>>,
-    latest: &HashMap<String, CaptionRecord>,
+    latest: &Latest,
     asker: &Asker,
     sink: &Sink,
 ) {
@@ -349,7 +349,7 @@ fn describe_one(
     cache: &Path,
     row: &SliceRow,
     case: Option<&CaseRecord>,
-    latest: &HashMap<String, CaptionRecord>,
+    latest: &Latest,
     asker: &Asker,
     volume: &mut Option<Result<ndarray::Array3<f32>>>,
 ) -> Option<CaptionRecord> {
@@ -365,10 +365,7 @@ fn describe_one(
         Ok(x) => x,
         Err(e) => return Some(failed(asker, row, &e)),
     };
-    if latest
-        .get(&row.slice_id)
-        .is_some_and(|r| r.is_done_for(&hash, &png_sha))
-    {
+    if latest.is_done(&row.slice_id, &hash, &png_sha) {
         return None;
     }
     let mut rec = asker.record(row, hash, png_sha);
@@ -394,7 +391,7 @@ fn run_openai(
     cache: &Path,
     rows: Vec<SliceRow>,
     cases: Arc<HashMap<String, Option<CaseRecord>>>,
-    latest: Arc<HashMap<String, CaptionRecord>>,
+    latest: Arc<Latest>,
     cfg: &CaptionConfig,
     threshold: f32,
     sink: Arc<Sink>,
@@ -461,7 +458,7 @@ fn run_openai(
                     Err(e) if again => return sink.record_again(failed(&asker, &row, &e)),
                     Err(e) => return sink.record(failed(&asker, &row, &e)),
                 };
-                if !again && latest.get(&row.slice_id).is_some_and(|r| r.is_done_for(&hash, &sha)) {
+                if !again && latest.is_done(&row.slice_id, &hash, &sha) {
                     return sink.skip();
                 }
                 let body = openai::body(cfg.openai.as_ref().unwrap_or(&OpenAiConfig::default()), &text, &png);
@@ -495,32 +492,24 @@ fn run_openai(
     Ok(())
 }
 
-/// Sets the `repeated` flag over all records (latest per slice) and applies
-/// the policy: `drop` turns repeated `ok` records into `dropped`; `keep`
-/// and `retry` (after its one extra round) keep them flagged. A record
+/// Applies the end-of-run `repeated` judgement to one record: the flag is
+/// set on repeated captions (and `drop` turns `ok` ones into `dropped`;
+/// `keep`, and `retry` after its extra round, keep them); an `ok` record
 /// whose text is no longer shared widely enough loses the flag.
-fn judge_repeated(recs: &mut [CaptionRecord], threshold: usize, action: Action) {
-    let counted = |r: &CaptionRecord| {
-        r.status == Status::Ok || (r.status == Status::Dropped && r.flags.contains(&Flag::Repeated))
-    };
-    let rep = quality::repeated(
-        recs.iter()
-            .filter(|r| counted(r))
-            .map(|r| (r.slice_id.as_str(), r.text.as_str())),
-        threshold,
-    );
-    for r in recs.iter_mut().filter(|r| r.status != Status::Failed) {
-        let has = r.flags.contains(&Flag::Repeated);
-        if rep.contains(&r.slice_id) {
-            if !has {
-                r.flags.push(Flag::Repeated);
-            }
-            if action == Action::Drop && r.status == Status::Ok {
-                r.status = Status::Dropped;
-            }
-        } else if has && r.status == Status::Ok {
-            r.flags.retain(|f| *f != Flag::Repeated);
+fn judge_repeated(r: &mut CaptionRecord, repeated: bool, action: Action) {
+    if r.status == Status::Failed {
+        return;
+    }
+    let has = r.flags.contains(&Flag::Repeated);
+    if repeated {
+        if !has {
+            r.flags.push(Flag::Repeated);
         }
+        if action == Action::Drop && r.status == Status::Ok {
+            r.status = Status::Dropped;
+        }
+    } else if has && r.status == Status::Ok {
+        r.flags.retain(|f| *f != Flag::Repeated);
     }
 }
 
@@ -590,12 +579,11 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
             if r.is_ok() && cfg.policy.repeated == Action::Retry && !sink.stop.load(Ordering::Relaxed) {
                 sink.flush();
                 let now = store.latest()?;
-                let rep = quality::repeated(
-                    now.values()
-                        .filter(|r| r.status == Status::Ok)
-                        .map(|r| (r.slice_id.as_str(), r.text.as_str())),
-                    cfg.repeated_threshold,
-                );
+                let rep: HashSet<String> = now
+                    .repeated(cfg.repeated_threshold)?
+                    .into_iter()
+                    .filter(|id| now.slot(id).is_some_and(|s| s.status == Status::Ok))
+                    .collect();
                 let redo: Vec<SliceRow> = rows.iter().filter(|r| rep.contains(&r.slice_id)).cloned().collect();
                 if !redo.is_empty() {
                     tracing::info!("asking again for {} slices with repeated captions", redo.len());
@@ -625,8 +613,9 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
     written.with_context(|| format!("cannot write captions to {}", out.display()))?;
     result?;
 
-    let finals = store.compact(|recs| judge_repeated(recs, cfg.repeated_threshold, cfg.policy.repeated))?;
-    let mine: HashSet<&str> = rows.iter().map(|r| r.slice_id.as_str()).collect();
+    let finals = store.compact(cfg.repeated_threshold, |r, rep| {
+        judge_repeated(r, rep, cfg.policy.repeated)
+    })?;
     let t = sink
         .tally
         .lock()
@@ -649,14 +638,12 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
         ..Default::default()
     };
     // Failed records keep the flags of their last reply, but they count as failed.
-    for r in finals
-        .iter()
-        .filter(|r| r.status != Status::Failed && mine.contains(r.slice_id.as_str()))
-    {
-        if !r.flags.is_empty() {
-            s.flagged += 1;
+    for slot in rows.iter().filter_map(|r| finals.slot(&r.slice_id)) {
+        if slot.status == Status::Failed || !slot.flagged() {
+            continue;
         }
-        for f in &r.flags {
+        s.flagged += 1;
+        for f in Flag::ALL.into_iter().filter(|f| slot.has(*f)) {
             *s.flag_counts.entry(f.name().to_string()).or_default() += 1;
         }
     }
@@ -692,27 +679,20 @@ mod tests {
 
     #[test]
     fn repeated_is_flagged_dropped_and_cleared() {
-        let mut recs = vec![
-            rec("1", Status::Ok, "Same."),
-            rec("2", Status::Ok, "same"),
-            rec("3", Status::Ok, "SAME!"),
-            rec("4", Status::Failed, "same"),
-            rec("5", Status::Ok, "different"),
-        ];
-        judge_repeated(&mut recs, 3, Action::Keep);
-        let flagged: Vec<_> = recs
-            .iter()
-            .filter(|r| r.flags.contains(&Flag::Repeated))
-            .map(|r| &r.slice_id)
-            .collect();
-        assert_eq!(flagged, vec!["1", "2", "3"]);
-        assert!(recs.iter().all(|r| r.status != Status::Dropped));
-        judge_repeated(&mut recs, 3, Action::Drop);
-        assert_eq!(recs.iter().filter(|r| r.status == Status::Dropped).count(), 3);
-        // a group that shrinks below the threshold loses the flag on ok records
-        let mut recs = vec![rec("1", Status::Ok, "x"), rec("2", Status::Ok, "y")];
-        recs[0].flags.push(Flag::Repeated);
-        judge_repeated(&mut recs, 2, Action::Keep);
-        assert!(recs[0].flags.is_empty());
+        let mut r = rec("1", Status::Ok, "same");
+        judge_repeated(&mut r, true, Action::Keep);
+        assert_eq!((r.status, r.flags.clone()), (Status::Ok, vec![Flag::Repeated]));
+        judge_repeated(&mut r, true, Action::Drop);
+        assert_eq!((r.status, r.flags.clone()), (Status::Dropped, vec![Flag::Repeated]));
+        // dropped stays dropped; an ok record no longer repeated loses the flag
+        judge_repeated(&mut r, false, Action::Drop);
+        assert_eq!(r.status, Status::Dropped);
+        let mut r = rec("2", Status::Ok, "x");
+        r.flags = vec![Flag::Truncated, Flag::Repeated];
+        judge_repeated(&mut r, false, Action::Keep);
+        assert_eq!(r.flags, vec![Flag::Truncated]);
+        let mut f = rec("3", Status::Failed, "same");
+        judge_repeated(&mut f, true, Action::Drop);
+        assert!(f.flags.is_empty() && f.status == Status::Failed);
     }
 }

@@ -410,9 +410,10 @@ impl Client {
             if out.attempts >= max {
                 out.status = Status::Failed;
                 out.error = Some(format!(
-                    "{} (gave up after {} attempts)",
+                    "{} (gave up after {} attempt{})",
                     out.error.take().unwrap_or_default(),
-                    out.attempts
+                    out.attempts,
+                    if out.attempts == 1 { "" } else { "s" }
                 ));
                 return Some(out);
             }

@@ -10,7 +10,8 @@ use std::path::Path;
 use anyhow::Result;
 use base64::Engine as _;
 
-use super::store::{CaptionRecord, Status, Store};
+use super::quality::Flag;
+use super::store::{CaptionRecord, Slot, Status, Store};
 use crate::fsutil::atomic_write;
 use crate::preprocess::{read_index, SliceRow};
 
@@ -47,8 +48,16 @@ fn spread(n: usize, count: usize) -> Vec<usize> {
     v
 }
 
-fn needs_look(r: &CaptionRecord) -> bool {
-    r.status != Status::Ok || !r.flags.is_empty()
+fn needs_look(s: &Slot) -> bool {
+    s.status != Status::Ok || s.flagged()
+}
+
+fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Ok => "ok",
+        Status::Dropped => "dropped",
+        Status::Failed => "failed",
+    }
 }
 
 const STYLE: &str = r#"
@@ -81,11 +90,7 @@ fn card(cache: &Path, row: &SliceRow, rec: Option<&CaptionRecord>) -> String {
             "card none"
         }
         Some(r) => {
-            let st = match r.status {
-                Status::Ok => "ok",
-                Status::Dropped => "dropped",
-                Status::Failed => "failed",
-            };
+            let st = status_name(r.status);
             let _ = write!(badges, r#"<span class="badge st-{st}">{st}</span>"#);
             for f in &r.flags {
                 let _ = write!(badges, r#"<span class="badge flag">{}</span>"#, f.name());
@@ -132,24 +137,19 @@ fn card(cache: &Path, row: &SliceRow, rec: Option<&CaptionRecord>) -> String {
 /// Writes the sheet; `limit` caps each of the two sections.
 pub fn write(cache: &Path, captions: &Path, out: &Path, limit: usize) -> Result<SheetSummary> {
     let rows = read_index(cache)?;
-    let latest: HashMap<String, CaptionRecord> = if captions.exists() {
-        Store::new(captions)?.latest()?
-    } else {
-        HashMap::new()
-    };
+    let latest = Store::new(captions)?.latest()?;
     let look: Vec<&SliceRow> = rows
         .iter()
-        .filter(|r| latest.get(&r.slice_id).is_some_and(needs_look))
+        .filter(|r| latest.slot(&r.slice_id).is_some_and(needs_look))
         .collect();
     let mut counts: HashMap<String, usize> = HashMap::new();
-    for r in rows.iter().filter_map(|r| latest.get(&r.slice_id)) {
-        let st = format!("{:?}", r.status).to_lowercase();
-        *counts.entry(st).or_default() += 1;
-        for f in &r.flags {
+    for s in rows.iter().filter_map(|r| latest.slot(&r.slice_id)) {
+        *counts.entry(status_name(s.status).to_string()).or_default() += 1;
+        for f in Flag::ALL.into_iter().filter(|f| s.has(*f)) {
             *counts.entry(f.name().to_string()).or_default() += 1;
         }
     }
-    let with_caption = rows.iter().filter(|r| latest.contains_key(&r.slice_id)).count();
+    let with_caption = rows.iter().filter(|r| latest.slot(&r.slice_id).is_some()).count();
     let mut html = String::new();
     let _ = write!(
         html,
@@ -179,7 +179,7 @@ pub fn write(cache: &Path, captions: &Path, out: &Path, limit: usize) -> Result<
         look.len()
     );
     for &i in &look_idx {
-        html.push_str(&card(cache, look[i], latest.get(&look[i].slice_id)));
+        html.push_str(&card(cache, look[i], latest.read(&look[i].slice_id)?.as_ref()));
     }
     let sample = spread(rows.len(), limit);
     let _ = write!(
@@ -189,7 +189,7 @@ pub fn write(cache: &Path, captions: &Path, out: &Path, limit: usize) -> Result<
         rows.len()
     );
     for &i in &sample {
-        html.push_str(&card(cache, &rows[i], latest.get(&rows[i].slice_id)));
+        html.push_str(&card(cache, &rows[i], latest.read(&rows[i].slice_id)?.as_ref()));
     }
     html.push_str("</div>\n</body></html>\n");
     if let Some(d) = out.parent().filter(|d| !d.as_os_str().is_empty()) {

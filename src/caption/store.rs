@@ -8,18 +8,19 @@
 //! line without its newline can only come from a process killed inside its
 //! write; the next append or read under the lock cuts it off. A compaction
 //! keeps the latest record per slice and rewrites the file atomically.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::hash::{Hash, Hasher};
+use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::quality::Flag;
+use super::quality::{self, Flag};
 use crate::config::Plane;
-use crate::fsutil::atomic_write;
+use crate::fsutil::tmp_path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -52,26 +53,138 @@ pub struct CaptionRecord {
     pub error: Option<String>,
 }
 
-impl CaptionRecord {
-    /// Done: not to be asked again while prompt and image stay the same.
-    pub fn is_done_for(&self, prompt_hash: &str, image_sha256: &str) -> bool {
-        self.status != Status::Failed && self.prompt_hash == prompt_hash && self.image_sha256 == image_sha256
-    }
-
-    fn sort_key(&self) -> (&str, usize, usize) {
-        (&self.case, self.plane.id(), self.index)
-    }
-}
-
 pub struct Store {
     path: PathBuf,
     lock_path: PathBuf,
 }
 
-/// Records read back, and how many lines could not be parsed.
-pub struct Loaded {
-    pub records: Vec<CaptionRecord>,
+/// What the skip check, the `repeated` judgement and the summary need of a
+/// record, read without its text.
+#[derive(Deserialize)]
+struct Head {
+    slice_id: String,
+    status: Status,
+    prompt_hash: String,
+    image_sha256: String,
+    #[serde(default)]
+    flags: Vec<Flag>,
+}
+
+/// Where the latest record of a slice is, and its gist.
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    offset: u64,
+    len: u32,
+    pub status: Status,
+    flags: u8,
+    done: u64,
+}
+
+impl Slot {
+    pub fn has(&self, f: Flag) -> bool {
+        self.flags & flag_bit(f) != 0
+    }
+
+    pub fn flagged(&self) -> bool {
+        self.flags != 0
+    }
+}
+
+fn flag_bit(f: Flag) -> u8 {
+    1 << (f as u8)
+}
+
+fn key_of(prompt_hash: &str, image_sha256: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    (prompt_hash, image_sha256).hash(&mut h);
+    h.finish()
+}
+
+/// The latest record of every slice, as a snapshot of one version of the
+/// file: the slots point into the open file, which stays readable when a
+/// compaction renames a new file into place. Memory grows with the number
+/// of slices (tens of bytes each), not with the text.
+pub struct Latest {
+    file: Option<File>,
+    map: HashMap<String, Slot>,
     pub bad_lines: usize,
+}
+
+impl Latest {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn slot(&self, slice_id: &str) -> Option<&Slot> {
+        self.map.get(slice_id)
+    }
+
+    pub fn slots(&self) -> impl Iterator<Item = (&str, &Slot)> {
+        self.map.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Done: `ok` or `dropped` with the same prompt hash and image.
+    pub fn is_done(&self, slice_id: &str, prompt_hash: &str, image_sha256: &str) -> bool {
+        self.map
+            .get(slice_id)
+            .is_some_and(|s| s.status != Status::Failed && s.done == key_of(prompt_hash, image_sha256))
+    }
+
+    /// The full record behind a slot.
+    pub fn read_slot(&self, slot: &Slot) -> Result<CaptionRecord> {
+        let f = self.file.as_ref().context("no captions file")?;
+        let mut buf = vec![0u8; slot.len as usize];
+        f.read_exact_at(&mut buf, slot.offset)?;
+        Ok(serde_json::from_slice(&buf)?)
+    }
+
+    pub fn read(&self, slice_id: &str) -> Result<Option<CaptionRecord>> {
+        self.map.get(slice_id).map(|s| self.read_slot(s)).transpose()
+    }
+
+    /// Slices whose normalised text is shared by at least `threshold`
+    /// slices, over the records that count: `ok` ones, and those already
+    /// dropped as repeated (so a dropped group stays a group).
+    pub fn repeated(&self, threshold: usize) -> Result<HashSet<String>> {
+        let counted = |s: &Slot| s.status == Status::Ok || (s.status == Status::Dropped && s.has(Flag::Repeated));
+        let mut text_of: Vec<(&str, u64)> = Vec::new();
+        let mut counts: HashMap<u64, usize> = HashMap::new();
+        for (id, s) in self.map.iter().filter(|(_, s)| counted(s)) {
+            let r = self.read_slot(s)?;
+            let n = quality::normalise(&r.text);
+            if n.is_empty() {
+                continue;
+            }
+            let mut h = std::hash::DefaultHasher::new();
+            n.hash(&mut h);
+            let h = h.finish();
+            *counts.entry(h).or_default() += 1;
+            text_of.push((id, h));
+        }
+        Ok(text_of
+            .into_iter()
+            .filter(|(_, h)| counts[h] >= threshold)
+            .map(|(id, _)| id.to_string())
+            .collect())
+    }
+}
+
+/// Orders records as the index does: case, plane, index (from the id
+/// `<case>/<plane>/<index>`).
+fn sort_key(slice_id: &str) -> (&str, usize, usize, &str) {
+    let mut it = slice_id.rsplitn(3, '/');
+    let index = it.next().and_then(|s| s.parse().ok()).unwrap_or(usize::MAX);
+    let plane = match it.next() {
+        Some("axial") => 0,
+        Some("coronal") => 1,
+        Some("sagittal") => 2,
+        _ => 3,
+    };
+    (it.next().unwrap_or(""), plane, index, slice_id)
 }
 
 impl Store {
@@ -126,76 +239,125 @@ impl Store {
         Ok(())
     }
 
-    /// Every parseable record, in file order; a torn last line is cut off.
-    pub fn load(&self) -> Result<Loaded> {
-        let _lock = self.lock()?;
-        self.load_locked()
+    /// Every parseable record, in file order (tests and small files).
+    pub fn load(&self) -> Result<Vec<CaptionRecord>> {
+        let latest = self.latest()?;
+        let mut slots: Vec<&Slot> = latest.map.values().collect();
+        slots.sort_by_key(|s| s.offset);
+        slots.into_iter().map(|s| latest.read_slot(s)).collect()
     }
 
-    fn load_locked(&self) -> Result<Loaded> {
+    /// The latest record of each slice (a torn last line is cut off first).
+    pub fn latest(&self) -> Result<Latest> {
+        let _lock = self.lock()?;
+        self.latest_locked()
+    }
+
+    fn latest_locked(&self) -> Result<Latest> {
         let f = match OpenOptions::new().read(true).write(true).open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Loaded {
-                    records: Vec::new(),
+                return Ok(Latest {
+                    file: None,
+                    map: HashMap::new(),
                     bad_lines: 0,
                 })
             }
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", self.path.display())),
         };
         cut_torn_tail(&f, &self.path)?;
-        drop(f);
-        let text = std::fs::read(&self.path).with_context(|| format!("cannot read {}", self.path.display()))?;
-        let mut records = Vec::new();
+        let mut map = HashMap::new();
         let mut bad_lines = 0;
-        for (i, line) in text.split(|&b| b == b'\n').enumerate() {
-            if line.is_empty() {
-                continue;
+        let mut r = BufReader::with_capacity(1 << 20, &f);
+        let mut line = Vec::new();
+        let (mut offset, mut n) = (0u64, 0usize);
+        loop {
+            line.clear();
+            let got = r
+                .read_until(b'\n', &mut line)
+                .with_context(|| format!("cannot read {}", self.path.display()))?;
+            if got == 0 {
+                break;
             }
-            match serde_json::from_slice::<CaptionRecord>(line) {
-                Ok(r) => records.push(r),
-                Err(e) => {
-                    bad_lines += 1;
-                    tracing::warn!(
-                        "{}:{}: skipping unreadable caption record: {e}",
-                        self.path.display(),
-                        i + 1
-                    );
+            n += 1;
+            let body = line.strip_suffix(b"\n").unwrap_or(&line);
+            if !body.is_empty() {
+                match serde_json::from_slice::<Head>(body) {
+                    Ok(h) => {
+                        let slot = Slot {
+                            offset,
+                            len: body.len() as u32,
+                            status: h.status,
+                            flags: h.flags.iter().fold(0, |m, f| m | flag_bit(*f)),
+                            done: key_of(&h.prompt_hash, &h.image_sha256),
+                        };
+                        map.insert(h.slice_id, slot);
+                    }
+                    Err(e) => {
+                        bad_lines += 1;
+                        tracing::warn!("{}:{n}: skipping unreadable caption record: {e}", self.path.display());
+                    }
                 }
             }
+            offset += got as u64;
         }
-        Ok(Loaded { records, bad_lines })
+        drop(r);
+        Ok(Latest {
+            file: Some(f),
+            map,
+            bad_lines,
+        })
     }
 
-    /// The latest record of each slice.
-    pub fn latest(&self) -> Result<HashMap<String, CaptionRecord>> {
-        Ok(latest_of(self.load()?.records))
-    }
-
-    /// Rewrites the file with one record per slice (the latest), after
-    /// `edit` has had its say over them; returns what was written.
-    pub fn compact(&self, edit: impl FnOnce(&mut Vec<CaptionRecord>)) -> Result<Vec<CaptionRecord>> {
+    /// Rewrites the file with one record per slice (the latest), in index
+    /// order, after `edit` has seen each record with the set of slices whose
+    /// text is repeated (`repeated_threshold`); returns the new snapshot.
+    /// Streams: one record in memory at a time.
+    pub fn compact(&self, repeated_threshold: usize, mut edit: impl FnMut(&mut CaptionRecord, bool)) -> Result<Latest> {
         let _lock = self.lock()?;
-        let loaded = self.load_locked()?;
-        let mut recs: Vec<CaptionRecord> = latest_of(loaded.records).into_values().collect();
-        edit(&mut recs);
-        recs.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
-        let mut buf = Vec::with_capacity(recs.len() * 512);
-        for r in &recs {
-            serde_json::to_writer(&mut buf, r)?;
-            buf.push(b'\n');
+        let cur = self.latest_locked()?;
+        if cur.file.is_none() {
+            return Ok(cur);
         }
-        atomic_write(&self.path, &buf)?;
-        Ok(recs)
+        let rep = cur.repeated(repeated_threshold)?;
+        let mut order: Vec<(&str, &Slot)> = cur.map.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        order.sort_by(|a, b| sort_key(a.0).cmp(&sort_key(b.0)));
+        let tmp = tmp_path(&self.path);
+        let out = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut w = BufWriter::with_capacity(1 << 20, &out);
+        let mut map = HashMap::with_capacity(order.len());
+        let mut offset = 0u64;
+        let mut buf = Vec::with_capacity(4096);
+        for (id, slot) in order {
+            let mut r = cur.read_slot(slot)?;
+            edit(&mut r, rep.contains(id));
+            buf.clear();
+            serde_json::to_writer(&mut buf, &r)?;
+            map.insert(
+                r.slice_id.clone(),
+                Slot {
+                    offset,
+                    len: buf.len() as u32,
+                    status: r.status,
+                    flags: r.flags.iter().fold(0, |m, f| m | flag_bit(*f)),
+                    done: key_of(&r.prompt_hash, &r.image_sha256),
+                },
+            );
+            buf.push(b'\n');
+            w.write_all(&buf)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            offset += buf.len() as u64;
+        }
+        w.flush().with_context(|| format!("cannot write {}", tmp.display()))?;
+        drop(w);
+        let file = File::open(&tmp).with_context(|| format!("cannot reopen {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("cannot move {} into place", self.path.display()))?;
+        Ok(Latest {
+            file: Some(file),
+            map,
+            bad_lines: 0,
+        })
     }
-}
-
-fn latest_of(recs: Vec<CaptionRecord>) -> HashMap<String, CaptionRecord> {
-    let mut m = HashMap::with_capacity(recs.len());
-    for r in recs {
-        m.insert(r.slice_id.clone(), r);
-    }
-    m
 }
 
 /// Truncates the file after its last newline when it does not end in one.
@@ -275,13 +437,39 @@ mod tests {
         let text = std::fs::read_to_string(s.path()).unwrap();
         assert_eq!(text.lines().count(), 3);
         assert!(text.ends_with('\n'));
-        let l = s.load().unwrap();
-        assert_eq!((l.records.len(), l.bad_lines), (3, 0));
-        let out = s.compact(|_| {}).unwrap();
-        let ids: Vec<_> = out.iter().map(|r| (r.slice_id.as_str(), r.status)).collect();
-        assert_eq!(ids, vec![("a/axial/2", Status::Ok), ("a/axial/10", Status::Ok)]);
+        let l = s.latest().unwrap();
+        assert_eq!((l.len(), l.bad_lines), (2, 0));
+        assert_eq!(l.read("a/axial/10").unwrap().unwrap().text, "y");
+        let out = s.compact(2, |_, _| {}).unwrap();
+        assert_eq!(out.read("a/axial/10").unwrap().unwrap().status, Status::Ok);
+        let ids: Vec<_> = s.load().unwrap().into_iter().map(|r| (r.slice_id, r.status)).collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("a/axial/2".to_string(), Status::Ok),
+                ("a/axial/10".to_string(), Status::Ok)
+            ]
+        );
         assert_eq!(std::fs::read_to_string(s.path()).unwrap().lines().count(), 2);
         assert!(d.path().join("sub/captions.jsonl.lock").exists());
+    }
+
+    #[test]
+    fn a_snapshot_survives_a_compaction_by_someone_else() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::new(&d.path().join("c.jsonl")).unwrap();
+        s.append(&[
+            rec("a/axial/1", Status::Failed, "old"),
+            rec("a/axial/1", Status::Ok, "new"),
+        ])
+        .unwrap();
+        let snap = s.latest().unwrap();
+        s.compact(2, |r, _| r.text = "rewritten".into()).unwrap();
+        assert_eq!(snap.read("a/axial/1").unwrap().unwrap().text, "new");
+        assert_eq!(
+            s.latest().unwrap().read("a/axial/1").unwrap().unwrap().text,
+            "rewritten"
+        );
     }
 
     #[test]
@@ -289,17 +477,54 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = Store::new(&d.path().join("c.jsonl")).unwrap();
         std::fs::write(s.path(), b"{\"slice_").unwrap();
-        assert!(s.load().unwrap().records.is_empty());
+        assert!(s.latest().unwrap().is_empty());
         assert_eq!(std::fs::metadata(s.path()).unwrap().len(), 0);
     }
 
     #[test]
     fn done_means_same_prompt_same_image_not_failed() {
-        let r = rec("a/axial/1", Status::Ok, "t");
-        assert!(r.is_done_for("p", "i"));
-        assert!(!r.is_done_for("q", "i"));
-        assert!(!r.is_done_for("p", "j"));
-        assert!(!rec("a/axial/1", Status::Failed, "").is_done_for("p", "i"));
-        assert!(rec("a/axial/1", Status::Dropped, "").is_done_for("p", "i"));
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::new(&d.path().join("c.jsonl")).unwrap();
+        s.append(&[
+            rec("a/axial/1", Status::Ok, "t"),
+            rec("a/axial/2", Status::Failed, ""),
+            rec("a/axial/3", Status::Dropped, "t"),
+        ])
+        .unwrap();
+        let l = s.latest().unwrap();
+        assert!(l.is_done("a/axial/1", "p", "i"));
+        assert!(!l.is_done("a/axial/1", "q", "i"));
+        assert!(!l.is_done("a/axial/1", "p", "j"));
+        assert!(!l.is_done("a/axial/2", "p", "i"));
+        assert!(l.is_done("a/axial/3", "p", "i"));
+        assert!(!l.is_done("a/axial/4", "p", "i"));
+    }
+
+    #[test]
+    fn repeated_counts_ok_and_dropped_repeats_and_order_follows_the_index() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::new(&d.path().join("c.jsonl")).unwrap();
+        let mut dropped = rec("b/axial/1", Status::Dropped, "Same text");
+        dropped.flags.push(Flag::Repeated);
+        s.append(&[
+            rec("b/sagittal/2", Status::Ok, "same text."),
+            rec("b/axial/10", Status::Ok, "SAME TEXT"),
+            rec("b/axial/9", Status::Failed, "same text"),
+            dropped,
+            rec("a/coronal/3", Status::Ok, "other"),
+        ])
+        .unwrap();
+        let mut rep: Vec<_> = s.latest().unwrap().repeated(3).unwrap().into_iter().collect();
+        rep.sort();
+        assert_eq!(rep, vec!["b/axial/1", "b/axial/10", "b/sagittal/2"]);
+        let mut seen = Vec::new();
+        s.compact(3, |r, is_rep| seen.push((r.slice_id.clone(), is_rep)))
+            .unwrap();
+        let order: Vec<_> = s.load().unwrap().into_iter().map(|r| r.slice_id).collect();
+        assert_eq!(
+            order,
+            vec!["a/coronal/3", "b/axial/1", "b/axial/9", "b/axial/10", "b/sagittal/2"]
+        );
+        assert_eq!(seen.iter().filter(|(_, r)| *r).count(), 3);
     }
 }
