@@ -3,3 +3,6 @@
 //! transformer, and helpers to move weights in and out as PyTorch state
 //! dicts.
 pub mod psat;
+pub mod state_dict;
+pub mod swin;
+pub mod swin_unetr;
