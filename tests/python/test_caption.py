@@ -103,7 +103,8 @@ def write_config(path, base_url, **openai):
 
 
 def caption(cache, config, out, key=None, shard=None, popen=False):
-    env = dict(os.environ, MED3D_LOG="debug")
+    # trace: the most the HTTP stack ever logs, to show the key is not in it
+    env = dict(os.environ, MED3D_LOG="trace", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     env.pop("MED3D_TEST_KEY", None)
     if key:
         env["MED3D_TEST_KEY"] = key
