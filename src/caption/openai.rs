@@ -11,13 +11,16 @@
 //!   honoured: that slice waits at least that long, and every other request
 //!   waits for the same moment before it is sent (one shared gate);
 //! - 401, 403 and 404 mean no request can succeed (key, permission, URL or
-//!   model name): the run stops sending and reports it;
+//!   model name): the run stops sending and reports it; so does a server
+//!   that refuses `3 * max(max_in_flight, 8)` connections in a row with no
+//!   reply in between (down, or the wrong address), rather than every
+//!   slice spending its whole retry budget on it;
 //! - other 4xx fail that slice at once.
 //!
 //! The API key is read once, sent as a Bearer header marked sensitive, and
 //! scrubbed from any error text before it can reach a record or a log.
 use std::error::Error as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -99,6 +102,8 @@ pub struct Client {
     cfg: OpenAiConfig,
     in_flight: tokio::sync::Semaphore,
     gate: Mutex<Option<tokio::time::Instant>>,
+    /// Connection failures since the last reply of any kind.
+    refused_in_a_row: AtomicU32,
 }
 
 /// The request body for one slice.
@@ -234,6 +239,7 @@ impl Client {
             cfg: cfg.clone(),
             in_flight: tokio::sync::Semaphore::new(cfg.max_in_flight),
             gate: Mutex::new(None),
+            refused_in_a_row: AtomicU32::new(0),
         })
     }
 
@@ -280,6 +286,7 @@ impl Client {
         }
         let r = match req.send().await {
             Ok(resp) => {
+                self.refused_in_a_row.store(0, Ordering::Relaxed);
                 let status = resp.status();
                 let after = retry_after(resp.headers());
                 match resp.bytes().await {
@@ -298,10 +305,17 @@ impl Client {
                 msg: format!("no reply within {} s", self.cfg.timeout_s),
                 after: None,
             }),
-            Err(e) => Err(Failure::Retry {
-                msg: format!("request to {} failed: {}", self.url, chain(&e)),
-                after: None,
-            }),
+            Err(e) => {
+                let msg = format!("request to {} failed: {}", self.url, chain(&e));
+                let limit = 3 * self.cfg.max_in_flight.max(8) as u32;
+                if e.is_connect() && self.refused_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= limit {
+                    Err(Failure::Run(format!(
+                        "{msg} ({limit} connection attempts in a row failed: is the server up, and is caption.openai.base_url right?)"
+                    )))
+                } else {
+                    Err(Failure::Retry { msg, after: None })
+                }
+            }
         };
         let r = r.map_err(|f| match f {
             Failure::Retry { msg, after } => Failure::Retry {

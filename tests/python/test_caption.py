@@ -289,6 +289,25 @@ def test_unauthorised_stops_the_run(cache, server, tmp_path):
     assert key not in out.read_text() + p.stdout + p.stderr
 
 
+def test_unreachable_server_stops_the_run(cache, tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    cfg = write_config(tmp_path / "c.yaml", f"http://127.0.0.1:{port}/v1", openai={"max_in_flight": 2, "max_attempts": 50})
+    out = tmp_path / "captions.jsonl"
+    t0 = time.monotonic()
+    p = caption(cache, cfg, out)
+    assert p.returncode == 2
+    assert "connection attempts in a row failed" in p.stderr, p.stderr[-2000:]
+    # 24 refusals end it, long before 36 slices x 50 attempts
+    assert time.monotonic() - t0 < 30
+    recs = records(out)
+    assert 1 <= len(recs) < 36 and all(r["status"] == "failed" for r in recs)
+
+
 def test_repeated_captions_are_flagged_then_dropped(cache, server, tmp_path):
     rows = rows_of(cache)
     # one generic sentence for every axial slice (12 of them)
