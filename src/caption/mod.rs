@@ -18,12 +18,13 @@ pub mod openai;
 pub mod prompt;
 pub mod quality;
 pub mod sheet;
+mod sink;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -32,13 +33,11 @@ use serde::{Deserialize, Serialize};
 
 pub use config::{Action, BackendKind, CaptionConfig, FlagPolicy, OpenAiConfig};
 use quality::Flag;
+use sink::{Sink, Tally};
 use store::{CaptionRecord, Latest, Status, Store};
 
 use crate::fsutil::{atomic_write, sha256_bytes, sweep_stale_tmp};
 use crate::preprocess::{read_case_record, read_index, CaseRecord, Shard, SliceRow};
-
-/// Failures listed by name in the report (the counts are always complete).
-const LISTED_FAILURES: usize = 100;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Summary {
@@ -73,145 +72,6 @@ pub struct Summary {
 pub struct SliceFailure {
     pub slice_id: String,
     pub error: String,
-}
-
-/// Per-run counters, shared by the workers.
-#[derive(Default)]
-struct Tally {
-    captioned: usize,
-    dropped: usize,
-    failed: usize,
-    skipped: usize,
-    retried: usize,
-    requests: u64,
-    asked_again: usize,
-    failures: Vec<SliceFailure>,
-}
-
-impl Tally {
-    fn add(&mut self, r: &CaptionRecord) {
-        match r.status {
-            Status::Ok => self.captioned += 1,
-            Status::Dropped => self.dropped += 1,
-            Status::Failed => {
-                self.failed += 1;
-                if self.failures.len() < LISTED_FAILURES {
-                    self.failures.push(SliceFailure {
-                        slice_id: r.slice_id.clone(),
-                        error: r.error.clone().unwrap_or_default(),
-                    });
-                }
-            }
-        }
-        if r.attempts > 1 {
-            self.retried += 1;
-        }
-        self.requests += r.attempts as u64;
-    }
-}
-
-/// What every worker shares: the record sink, counters and progress bar.
-struct Sink {
-    tx: Mutex<Option<mpsc::Sender<Msg>>>,
-    tally: Mutex<Tally>,
-    bar: indicatif::ProgressBar,
-    /// Set when nothing more should be sent (fatal server reply, write error).
-    stop: AtomicBool,
-    stopped: Mutex<Option<String>>,
-}
-
-impl Sink {
-    fn record(&self, r: CaptionRecord) {
-        let msg = {
-            let Ok(mut t) = self.tally.lock() else { return };
-            t.add(&r);
-            format!("ok {} failed {} retried {}", t.captioned, t.failed, t.retried)
-        };
-        self.send(Msg::Record(Box::new(r)));
-        self.bar.set_message(msg);
-        self.bar.inc(1);
-    }
-
-    /// A record from the round that asks again for repeated captions: only
-    /// a usable answer replaces the caption the slice already has.
-    fn record_again(&self, r: CaptionRecord) {
-        if let Ok(mut t) = self.tally.lock() {
-            t.asked_again += 1;
-            t.requests += r.attempts as u64;
-        }
-        if r.status != Status::Failed {
-            self.send(Msg::Record(Box::new(r)));
-        }
-        self.bar.inc(1);
-    }
-
-    fn send(&self, m: Msg) {
-        let sent = self
-            .tx
-            .lock()
-            .ok()
-            .and_then(|g| g.as_ref().map(|tx| tx.send(m).is_ok()))
-            .unwrap_or(false);
-        if !sent {
-            self.halt("the caption writer stopped (see the error above)".into());
-        }
-    }
-
-    /// Returns once every record sent so far is in the file.
-    fn flush(&self) {
-        let (tx, rx) = mpsc::channel();
-        self.send(Msg::Flush(tx));
-        let _ = rx.recv();
-    }
-
-    fn skip(&self) {
-        if let Ok(mut t) = self.tally.lock() {
-            t.skipped += 1;
-        }
-        self.bar.inc(1);
-    }
-
-    fn halt(&self, why: String) {
-        if !self.stop.swap(true, Ordering::SeqCst) {
-            if let Ok(mut s) = self.stopped.lock() {
-                *s = Some(why);
-            }
-        }
-    }
-}
-
-enum Msg {
-    Record(Box<CaptionRecord>),
-    /// Answered once everything sent before it is in the file.
-    Flush(mpsc::Sender<()>),
-}
-
-/// Appends records in batches on its own thread, so workers never wait on
-/// the file lock.
-fn spawn_writer(store: Arc<Store>) -> (mpsc::Sender<Msg>, std::thread::JoinHandle<Result<()>>) {
-    let (tx, rx) = mpsc::channel::<Msg>();
-    let h = std::thread::spawn(move || -> Result<()> {
-        while let Ok(first) = rx.recv() {
-            let mut batch = Vec::new();
-            let mut acks = Vec::new();
-            let mut next = Some(first);
-            while let Some(m) = next.take() {
-                match m {
-                    Msg::Record(r) => batch.push(*r),
-                    Msg::Flush(a) => acks.push(a),
-                }
-                if batch.len() < 4096 {
-                    next = rx.try_recv().ok();
-                }
-            }
-            store.append(&batch)?;
-            for a in acks {
-                let _ = a.send(());
-            }
-        }
-        Ok(())
-    });
-    (tx, h)
 }
 
 /// The slice's PNG bytes and their sha256.
@@ -551,7 +411,7 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
     {
         bar.set_style(style.progress_chars("=> "));
     }
-    let (tx, writer) = spawn_writer(store.clone());
+    let (tx, writer) = sink::spawn_writer(store.clone());
     let sink = Arc::new(Sink {
         tx: Mutex::new(Some(tx)),
         tally: Mutex::new(Tally::default()),
