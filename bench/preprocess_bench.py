@@ -23,10 +23,11 @@ processing loop inside its process (Python and torch/MONAI import time
 excluded). Two ratios are printed: throughput (volumes per wall-clock
 second) and CPU efficiency (MONAI CPU seconds / med3d CPU seconds, the
 per-core ratio, which a busy machine disturbs far less than wall clock; the
-load average is recorded alongside). Memory: "peak RSS" is the kernel's ru_maxrss of the largest single
-process (exact); "peak PSS" is the summed proportional set size of the whole
-process tree, sampled every 50 ms (what a pool of workers really occupies,
-shared pages counted once).
+load average is recorded alongside). Memory: "peak RSS" is the peak
+resident set of the largest single process (exact, from the kernel, taken
+by /usr/bin/time when present); "peak PSS" is the summed proportional set
+size of the whole process tree, sampled every 50 ms (what a pool of workers
+really occupies, shared pages counted once).
 
 Usage: python bench/preprocess_bench.py [--ct 3] [--workers N] [--repeat 1]
        [--only med3d|monai]
@@ -256,10 +257,21 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+TIME = Path("/usr/bin/time")
+
+
 def measure(cmd: list, env: dict) -> dict:
     """Runs cmd, returning wall seconds, CPU seconds, peak RSS of the largest
-    process (ru_maxrss) and peak summed PSS of the process tree (sampled)."""
+    process (ru_maxrss) and peak summed PSS of the process tree (sampled).
+    The kernel keeps a process's RSS high-water mark across exec, so a child
+    forked from this (large) Python would report at least our own RSS: when
+    /usr/bin/time is there, the command runs under it (a small process) and
+    its %M is the peak RSS."""
     peak_pss = [0]
+    rss_file = WORK / ".maxrss"
+    rss_file.unlink(missing_ok=True)
+    if TIME.exists():
+        cmd = [str(TIME), "-f", "%M", "-o", str(rss_file), *cmd]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = threading.Event()
@@ -284,10 +296,14 @@ def measure(cmd: list, env: dict) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{outs.get('out', '')}\n{outs.get('err', '')}")
+    maxrss_kb = ru.ru_maxrss
+    if rss_file.exists():
+        maxrss_kb = int(rss_file.read_text().split()[-1])
+        rss_file.unlink()
     return {
         "wall_s": wall,
         "cpu_s": ru.ru_utime + ru.ru_stime,
-        "peak_rss_mb": ru.ru_maxrss / 1024,
+        "peak_rss_mb": maxrss_kb / 1024,
         "peak_pss_mb": peak_pss[0] / 1024,
         "stdout": outs.get("out", ""),
     }
@@ -369,6 +385,15 @@ def main() -> None:
     print(f"{n} volumes ({a.ct} CT {'x'.join(map(str, CT_SHAPE))} int16 + MNI152 T1), {mb:.0f} MB compressed; "
           f"all cores = {a.workers} workers", flush=True)
 
+    startup = None
+    if a.only != "monai":
+        # What every med3d process pays before any work (loading libtorch's
+        # shared libraries and running their static initialisers).
+        startup = min((measure([str(binary), "--version"], dict(os.environ)) for _ in range(3)), key=lambda m: m["cpu_s"])
+        startup.pop("stdout", None)
+        print(f"med3d start-up alone (`med3d --version`): {startup['wall_s']:.2f} s wall, {startup['cpu_s']:.2f} s CPU, "
+              f"{startup['peak_rss_mb']:.0f} MB RSS (included in the med3d rows below)", flush=True)
+
     configs = []
     if a.only != "monai":
         configs += [("med3d", 1), ("med3d", a.workers)]
@@ -418,6 +443,7 @@ def main() -> None:
         "config": {"spacing": SPACING, "roi": ROI, "ct_window": CT_WINDOW, "mr_percentiles": MR_PERCENTILES,
                    "slices_per_plane": SLICES_PER_PLANE},
         "timing": "med3d: whole process (wall, CPU); MONAI: processing loop (wall, CPU incl. pool workers; imports excluded)",
+        "med3d_startup": startup,
         "results": results,
         "ratio_med3d_over_monai": ratios,
         "parity": par,
