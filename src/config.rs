@@ -19,6 +19,9 @@ pub struct Experiment {
     /// Absent: the offline `descriptor` backend with default settings.
     #[serde(default)]
     pub caption: crate::caption::CaptionConfig,
+    /// Absent: text embeddings with all-MiniLM-L6-v2, no image encoder.
+    #[serde(default)]
+    pub embed: crate::embed::EmbedConfig,
 }
 
 /// How a volume is brought to a fixed grid after the foreground crop.
@@ -135,6 +138,9 @@ impl Experiment {
         e.caption
             .validate()
             .with_context(|| format!("{}: invalid caption section", path.display()))?;
+        e.embed
+            .validate()
+            .with_context(|| format!("{}: invalid embed section", path.display()))?;
         Ok(e)
     }
 

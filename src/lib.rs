@@ -5,6 +5,8 @@
 pub mod align;
 pub mod caption;
 pub mod config;
+pub mod embed;
+pub mod encoders;
 pub mod convert;
 pub mod fsutil;
 pub mod info;

@@ -90,6 +90,21 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         limit: usize,
     },
+    /// Embed captions (and slices, with an image encoder) with frozen 2D encoders.
+    Embed {
+        /// Cache folder; default: <workdir>/cache from the config.
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Experiment config (its `embed` section is used).
+        #[arg(long)]
+        config: PathBuf,
+        /// Captions file; default: <cache>/captions.jsonl.
+        #[arg(long)]
+        captions: Option<PathBuf>,
+    },
+    /// Embeddings of given texts or images as .npy (parity tests, benchmarks).
+    #[command(hide = true)]
+    Encode(med3dinsight::embed::encode::EncodeArgs),
     /// Run every stage of an experiment in order, skipping what is done.
     Run {
         #[arg(long)]
@@ -157,6 +172,43 @@ fn caption_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Pat
     Ok(s.failed == 0 && s.stopped.is_none())
 }
 
+fn embed_stage(exp: &Experiment, cache: &std::path::Path, captions: Option<PathBuf>) -> Result<bool> {
+    let opts = med3dinsight::embed::RunOptions { captions };
+    let s = med3dinsight::embed::run(&exp.embed, cache, &opts)?;
+    for t in std::iter::once(&s.text).chain(s.image.as_ref()) {
+        let what = if t.up_to_date {
+            "up to date".to_string()
+        } else {
+            format!(
+                "{} rows computed, {} chunks reused, {:.1}s",
+                t.rows_computed, t.chunks_reused, t.seconds
+            )
+        };
+        println!(
+            "embed {} ({}, {}-d, {}): {} of {} rows valid, {}, {} failed -> {}",
+            t.table,
+            t.encoder,
+            t.dim,
+            s.device,
+            t.valid,
+            t.rows,
+            what,
+            t.failures.len(),
+            t.path.display()
+        );
+        for f in t.failures.iter().take(20) {
+            eprintln!("  FAILED {}: {}", f.slice_id, f.error);
+        }
+    }
+    if s.uncaptioned > 0 {
+        println!("embed: {} slices have no ok caption (invalid text rows)", s.uncaptioned);
+    }
+    if s.image.is_none() {
+        println!("embed: no image encoder configured; pretraining will use the text term alone");
+    }
+    Ok(s.failed() == 0)
+}
+
 fn real_main() -> Result<bool> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -211,6 +263,16 @@ fn real_main() -> Result<bool> {
             );
             Ok(true)
         }
+        Cmd::Embed { cache, config, captions } => {
+            let exp = Experiment::load(&config)?;
+            let cache = cache.unwrap_or_else(|| exp.cache_dir());
+            embed_stage(&exp, &cache, captions)
+        }
+        Cmd::Encode(args) => {
+            let r = med3dinsight::embed::encode::encode(&args)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(true)
+        }
         Cmd::Run { config, workers: w } => {
             let exp = Experiment::load(&config)?;
             let manifest = Manifest::load(&exp.manifest)?;
@@ -219,7 +281,8 @@ fn real_main() -> Result<bool> {
             let cache = exp.cache_dir();
             let captioned = caption_stage(&exp, &cache, &cache.join("captions.jsonl"), Shard::ALL)
                 .with_context(|| format!("experiment {}: caption", exp.name))?;
-            Ok(ok && captioned)
+            let embedded = embed_stage(&exp, &cache, None).with_context(|| format!("experiment {}: embed", exp.name))?;
+            Ok(ok && captioned && embedded)
         }
     }
 }
