@@ -22,6 +22,9 @@ pub struct Experiment {
     /// Absent: text embeddings with all-MiniLM-L6-v2, no image encoder.
     #[serde(default)]
     pub embed: crate::embed::EmbedConfig,
+    /// Absent: the paper preset's settings (a GPU-sized run).
+    #[serde(default)]
+    pub pretrain: crate::train::PretrainConfig,
 }
 
 /// How a volume is brought to a fixed grid after the foreground crop.
@@ -141,11 +144,19 @@ impl Experiment {
         e.embed
             .validate()
             .with_context(|| format!("{}: invalid embed section", path.display()))?;
+        e.pretrain
+            .validate()
+            .with_context(|| format!("{}: invalid pretrain section", path.display()))?;
         Ok(e)
     }
 
     pub fn cache_dir(&self) -> PathBuf {
         self.workdir.join("cache")
+    }
+
+    /// The default pretraining run folder, `<workdir>/runs/<name>`.
+    pub fn run_dir(&self) -> PathBuf {
+        self.workdir.join("runs").join(&self.name)
     }
 }
 

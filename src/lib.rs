@@ -14,4 +14,5 @@ pub mod manifest;
 pub mod model;
 pub mod preprocess;
 pub mod progress;
+pub mod train;
 pub mod volume;

@@ -102,6 +102,21 @@ enum Cmd {
         #[arg(long)]
         captions: Option<PathBuf>,
     },
+    /// Pretrain SwinUNETR + PSAT on a cache's volumes and embeddings.
+    Pretrain {
+        /// Cache folder (volumes, index, embeddings); default: <workdir>/cache.
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Experiment config (its `pretrain` section is used).
+        #[arg(long)]
+        config: PathBuf,
+        /// Run folder (checkpoints, metrics, loss plot); default: <workdir>/runs/<name>.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue from the run folder's newest checkpoint (a fresh start when it has none).
+        #[arg(long)]
+        resume: bool,
+    },
     /// Embeddings of given texts or images as .npy (parity tests, benchmarks).
     #[command(hide = true)]
     Encode(med3dinsight::embed::encode::EncodeArgs),
@@ -209,6 +224,47 @@ fn embed_stage(exp: &Experiment, cache: &std::path::Path, captions: Option<PathB
     Ok(s.failed() == 0)
 }
 
+fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Path, resume: bool) -> Result<bool> {
+    use med3dinsight::train::{self, Status};
+    let opts = train::Options {
+        cache: cache.to_path_buf(),
+        out: out.to_path_buf(),
+        resume,
+        handle_signals: true,
+    };
+    let s = train::run(&exp.pretrain, &opts)?;
+    for (case, why) in &s.skipped_cases {
+        eprintln!("  SKIPPED case {case}: {why}");
+    }
+    let loss = |l: Option<f64>| l.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    let targets: Vec<String> = s.targets.iter().map(|(n, d)| format!("{n} {d}-d")).collect();
+    let what = match s.status {
+        Status::Done => format!("{} steps run, {:.2} volumes/s", s.steps_run, s.volumes_per_s),
+        Status::UpToDate => "up to date".to_string(),
+        Status::Interrupted => format!(
+            "interrupted after {} steps; continue with `med3d pretrain --resume`",
+            s.steps_run
+        ),
+    };
+    println!(
+        "pretrain ({}{}, {} parameters, targets {}; {} slices of {} cases): step {}/{}, loss {} -> {}, {} non-finite steps skipped, {} -> {}",
+        s.device,
+        if s.autocast_bf16 { " bf16" } else { "" },
+        s.parameters,
+        targets.join(", "),
+        s.usable_slices,
+        s.cases,
+        s.step,
+        s.total_steps,
+        loss(s.first_loss),
+        loss(s.last_loss),
+        s.nonfinite_total,
+        what,
+        out.display()
+    );
+    Ok(s.status != Status::Interrupted)
+}
+
 fn real_main() -> Result<bool> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -268,6 +324,17 @@ fn real_main() -> Result<bool> {
             let cache = cache.unwrap_or_else(|| exp.cache_dir());
             embed_stage(&exp, &cache, captions)
         }
+        Cmd::Pretrain {
+            cache,
+            config,
+            out,
+            resume,
+        } => {
+            let exp = Experiment::load(&config)?;
+            let cache = cache.unwrap_or_else(|| exp.cache_dir());
+            let out = out.unwrap_or_else(|| exp.run_dir());
+            pretrain_stage(&exp, &cache, &out, resume)
+        }
         Cmd::Encode(args) => {
             let r = med3dinsight::embed::encode::encode(&args)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -282,7 +349,9 @@ fn real_main() -> Result<bool> {
             let captioned = caption_stage(&exp, &cache, &cache.join("captions.jsonl"), Shard::ALL)
                 .with_context(|| format!("experiment {}: caption", exp.name))?;
             let embedded = embed_stage(&exp, &cache, None).with_context(|| format!("experiment {}: embed", exp.name))?;
-            Ok(ok && captioned && embedded)
+            let pretrained = pretrain_stage(&exp, &cache, &exp.run_dir(), true)
+                .with_context(|| format!("experiment {}: pretrain", exp.name))?;
+            Ok(ok && captioned && embedded && pretrained)
         }
     }
 }

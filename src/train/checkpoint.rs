@@ -1,0 +1,168 @@
+//! Checkpoints of a pretraining run:
+//!
+//! ```text
+//! RUN/checkpoints/step-00001000/model.safetensors      the var store (MONAI keys, psat.*, align.*)
+//! RUN/checkpoints/step-00001000/optimizer.safetensors  exp_avg.<var>, exp_avg_sq.<var>
+//! RUN/checkpoints/step-00001000/state.json             step, data position, optimiser step, counters, hashes
+//! RUN/checkpoints/latest                               the newest complete checkpoint's folder name
+//! ```
+//! A checkpoint is written into a temporary folder and renamed into place,
+//! then `latest` is replaced atomically, so a kill at any instant leaves
+//! the previous checkpoint or the new one, never a torn one.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::nn::VarStore;
+use tch::Tensor;
+
+use super::optim::Adam;
+use crate::fsutil::{atomic_write, tmp_path};
+
+/// Everything besides tensors that a resumed run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub format: String,
+    /// Optimiser steps taken (including skipped ones).
+    pub step: u64,
+    /// Micro-batches consumed: the loader restarts at this batch number.
+    pub data_position: u64,
+    /// Updates the optimiser applied (its bias-correction step).
+    pub optimizer_t: u64,
+    pub total_steps: u64,
+    /// Steps skipped for a non-finite loss or gradient, in all and in a row.
+    pub nonfinite_total: u64,
+    pub nonfinite_streak: u64,
+    /// Every random draw is a function of (seed, stream, step or sample):
+    /// the seed is the whole RNG state.
+    pub seed: u64,
+    pub rng: String,
+    pub config_hash: String,
+    pub data_hash: String,
+    /// Wall time spent training so far (seconds).
+    pub elapsed_s: f64,
+    pub med3d_version: String,
+}
+
+pub fn dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+fn name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// Writes a checkpoint of `step` and deletes all but the newest `keep`.
+pub fn save(run: &Path, vs: &VarStore, opt: &Adam, state: &State, keep: usize) -> Result<PathBuf> {
+    let root = dir(run);
+    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    let final_dir = root.join(name(state.step));
+    let tmp = tmp_path(&final_dir);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    vs.save(tmp.join("model.safetensors"))
+        .with_context(|| format!("cannot write {}", tmp.join("model.safetensors").display()))?;
+    let opt_state = opt.state_tensors();
+    Tensor::write_safetensors(&opt_state, tmp.join("optimizer.safetensors"))
+        .with_context(|| format!("cannot write {}", tmp.join("optimizer.safetensors").display()))?;
+    std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(state)?)
+        .with_context(|| format!("cannot write {}", tmp.join("state.json").display()))?;
+    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        if let Ok(h) = std::fs::File::open(tmp.join(f)) {
+            let _ = h.sync_all();
+        }
+    }
+    if final_dir.exists() {
+        // The same step written again (a rerun from an older checkpoint).
+        let old = tmp_path(&final_dir);
+        std::fs::rename(&final_dir, &old).with_context(|| format!("cannot move {} aside", final_dir.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move {} into place", final_dir.display()))?;
+    atomic_write(&root.join("latest"), name(state.step).as_bytes())?;
+    prune(&root, keep, state.step)?;
+    Ok(final_dir)
+}
+
+/// Complete checkpoints of a run, oldest first.
+pub fn list(run: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir(run)) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let Some(step) = n.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) else {
+                continue;
+            };
+            if e.path().join("state.json").is_file() {
+                out.push((step, e.path()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn prune(root: &Path, keep: usize, newest: u64) -> Result<()> {
+    let all = list(root.parent().unwrap_or(root));
+    let n = all.len();
+    for (step, p) in all.into_iter().take(n.saturating_sub(keep)) {
+        if step != newest {
+            std::fs::remove_dir_all(&p).with_context(|| format!("cannot remove old checkpoint {}", p.display()))?;
+        }
+    }
+    // Temporaries of writers that died mid-checkpoint.
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.contains(".tmp-") && e.path().is_dir() {
+                let pid = n
+                    .rsplit(".tmp-")
+                    .next()
+                    .and_then(|r| r.split('-').next()?.parse::<u32>().ok());
+                if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint: the one `latest` names, or else the
+/// highest step folder holding a state.json.
+pub fn latest(run: &Path) -> Option<PathBuf> {
+    let root = dir(run);
+    if let Ok(n) = std::fs::read_to_string(root.join("latest")) {
+        let p = root.join(n.trim());
+        if p.join("state.json").is_file() {
+            return Some(p);
+        }
+    }
+    list(run).pop().map(|(_, p)| p)
+}
+
+pub fn read_state(ckpt: &Path) -> Result<State> {
+    let p = ckpt.join("state.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let s: State = serde_json::from_str(&text).with_context(|| format!("{}: not a checkpoint state", p.display()))?;
+    if s.format != super::config::PRETRAIN_FORMAT {
+        bail!(
+            "{}: checkpoint format {} is not {}; start a new run",
+            p.display(),
+            s.format,
+            super::config::PRETRAIN_FORMAT
+        );
+    }
+    Ok(s)
+}
+
+/// Loads the model and optimiser of a checkpoint; returns its state.
+pub fn load(ckpt: &Path, vs: &VarStore, opt: &mut Adam) -> Result<State> {
+    let state = read_state(ckpt)?;
+    let mp = ckpt.join("model.safetensors");
+    let model = Tensor::read_safetensors(&mp).with_context(|| format!("cannot read {}", mp.display()))?;
+    crate::model::state_dict::load_named(vs, model, &mp.display().to_string())?;
+    let op = ckpt.join("optimizer.safetensors");
+    let o = Tensor::read_safetensors(&op).with_context(|| format!("cannot read {}", op.display()))?;
+    opt.load_state(o, state.optimizer_t, &op.display().to_string())?;
+    Ok(state)
+}

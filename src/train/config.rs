@@ -1,0 +1,467 @@
+//! The experiment's `pretrain` section: model, alignment loss, optimiser,
+//! data and run-keeping settings, with the paper preset's values where the
+//! paper names one (METHOD.md). Unknown keys are errors.
+use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::model::psat::PsatConfig;
+use crate::model::swin_unetr::SwinUnetrConfig;
+
+/// Bumped whenever a checkpoint's layout or the meaning of a setting changes.
+pub const PRETRAIN_FORMAT: &str = "med3d-pretrain/1";
+
+/// Where training runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// The first CUDA device when libtorch sees one, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceChoice {
+    pub fn device(self) -> Result<tch::Device> {
+        Ok(match self {
+            DeviceChoice::Auto => tch::Device::cuda_if_available(),
+            DeviceChoice::Cpu => tch::Device::Cpu,
+            DeviceChoice::Cuda if tch::Cuda::is_available() => tch::Device::Cuda(0),
+            DeviceChoice::Cuda => anyhow::bail!("pretrain.device is cuda, but libtorch sees no CUDA device"),
+        })
+    }
+}
+
+/// Which head turns the bottleneck into one embedding per target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKind {
+    /// The plane-slice-aware transformer (the method).
+    Psat,
+    /// Ablation: mean of the bottleneck tokens plus the plane-slice
+    /// embedding, one linear read-out per target; no transformer.
+    Pool,
+}
+
+/// The alignment objective between 3D read-outs and 2D embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlignLoss {
+    /// Entropic partial Wasserstein, cross-entropy to I/B (the method).
+    Pot,
+    /// Ablation: balanced entropic OT (Sinkhorn), same cross-entropy.
+    Ot,
+    /// Ablation: CLIP-style symmetric InfoNCE.
+    Infonce,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlignConfig {
+    pub loss: AlignLoss,
+    /// Entropic regularisation (paper: 0.03).
+    pub eps: f64,
+    /// Transported mass of the partial plan (paper: 0.95).
+    pub mass: f64,
+    /// Solver iteration cap (POT's default: 1000).
+    pub max_iter: usize,
+    /// Early-stop tolerance on the plan's change; 0 runs every iteration.
+    pub tol: f64,
+    /// InfoNCE temperature (CLIP: 0.07).
+    pub temperature: f64,
+}
+
+impl Default for AlignConfig {
+    fn default() -> Self {
+        AlignConfig {
+            loss: AlignLoss::Pot,
+            eps: 0.03,
+            mass: 0.95,
+            max_iter: 1000,
+            tol: 0.0,
+            temperature: 0.07,
+        }
+    }
+}
+
+/// Weight of each term of the total loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossWeights {
+    pub text: f64,
+    /// Used only when the cache has image embeddings.
+    pub image: f64,
+    /// MSE between the reconstruction and the input.
+    pub recon: f64,
+}
+
+impl Default for LossWeights {
+    fn default() -> Self {
+        LossWeights {
+            text: 1.0,
+            image: 1.0,
+            recon: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// Decoupled weight decay (torch.optim.AdamW).
+    Adamw,
+    /// L2 weight decay added to the gradient (torch.optim.Adam, the paper's).
+    Adam,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Linear warm-up, then cosine decay to `min_lr` at the last step.
+    Cosine,
+    /// Linear warm-up, then `lr` throughout.
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub kind: OptimizerKind,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub schedule: Schedule,
+    /// Optimiser steps of linear warm-up from lr/warmup_steps to lr.
+    pub warmup_steps: u64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub clip_grad_norm: f64,
+    /// Micro-batches whose gradients are summed into one optimiser step.
+    pub accumulate: usize,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            kind: OptimizerKind::Adamw,
+            lr: 1e-5,
+            min_lr: 0.0,
+            weight_decay: 1e-5,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            schedule: Schedule::Cosine,
+            warmup_steps: 0,
+            clip_grad_norm: 0.0,
+            accumulate: 1,
+        }
+    }
+}
+
+/// What one epoch visits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// Every case once, with one of its slices drawn at random.
+    Case,
+    /// Every usable slice once.
+    Slice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// bf16 autocast on CUDA, float32 on the CPU.
+    Auto,
+    Fp32,
+    /// bf16 autocast (CUDA only; float32 on the CPU).
+    Bf16,
+}
+
+/// Augmentations that keep every slice's plane and position true.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Intensity x -> a x + b, a in [1 - scale, 1 + scale], b in
+    /// [-shift, shift], clamped to [0, 1].
+    pub intensity_scale: f64,
+    pub intensity_shift: f64,
+    /// Probability of flipping each axis. The flipped axis's plane maps
+    /// its position p to 1 - p (and index i to n - 1 - i); the other planes'
+    /// slices are mirrored in-plane, which swaps left and right: leave this
+    /// at 0 when captions name sides.
+    pub flip_prob: f64,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        AugmentConfig {
+            intensity_scale: 0.0,
+            intensity_shift: 0.0,
+            flip_prob: 0.0,
+        }
+    }
+}
+
+/// The `pretrain` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainConfig {
+    /// Every random draw (init, data order, slices, augmentation, dropout)
+    /// derives from (seed, step), so a resumed run replays exactly.
+    pub seed: u64,
+    pub device: DeviceChoice,
+    pub precision: Precision,
+    /// libtorch CPU threads; 0 keeps libtorch's default.
+    pub threads: usize,
+    /// MONAI SwinUNETR arguments; in/out channels must be 1.
+    pub backbone: SwinUnetrConfig,
+    pub head: HeadKind,
+    pub psat: PsatConfig,
+    pub align: AlignConfig,
+    pub weights: LossWeights,
+    pub optimizer: OptimConfig,
+    /// Triplets (volume, slice, targets) per micro-batch (paper: 10).
+    pub batch_size: usize,
+    pub epochs: f64,
+    /// Optimiser steps; overrides `epochs` when set.
+    pub max_steps: Option<u64>,
+    pub sampling: Sampling,
+    /// Resize the whole volume (trilinear) to this grid before the model;
+    /// positions stay true. Absent: the cached grid, as in the paper.
+    pub input_size: Option<[i64; 3]>,
+    pub augment: AugmentConfig,
+    /// Loader threads reading volumes ahead of the model.
+    pub workers: usize,
+    /// Micro-batches each loader thread may hold ready.
+    pub prefetch: usize,
+    /// Write a checkpoint every this many optimiser steps (and at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept; older ones are deleted.
+    pub keep_checkpoints: usize,
+    /// Stop after this many consecutive steps with a non-finite loss or
+    /// gradient (each such step is skipped and counted).
+    pub max_nonfinite: usize,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig {
+            seed: 0,
+            device: DeviceChoice::Auto,
+            precision: Precision::Auto,
+            threads: 0,
+            backbone: SwinUnetrConfig::default(),
+            head: HeadKind::Psat,
+            psat: PsatConfig::default(),
+            align: AlignConfig::default(),
+            weights: LossWeights::default(),
+            optimizer: OptimConfig::default(),
+            batch_size: 10,
+            epochs: 100.0,
+            max_steps: None,
+            sampling: Sampling::Case,
+            input_size: None,
+            augment: AugmentConfig::default(),
+            workers: 2,
+            prefetch: 2,
+            checkpoint_every: 500,
+            keep_checkpoints: 2,
+            max_nonfinite: 10,
+        }
+    }
+}
+
+impl PretrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.backbone.validate()?;
+        ensure!(
+            self.backbone.in_channels == 1 && self.backbone.out_channels == 1,
+            "pretrain.backbone: in_channels and out_channels must be 1 (one image channel in, its reconstruction out), got {} and {}",
+            self.backbone.in_channels,
+            self.backbone.out_channels
+        );
+        let dim = self.backbone.bottleneck_channels();
+        if self.head == HeadKind::Psat {
+            let p = &self.psat;
+            ensure!(p.layers >= 1, "pretrain.psat.layers must be at least 1");
+            ensure!(
+                p.heads >= 1 && dim % p.heads == 0,
+                "pretrain.psat.heads = {} must divide the bottleneck width 16 x feature_size = {dim}",
+                p.heads
+            );
+            ensure!(p.queries >= 1, "pretrain.psat.queries must be at least 1");
+            ensure!(p.ffn >= 0, "pretrain.psat.ffn must be >= 0 (0: 4 x width)");
+            ensure!(
+                (0.0..1.0).contains(&p.dropout),
+                "pretrain.psat.dropout must be in [0, 1)"
+            );
+        }
+        ensure!(self.psat.bins >= 1, "pretrain.psat.bins must be at least 1");
+        let a = &self.align;
+        ensure!(a.eps > 0.0, "pretrain.align.eps must be positive, got {}", a.eps);
+        ensure!(
+            a.mass > 0.0 && a.mass <= 1.0,
+            "pretrain.align.mass must be in (0, 1], got {}",
+            a.mass
+        );
+        ensure!(a.max_iter >= 1, "pretrain.align.max_iter must be at least 1");
+        ensure!(a.temperature > 0.0, "pretrain.align.temperature must be positive");
+        let w = &self.weights;
+        ensure!(
+            [w.text, w.image, w.recon].iter().all(|v| v.is_finite() && *v >= 0.0),
+            "pretrain.weights must be finite and >= 0"
+        );
+        let o = &self.optimizer;
+        ensure!(o.lr > 0.0 && o.lr.is_finite(), "pretrain.optimizer.lr must be positive");
+        ensure!(
+            o.min_lr >= 0.0 && o.min_lr <= o.lr,
+            "pretrain.optimizer.min_lr must be in [0, lr]"
+        );
+        ensure!(o.weight_decay >= 0.0, "pretrain.optimizer.weight_decay must be >= 0");
+        ensure!(
+            o.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            "pretrain.optimizer.betas must be in [0, 1)"
+        );
+        ensure!(o.eps > 0.0, "pretrain.optimizer.eps must be positive");
+        ensure!(
+            o.clip_grad_norm >= 0.0,
+            "pretrain.optimizer.clip_grad_norm must be >= 0"
+        );
+        ensure!(o.accumulate >= 1, "pretrain.optimizer.accumulate must be at least 1");
+        ensure!(
+            self.batch_size >= 2,
+            "pretrain.batch_size must be at least 2: the alignment losses match each read-out against the batch"
+        );
+        ensure!(
+            self.max_steps.is_some() || (self.epochs > 0.0 && self.epochs.is_finite()),
+            "pretrain.epochs must be positive (or set max_steps)"
+        );
+        ensure!(self.max_steps != Some(0), "pretrain.max_steps must be positive");
+        if let Some(s) = self.input_size {
+            let m = self.backbone.size_multiple();
+            ensure!(
+                s.iter().all(|&v| v > 0 && v % m == 0),
+                "pretrain.input_size {s:?}: every side must be a positive multiple of {m} (patch_size^5)"
+            );
+        }
+        let g = &self.augment;
+        ensure!(
+            (0.0..1.0).contains(&g.intensity_scale) && g.intensity_shift >= 0.0,
+            "pretrain.augment: intensity_scale must be in [0, 1) and intensity_shift >= 0"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&g.flip_prob),
+            "pretrain.augment.flip_prob must be in [0, 1]"
+        );
+        ensure!(self.workers >= 1, "pretrain.workers must be at least 1");
+        ensure!(self.prefetch >= 1, "pretrain.prefetch must be at least 1");
+        ensure!(
+            self.checkpoint_every >= 1,
+            "pretrain.checkpoint_every must be at least 1"
+        );
+        ensure!(
+            self.keep_checkpoints >= 1,
+            "pretrain.keep_checkpoints must be at least 1"
+        );
+        ensure!(self.max_nonfinite >= 1, "pretrain.max_nonfinite must be at least 1");
+        Ok(())
+    }
+
+    /// Identity of everything that shapes the loss trajectory. Settings
+    /// that only change speed or bookkeeping (device, threads, loader
+    /// threads, checkpoint cadence, the non-finite patience) are left out,
+    /// so a run may resume on another machine or with other such settings.
+    pub fn hash(&self) -> String {
+        let mut c = self.clone();
+        c.device = DeviceChoice::Auto;
+        c.threads = 0;
+        c.workers = 1;
+        c.prefetch = 1;
+        c.checkpoint_every = 1;
+        c.keep_checkpoints = 1;
+        c.max_nonfinite = 1;
+        let json = serde_json::to_vec(&(PRETRAIN_FORMAT, &c)).unwrap_or_default();
+        crate::fsutil::sha256_bytes(&json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_ignores_bookkeeping_but_not_the_math() {
+        let a = PretrainConfig::default();
+        let mut b = a.clone();
+        b.workers = 7;
+        b.checkpoint_every = 3;
+        b.threads = 1;
+        assert_eq!(a.hash(), b.hash());
+        b.optimizer.lr = 2e-5;
+        assert_ne!(a.hash(), b.hash());
+    }
+
+    #[test]
+    fn typo_is_named() {
+        let e = serde_yaml::from_str::<PretrainConfig>("optimizer:\n  lrr: 1\n").unwrap_err();
+        assert!(e.to_string().contains("lrr"), "{e}");
+    }
+
+    #[test]
+    fn presets_load_and_ablations_differ_from_the_paper_in_one_knob_only() {
+        use crate::config::Experiment;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+        let load = |n: &str| Experiment::load(&dir.join(format!("{n}.yaml"))).unwrap();
+        let paper = load("paper");
+        let p = &paper.pretrain;
+        assert_eq!(p.backbone.bottleneck_channels(), 768);
+        assert_eq!((p.psat.layers, p.psat.queries), (6, 300));
+        assert_eq!((p.align.loss, p.align.eps, p.align.mass), (AlignLoss::Pot, 0.03, 0.95));
+        assert_eq!(
+            (p.optimizer.kind, p.optimizer.lr, p.optimizer.weight_decay),
+            (OptimizerKind::Adam, 1e-5, 1e-5)
+        );
+        assert_eq!((p.batch_size, p.epochs, p.max_steps), (10, 100.0, None));
+        assert_eq!(paper.preprocess.roi, [128, 128, 128]);
+        for (name, undo) in [
+            (
+                "ot",
+                (|c: &mut PretrainConfig| c.align.loss = AlignLoss::Pot) as fn(&mut PretrainConfig),
+            ),
+            ("infonce", |c| c.align.loss = AlignLoss::Pot),
+            ("no-psat", |c| c.head = HeadKind::Psat),
+        ] {
+            let e = load(name);
+            assert_eq!(e.name, name);
+            // every other section (workdir, manifest, preprocess, caption,
+            // embed) equal: the ablations share the paper's cache
+            let rest = |e: &Experiment| {
+                let mut v = serde_json::to_value(e).unwrap();
+                let o = v.as_object_mut().unwrap();
+                o.remove("name");
+                o.remove("pretrain");
+                v
+            };
+            assert_eq!(
+                rest(&e),
+                rest(&paper),
+                "{name} differs from paper.yaml outside pretrain"
+            );
+            let mut c = e.pretrain.clone();
+            assert_ne!(c, paper.pretrain, "{name} ablates nothing");
+            undo(&mut c);
+            assert_eq!(c, paper.pretrain, "{name} differs from paper.yaml beyond its ablation");
+        }
+        let demo = load("demo");
+        assert!(demo.pretrain.max_steps.is_some() && demo.pretrain.input_size.is_some());
+    }
+
+    #[test]
+    fn batch_of_one_is_rejected() {
+        let c = PretrainConfig {
+            batch_size: 1,
+            ..Default::default()
+        };
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("batch_size"));
+    }
+}

@@ -1,0 +1,618 @@
+//! The pretraining data: which slices can be used (their case's volume is
+//! readable and every target embedding row is valid), the order they are
+//! visited in, and a loader whose threads read the memory-mapped volumes
+//! ahead of the model into bounded queues.
+//!
+//! Micro-batch k holds samples k*B .. (k+1)*B of an endless stream. Sample
+//! s belongs to epoch s / n (n = cases or slices, by `sampling`), whose
+//! order is a permutation drawn from (seed, epoch); the slice of a case and
+//! the augmentation of a sample are drawn from (seed, s). A batch is thus
+//! a pure function of (seed, k): the loader can start at any k, and worker
+//! w builds the batches k = start + w + i * workers, so batches arrive in
+//! order with no reordering buffer and at most `workers * prefetch` held.
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use tch::{Kind, Tensor};
+
+use super::config::{PretrainConfig, Sampling};
+use super::rng::{Rng, STREAM_AUGMENT, STREAM_ORDER, STREAM_SLICE};
+use crate::preprocess::{read_index, SliceRow};
+
+/// One table of target embeddings, rows in index order.
+#[derive(Debug)]
+pub struct Target {
+    /// `text` or `image`.
+    pub name: String,
+    pub dim: usize,
+    pub data: Vec<f32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaseEntry {
+    pub id: String,
+    pub volume: PathBuf,
+    pub shape: [usize; 3],
+    /// Usable index rows of this case.
+    pub rows: Vec<usize>,
+}
+
+/// The cache and embeddings as pretraining sees them.
+#[derive(Debug)]
+pub struct Dataset {
+    pub rows: Vec<SliceRow>,
+    pub cases: Vec<CaseEntry>,
+    /// Case (into `cases`) of each index row, when usable.
+    pub row_case: Vec<Option<usize>>,
+    /// Usable rows, ascending.
+    pub usable: Vec<usize>,
+    pub targets: Vec<Target>,
+    /// Cases left out, with the reason.
+    pub skipped_cases: Vec<(String, String)>,
+    /// Rows left out because a target row is not valid.
+    pub invalid_rows: usize,
+    /// Hash of the index order and the target tables.
+    pub data_hash: String,
+}
+
+/// Element type and shape of a `.npy` header, and where the data start.
+struct NpyHeader {
+    descr: String,
+    shape: Vec<usize>,
+    offset: usize,
+}
+
+fn parse_npy_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
+    if bytes.len() < 12 || &bytes[..6] != b"\x93NUMPY" {
+        bail!("{}: not a .npy file", path.display());
+    }
+    let (hlen, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        v => bail!("{}: unsupported .npy version {v}", path.display()),
+    };
+    let dict = bytes
+        .get(start..start + hlen)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .with_context(|| format!("{}: truncated .npy header", path.display()))?;
+    if dict.contains("'fortran_order': True") {
+        bail!("{}: Fortran-ordered arrays are not supported", path.display());
+    }
+    let field = |key: &str, open: char, close: char| -> Option<String> {
+        let rest = &dict[dict.find(key)? + key.len()..];
+        let rest = &rest[rest.find(open)? + 1..];
+        Some(rest[..rest.find(close)?].to_string())
+    };
+    let descr = field("'descr':", '\'', '\'').with_context(|| format!("{}: no descr in {dict}", path.display()))?;
+    let shape = field("'shape':", '(', ')').with_context(|| format!("{}: no shape in {dict}", path.display()))?;
+    let shape = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::parse)
+        .collect::<Result<Vec<usize>, _>>()
+        .with_context(|| format!("{}: bad shape in {dict}", path.display()))?;
+    Ok(NpyHeader {
+        descr,
+        shape,
+        offset: start + hlen,
+    })
+}
+
+fn map(path: &Path) -> Result<memmap2::Mmap> {
+    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: the cache writes volumes under a temporary name and renames
+    // them into place, so a mapped file is never rewritten underneath us.
+    unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))
+}
+
+fn check_volume_header(h: &NpyHeader, len: usize, path: &Path) -> Result<[usize; 3]> {
+    if h.descr != "<f2" {
+        bail!(
+            "{}: expected float16 ('<f2') voxels, found '{}'; rerun `med3d preprocess`",
+            path.display(),
+            h.descr
+        );
+    }
+    let [x, y, z] = <[usize; 3]>::try_from(h.shape.as_slice())
+        .map_err(|_| anyhow::anyhow!("{}: expected a 3-D volume, shape {:?}", path.display(), h.shape))?;
+    if len != h.offset + x * y * z * 2 {
+        bail!(
+            "{}: {} bytes, expected {} for shape {:?}",
+            path.display(),
+            len,
+            h.offset + x * y * z * 2,
+            h.shape
+        );
+    }
+    Ok([x, y, z])
+}
+
+/// Shape of a cached volume, from its header.
+pub fn volume_shape(path: &Path) -> Result<[usize; 3]> {
+    let m = map(path)?;
+    let h = parse_npy_header(&m, path)?;
+    check_volume_header(&h, m.len(), path)
+}
+
+/// A cached float16 volume as float32 (C order, shape X, Y, Z).
+pub fn read_volume(path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
+    let m = map(path)?;
+    let h = parse_npy_header(&m, path)?;
+    let shape = check_volume_header(&h, m.len(), path)?;
+    let data = m[h.offset..]
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect();
+    Ok((data, shape))
+}
+
+/// An embedding table as the embed stage writes it.
+#[derive(Debug)]
+pub struct Table {
+    pub rows: usize,
+    pub dim: usize,
+    /// Row-major [rows, dim].
+    pub embeddings: Vec<f32>,
+    pub valid: Vec<u8>,
+    /// The safetensors header's `__metadata__`.
+    pub meta: BTreeMap<String, String>,
+}
+
+/// Reads `embeddings` (f32 [N, D]) and `valid` (u8 [N]) of a safetensors
+/// table, and its metadata.
+pub fn read_table(path: &Path) -> Result<Table> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let header: serde_json::Value = bytes
+        .get(8..8 + n)
+        .and_then(|h| serde_json::from_slice(h).ok())
+        .with_context(|| format!("{}: not a safetensors file (bad header)", path.display()))?;
+    let meta = header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tensors = Tensor::read_safetensors(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let get = |name: &str| {
+        tensors
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, t)| t)
+            .with_context(|| format!("{}: no `{name}` tensor", path.display()))
+    };
+    let (emb, valid) = (get("embeddings")?, get("valid")?);
+    let size = emb.size();
+    if emb.kind() != Kind::Float || size.len() != 2 || valid.kind() != Kind::Uint8 || valid.size() != [size[0]] {
+        bail!(
+            "{}: expected f32 embeddings [N, D] and u8 valid [N], found {:?} {:?} and {:?} {:?}",
+            path.display(),
+            emb.kind(),
+            size,
+            valid.kind(),
+            valid.size()
+        );
+    }
+    Ok(Table {
+        rows: size[0] as usize,
+        dim: size[1] as usize,
+        embeddings: Vec::<f32>::try_from(emb.flatten(0, -1))?,
+        valid: Vec::<u8>::try_from(valid)?,
+        meta,
+    })
+}
+
+impl Dataset {
+    /// Reads the index, the embedding tables (`text` required, `image`
+    /// when present) and every case's volume header.
+    pub fn open(cache: &Path, cfg: &PretrainConfig) -> Result<Dataset> {
+        let rows = read_index(cache)?;
+        let emb = cache.join("embeddings");
+        let mut targets = Vec::new();
+        let mut valid = vec![true; rows.len()];
+        let mut h = Sha256::new();
+        for id in &rows {
+            h.update(id.slice_id.as_bytes());
+            h.update(b"\n");
+        }
+        for name in ["text", "image"] {
+            let p = emb.join(format!("{name}.safetensors"));
+            if !p.exists() {
+                if name == "text" {
+                    bail!("{}: no text embeddings (run `med3d embed` first)", p.display());
+                }
+                continue;
+            }
+            let t = read_table(&p)?;
+            if t.rows != rows.len() {
+                bail!(
+                    "{}: {} rows, but {} has {}: the embeddings are stale, rerun `med3d embed`",
+                    p.display(),
+                    t.rows,
+                    cache.join("index.jsonl").display(),
+                    rows.len()
+                );
+            }
+            if let Some(sha) = t.meta.get("index_sha256") {
+                let ours = crate::fsutil::sha256_bytes(
+                    rows.iter()
+                        .map(|r| r.slice_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                        .as_bytes(),
+                );
+                if *sha != ours {
+                    bail!(
+                        "{}: made for another slice index than {}: rerun `med3d embed`",
+                        p.display(),
+                        cache.join("index.jsonl").display()
+                    );
+                }
+            }
+            for (v, &ok) in valid.iter_mut().zip(&t.valid) {
+                *v &= ok != 0;
+            }
+            h.update(name.as_bytes());
+            h.update((t.dim as u64).to_le_bytes());
+            h.update(&t.valid);
+            for x in &t.embeddings {
+                h.update(x.to_le_bytes());
+            }
+            targets.push(Target {
+                name: name.to_string(),
+                dim: t.dim,
+                data: t.embeddings,
+            });
+        }
+        let invalid_rows = valid.iter().filter(|v| !**v).count();
+
+        let mut by_case: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut case_pos: HashMap<&str, usize> = HashMap::new();
+        for (i, r) in rows.iter().enumerate() {
+            let k = *case_pos.entry(r.case.as_str()).or_insert_with(|| {
+                by_case.push((r.case.clone(), Vec::new()));
+                by_case.len() - 1
+            });
+            if valid[i] {
+                by_case[k].1.push(i);
+            }
+        }
+        let mut cases = Vec::new();
+        let mut skipped_cases = Vec::new();
+        let mut row_case = vec![None; rows.len()];
+        for (id, case_rows) in by_case {
+            if case_rows.is_empty() {
+                skipped_cases.push((id, "no slice with valid target embeddings".to_string()));
+                continue;
+            }
+            let volume = cache.join("cases").join(&id).join("image.npy");
+            match volume_shape(&volume) {
+                Ok(shape) => {
+                    for &r in &case_rows {
+                        row_case[r] = Some(cases.len());
+                    }
+                    cases.push(CaseEntry {
+                        id,
+                        volume,
+                        shape,
+                        rows: case_rows,
+                    });
+                }
+                Err(e) => skipped_cases.push((id, format!("{e:#}"))),
+            }
+        }
+        let usable: Vec<usize> = (0..rows.len()).filter(|&r| row_case[r].is_some()).collect();
+        if usable.is_empty() {
+            bail!(
+                "{}: no usable slice ({} rows, {} without valid embeddings, {} cases skipped{})",
+                cache.display(),
+                rows.len(),
+                invalid_rows,
+                skipped_cases.len(),
+                skipped_cases
+                    .first()
+                    .map(|(c, why)| format!("; first: {c}: {why}"))
+                    .unwrap_or_default()
+            );
+        }
+        if cfg.input_size.is_none() {
+            let m = cfg.backbone.size_multiple() as usize;
+            let first = &cases[0];
+            for c in &cases {
+                if c.shape != first.shape {
+                    bail!(
+                        "case {} is {:?} but case {} is {:?}: volumes of a batch must share a grid; set preprocess.roi (crop_pad) or pretrain.input_size",
+                        c.id, c.shape, first.id, first.shape
+                    );
+                }
+            }
+            if first.shape.iter().any(|s| s % m != 0) {
+                bail!(
+                    "cached volumes are {:?}; SwinUNETR needs sides divisible by {m}: set preprocess.roi to multiples of {m} or pretrain.input_size",
+                    first.shape
+                );
+            }
+        }
+        Ok(Dataset {
+            rows,
+            cases,
+            row_case,
+            usable,
+            targets,
+            skipped_cases,
+            invalid_rows,
+            data_hash: hex::encode(h.finalize()),
+        })
+    }
+
+    pub fn target_dims(&self) -> Vec<(String, i64)> {
+        self.targets.iter().map(|t| (t.name.clone(), t.dim as i64)).collect()
+    }
+}
+
+/// The order samples are visited in.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    seed: u64,
+    mode: Sampling,
+    /// Case mode: the rows of each case; slice mode: one row per unit.
+    units: Vec<Vec<usize>>,
+}
+
+impl Sampler {
+    pub fn new(ds: &Dataset, seed: u64, mode: Sampling) -> Sampler {
+        let units = match mode {
+            Sampling::Case => ds.cases.iter().map(|c| c.rows.clone()).collect(),
+            Sampling::Slice => ds.usable.iter().map(|&r| vec![r]).collect(),
+        };
+        Sampler { seed, mode, units }
+    }
+
+    /// Units (cases or slices) in one epoch.
+    pub fn epoch_len(&self) -> usize {
+        self.units.len()
+    }
+
+    /// Index row of sample `s`. `perm` caches the current epoch's order.
+    pub fn row(&self, s: u64, perm: &mut Option<(u64, Vec<u32>)>) -> usize {
+        let n = self.units.len() as u64;
+        let epoch = s / n;
+        if perm.as_ref().map(|p| p.0) != Some(epoch) {
+            *perm = Some((epoch, Rng::new(self.seed, STREAM_ORDER, epoch).permutation(n as usize)));
+        }
+        let unit = &self.units[perm.as_ref().map(|p| p.1[(s % n) as usize]).unwrap_or(0) as usize];
+        match self.mode {
+            Sampling::Slice => unit[0],
+            Sampling::Case => unit[Rng::new(self.seed, STREAM_SLICE, s).below(unit.len() as u64) as usize],
+        }
+    }
+}
+
+/// One micro-batch, on the CPU.
+#[derive(Debug)]
+pub struct Batch {
+    /// Micro-batch number k (the data position).
+    pub index: u64,
+    /// [B, 1, X, Y, Z] float32 in [0, 1].
+    pub volumes: Tensor,
+    /// Plane ids (axial 0, coronal 1, sagittal 2).
+    pub planes: Vec<i64>,
+    /// Slice positions in [0, 1] after augmentation.
+    pub positions: Vec<f64>,
+    /// Slice indices on the cached grid after augmentation.
+    pub indices: Vec<i64>,
+    /// Index rows the targets come from.
+    pub rows: Vec<usize>,
+    /// (target name, [B, dim] float32), in the dataset's target order.
+    pub targets: Vec<(String, Tensor)>,
+}
+
+/// Builds micro-batches as pure functions of their number.
+#[derive(Debug)]
+pub struct BatchMaker {
+    pub ds: Arc<Dataset>,
+    pub sampler: Sampler,
+    pub cfg: PretrainConfig,
+}
+
+impl BatchMaker {
+    pub fn new(ds: Arc<Dataset>, cfg: &PretrainConfig) -> BatchMaker {
+        BatchMaker {
+            sampler: Sampler::new(&ds, cfg.seed, cfg.sampling),
+            ds,
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// Sample `s`: its volume [1, X, Y, Z] and (plane id, position, index, row).
+    fn sample(&self, s: u64, perm: &mut Option<(u64, Vec<u32>)>) -> Result<(Tensor, i64, f64, i64, usize)> {
+        let row_i = self.sampler.row(s, perm);
+        let row = &self.ds.rows[row_i];
+        let case = &self.ds.cases[self.ds.row_case[row_i].context("sampled a row without a case")?];
+        let (data, shape) = read_volume(&case.volume).with_context(|| format!("case {}", case.id))?;
+        let mut v = Tensor::from_slice(&data).view([1, shape[0] as i64, shape[1] as i64, shape[2] as i64]);
+        let (mut position, mut index) = (row.position, row.index as i64);
+        let axis = row.plane.axis();
+        let a = &self.cfg.augment;
+        // Fixed draw order, whatever is enabled, so toggling one
+        // augmentation does not reshuffle the others.
+        let mut rng = Rng::new(self.cfg.seed, STREAM_AUGMENT, s);
+        let flips: Vec<bool> = (0..3).map(|_| rng.uniform() < a.flip_prob).collect();
+        let (u_scale, u_shift) = (rng.uniform(), rng.uniform());
+        let axes: Vec<i64> = (0..3).filter(|&d| flips[d]).map(|d| d as i64 + 1).collect();
+        if !axes.is_empty() {
+            v = v.flip(axes.as_slice());
+            if flips[axis] {
+                position = 1.0 - position;
+                index = shape[axis] as i64 - 1 - index;
+            }
+        }
+        if a.intensity_scale > 0.0 || a.intensity_shift > 0.0 {
+            let scale = 1.0 + a.intensity_scale * (2.0 * u_scale - 1.0);
+            let shift = a.intensity_shift * (2.0 * u_shift - 1.0);
+            v = (v * scale + shift).clamp(0.0, 1.0);
+        }
+        if let Some(size) = self.cfg.input_size {
+            if size.iter().zip(shape).any(|(&a, b)| a != b as i64) {
+                v = v
+                    .unsqueeze(0)
+                    .upsample_trilinear3d(size.as_slice(), false, None, None, None)
+                    .squeeze_dim(0);
+            }
+        }
+        Ok((v, row.plane.id() as i64, position, index, row_i))
+    }
+
+    /// Micro-batch `k`.
+    pub fn batch(&self, k: u64, perm: &mut Option<(u64, Vec<u32>)>) -> Result<Batch> {
+        let b = self.cfg.batch_size as u64;
+        let mut vols = Vec::with_capacity(b as usize);
+        let mut batch = Batch {
+            index: k,
+            volumes: Tensor::new(),
+            planes: Vec::new(),
+            positions: Vec::new(),
+            indices: Vec::new(),
+            rows: Vec::new(),
+            targets: Vec::new(),
+        };
+        for s in k * b..(k + 1) * b {
+            let (v, plane, pos, idx, row) = self.sample(s, perm)?;
+            vols.push(v);
+            batch.planes.push(plane);
+            batch.positions.push(pos);
+            batch.indices.push(idx);
+            batch.rows.push(row);
+        }
+        batch.volumes = Tensor::stack(&vols, 0).to_kind(Kind::Float);
+        for t in &self.ds.targets {
+            let mut buf = Vec::with_capacity(batch.rows.len() * t.dim);
+            for &r in &batch.rows {
+                buf.extend_from_slice(&t.data[r * t.dim..(r + 1) * t.dim]);
+            }
+            let y = Tensor::from_slice(&buf).view([batch.rows.len() as i64, t.dim as i64]);
+            batch.targets.push((t.name.clone(), y));
+        }
+        Ok(batch)
+    }
+}
+
+/// Worker threads filling bounded queues, read back in batch order.
+pub struct Loader {
+    rxs: Vec<Receiver<Result<Batch>>>,
+    start: u64,
+    next: u64,
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Loader {
+    /// Starts `cfg.workers` threads producing batches from number `start` on.
+    pub fn start(maker: Arc<BatchMaker>, start: u64) -> Result<Loader> {
+        let workers = maker.cfg.workers.max(1);
+        let prefetch = maker.cfg.prefetch.max(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut rxs = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let (tx, rx) = sync_channel(prefetch);
+            let (maker, stop) = (maker.clone(), stop.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("med3d-loader-{w}"))
+                .spawn(move || worker(&maker, start + w as u64, workers as u64, &tx, &stop))
+                .context("cannot start a loader thread")?;
+            rxs.push(rx);
+            handles.push(h);
+        }
+        Ok(Loader {
+            rxs,
+            start,
+            next: start,
+            stop,
+            handles,
+        })
+    }
+
+    /// The next micro-batch, in order.
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let w = ((self.next - self.start) % self.rxs.len() as u64) as usize;
+        let b = self.rxs[w].recv().context("a loader thread stopped unexpectedly")??;
+        debug_assert_eq!(b.index, self.next);
+        self.next += 1;
+        Ok(b)
+    }
+}
+
+fn worker(maker: &BatchMaker, first: u64, stride: u64, tx: &SyncSender<Result<Batch>>, stop: &AtomicBool) {
+    let mut perm = None;
+    let mut k = first;
+    while !stop.load(Ordering::Relaxed) {
+        let b = maker.batch(k, &mut perm);
+        if tx.send(b).is_err() {
+            break;
+        }
+        k += stride;
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Dropping the receivers wakes workers blocked on a full queue.
+        self.rxs.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_header_v1_and_v2() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("v.npy");
+        let vals: Vec<u8> = [0.0f32, 0.25, 1.0, 0.5, 0.125, 0.75]
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        std::fs::write(
+            &p,
+            crate::preprocess::npy::to_bytes(crate::preprocess::npy::NpyDtype::F16, &[1, 2, 3], &vals),
+        )
+        .unwrap();
+        let (data, shape) = read_volume(&p).unwrap();
+        assert_eq!(shape, [1, 2, 3]);
+        assert_eq!(data, vec![0.0, 0.25, 1.0, 0.5, 0.125, 0.75]);
+        // version 2: 4-byte header length
+        let dict = b"{'descr': '<f2', 'fortran_order': False, 'shape': (1, 1, 2), }   \n";
+        let mut v2 = b"\x93NUMPY\x02\x00".to_vec();
+        v2.extend_from_slice(&(dict.len() as u32).to_le_bytes());
+        v2.extend_from_slice(dict);
+        v2.extend_from_slice(&vals[..4]);
+        std::fs::write(&p, &v2).unwrap();
+        assert_eq!(read_volume(&p).unwrap(), (vec![0.0, 0.25], [1, 1, 2]));
+        v2.pop();
+        std::fs::write(&p, &v2).unwrap();
+        assert!(format!("{:#}", read_volume(&p).unwrap_err()).contains("bytes, expected"));
+    }
+}

@@ -1,0 +1,26 @@
+//! The pretrain stage: SwinUNETR + PSAT aligned to the cached 2D
+//! embeddings by partial optimal transport, plus reconstruction (METHOD.md).
+//!
+//! ```text
+//! RUN/run.json          the pretrain config, its hash, data hash, device, parameter count
+//! RUN/metrics.jsonl     one JSON line per optimiser step
+//! RUN/checkpoints/      step-<n>/{model,optimizer}.safetensors + state.json, and `latest`
+//! RUN/loss.png          the loss curves, drawn at the end (and on interruption)
+//! RUN/summary.json      how the last invocation ended
+//! ```
+//! Pieces: `config` (the `pretrain` section), `data` (dataset, sampling,
+//! loader threads), `model` (backbone + head + losses), `optim` (Adam/AdamW,
+//! schedule, clipping), `checkpoint`, `metrics` and `plot`, and the loop in
+//! `trainer`. `rng` makes every random draw a function of (seed, step).
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod plot;
+pub mod rng;
+pub mod trainer;
+
+pub use config::PretrainConfig;
+pub use trainer::{run, Options, Status, Summary};

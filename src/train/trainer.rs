@@ -1,0 +1,395 @@
+//! The pretraining loop: builds the model, restores a checkpoint when
+//! resuming, pulls micro-batches from the loader, accumulates gradients,
+//! skips steps whose loss or gradient is not finite (stopping after
+//! `max_nonfinite` in a row), logs one metrics line per step, checkpoints
+//! every `checkpoint_every` steps, at the end and on SIGTERM/SIGINT, and
+//! draws the loss curve.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tch::nn::VarStore;
+use tch::Tensor;
+
+use super::checkpoint::{self, State};
+use super::config::{Precision, PretrainConfig, PRETRAIN_FORMAT};
+use super::data::{BatchMaker, Dataset, Loader};
+use super::metrics::{self, MetricsLog, StepMetrics};
+use super::model::{use_bf16_autocast, Pretrainer};
+use super::optim::{lr_at, Adam};
+use super::rng::{torch_seed, STREAM_INIT, STREAM_TORCH};
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub cache: PathBuf,
+    /// The run folder (checkpoints, metrics, plot).
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in `out` (a fresh start when
+    /// there is none). Without it, a folder holding checkpoints is an error.
+    pub resume: bool,
+    /// Checkpoint and stop on SIGTERM / SIGINT (a second SIGINT exits at once).
+    pub handle_signals: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Trained to the last step.
+    Done,
+    /// The run had already reached its last step; nothing was trained.
+    UpToDate,
+    /// Stopped by a signal after writing a checkpoint.
+    Interrupted,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub status: Status,
+    pub step: u64,
+    pub total_steps: u64,
+    /// Steps run by this invocation.
+    pub steps_run: u64,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub nonfinite_total: u64,
+    pub checkpoint: Option<PathBuf>,
+    pub metrics: PathBuf,
+    pub plot: PathBuf,
+    pub device: String,
+    pub autocast_bf16: bool,
+    pub parameters: i64,
+    pub volumes_per_s: f64,
+    pub usable_slices: usize,
+    pub cases: usize,
+    pub skipped_cases: Vec<(String, String)>,
+    pub targets: Vec<(String, i64)>,
+}
+
+/// Optimiser steps of the whole run.
+pub fn total_steps(cfg: &PretrainConfig, epoch_len: usize) -> u64 {
+    cfg.max_steps.unwrap_or_else(|| {
+        let per_step = (cfg.batch_size * cfg.optimizer.accumulate) as f64;
+        ((cfg.epochs * epoch_len as f64) / per_step).ceil().max(1.0) as u64
+    })
+}
+
+/// Signal flag, unregistered on drop.
+struct Signals {
+    flag: Arc<AtomicBool>,
+    ids: Vec<signal_hook::SigId>,
+}
+
+impl Signals {
+    fn new(enabled: bool) -> Result<Signals> {
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut ids = Vec::new();
+        if enabled {
+            use signal_hook::consts::{SIGINT, SIGTERM};
+            // Registered first, so it sees the flag before this signal sets it:
+            // a second Ctrl-C exits at once.
+            ids.push(signal_hook::flag::register_conditional_shutdown(
+                SIGINT,
+                130,
+                flag.clone(),
+            )?);
+            ids.push(signal_hook::flag::register(SIGINT, flag.clone())?);
+            ids.push(signal_hook::flag::register(SIGTERM, flag.clone())?);
+        }
+        Ok(Signals { flag, ids })
+    }
+
+    fn raised(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}
+
+fn progress(total: u64, at: u64) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+    if let Ok(s) =
+        indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
+    {
+        b.set_style(s.progress_chars("=> "));
+    }
+    b.set_prefix("pretrain");
+    b.set_position(at);
+    b
+}
+
+#[derive(Serialize)]
+struct RunRecord<'a> {
+    format: &'a str,
+    med3d_version: &'a str,
+    cache: &'a Path,
+    config: &'a PretrainConfig,
+    config_hash: String,
+    data_hash: &'a str,
+    device: String,
+    autocast_bf16: bool,
+    parameters: i64,
+    total_steps: u64,
+    targets: Vec<(String, i64)>,
+    usable_slices: usize,
+    cases: usize,
+    skipped_cases: &'a [(String, String)],
+}
+
+/// Runs (or resumes) pretraining.
+pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
+    cfg.validate()?;
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads as i32);
+    }
+    let dev = cfg.device.device()?;
+    let autocast = dev.is_cuda() && matches!(cfg.precision, Precision::Auto | Precision::Bf16);
+    if autocast {
+        use_bf16_autocast();
+    }
+    let ds = Arc::new(Dataset::open(&opts.cache, cfg)?);
+    for (case, why) in &ds.skipped_cases {
+        tracing::warn!("pretrain: case {case} left out: {why}");
+    }
+    let maker = Arc::new(BatchMaker::new(ds.clone(), cfg));
+    let epoch_len = maker.sampler.epoch_len();
+    let total = total_steps(cfg, epoch_len);
+    let accum = cfg.optimizer.accumulate as u64;
+    let targets = ds.target_dims();
+    let config_hash = cfg.hash();
+
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let existing = checkpoint::latest(&opts.out);
+    if existing.is_some() && !opts.resume {
+        bail!(
+            "{} already holds checkpoints: pass --resume to continue that run, or choose another --out",
+            opts.out.display()
+        );
+    }
+
+    tch::manual_seed(torch_seed(cfg.seed, STREAM_INIT, 0));
+    let vs = VarStore::new(dev);
+    let model = Pretrainer::new(&vs.root(), cfg, &targets)?;
+    let mut opt = Adam::new(&vs, &cfg.optimizer);
+    let mut state = State {
+        format: PRETRAIN_FORMAT.to_string(),
+        step: 0,
+        data_position: 0,
+        optimizer_t: 0,
+        total_steps: total,
+        nonfinite_total: 0,
+        nonfinite_streak: 0,
+        seed: cfg.seed,
+        rng: "splitmix64(seed, stream, index): order per epoch, slice and augmentation per sample, torch seed per micro-batch".into(),
+        config_hash: config_hash.clone(),
+        data_hash: ds.data_hash.clone(),
+        elapsed_s: 0.0,
+        med3d_version: crate::preprocess::VERSION.to_string(),
+    };
+    if let Some(ckpt) = &existing {
+        let s = checkpoint::read_state(ckpt)?;
+        if s.config_hash != config_hash {
+            bail!(
+                "{}: written with another pretrain config (hash {} vs {}): resume only with the settings the run started with, or start a new --out",
+                ckpt.display(),
+                &s.config_hash[..12.min(s.config_hash.len())],
+                &config_hash[..12]
+            );
+        }
+        if s.data_hash != ds.data_hash {
+            bail!(
+                "{}: written for other data (the slice index or embeddings of {} changed since); start a new --out",
+                ckpt.display(),
+                opts.cache.display()
+            );
+        }
+        state = checkpoint::load(ckpt, &vs, &mut opt)?;
+        tracing::info!("resuming {} at step {}", ckpt.display(), state.step);
+    }
+
+    let metrics_path = opts.out.join("metrics.jsonl");
+    let plot_path = opts.out.join("loss.png");
+    let record = RunRecord {
+        format: PRETRAIN_FORMAT,
+        med3d_version: crate::preprocess::VERSION,
+        cache: &opts.cache,
+        config: cfg,
+        config_hash: config_hash.clone(),
+        data_hash: &ds.data_hash,
+        device: format!("{dev:?}"),
+        autocast_bf16: autocast,
+        parameters: opt.numel(),
+        total_steps: total,
+        targets: targets.clone(),
+        usable_slices: ds.usable.len(),
+        cases: ds.cases.len(),
+        skipped_cases: &ds.skipped_cases,
+    };
+    crate::fsutil::atomic_write(&opts.out.join("run.json"), &serde_json::to_vec_pretty(&record)?)?;
+
+    let mut summary = Summary {
+        status: Status::Done,
+        step: state.step,
+        total_steps: total,
+        steps_run: 0,
+        first_loss: None,
+        last_loss: None,
+        nonfinite_total: state.nonfinite_total,
+        checkpoint: existing.clone(),
+        metrics: metrics_path.clone(),
+        plot: plot_path.clone(),
+        device: format!("{dev:?}"),
+        autocast_bf16: autocast,
+        parameters: opt.numel(),
+        volumes_per_s: 0.0,
+        usable_slices: ds.usable.len(),
+        cases: ds.cases.len(),
+        skipped_cases: ds.skipped_cases.clone(),
+        targets: targets.clone(),
+    };
+    if state.step >= total {
+        summary.status = Status::UpToDate;
+        finish(&mut summary)?;
+        return Ok(summary);
+    }
+
+    let mut log = MetricsLog::open(&opts.out, state.step)?;
+    let signals = Signals::new(opts.handle_signals)?;
+    let mut loader = Loader::start(maker.clone(), state.data_position)?;
+    let bar = progress(total, state.step);
+    let started = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    let mut volumes = 0u64;
+    let mut saved_at = None;
+    while state.step < total {
+        let t0 = Instant::now();
+        let lr = lr_at(&cfg.optimizer, state.step, total);
+        let mut wait = 0.0;
+        let mut finite = true;
+        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        for _ in 0..accum {
+            let tw = Instant::now();
+            let b = loader.next_batch()?;
+            wait += tw.elapsed().as_secs_f64();
+            tch::manual_seed(torch_seed(cfg.seed, STREAM_TORCH, b.index));
+            let vols = b.volumes.to_device(dev);
+            let planes = Tensor::from_slice(&b.planes).to_device(dev);
+            let bins = Tensor::from_slice(&model.bins(&b.positions, &b.indices)).to_device(dev);
+            let ys: Vec<(String, Tensor)> = b.targets.iter().map(|(n, t)| (n.clone(), t.to_device(dev))).collect();
+            let l = model.losses(&vols, &planes, &bins, &ys, true, autocast)?;
+            let total_loss = l.total.double_value(&[]);
+            if !total_loss.is_finite() {
+                finite = false;
+                continue;
+            }
+            (&l.total / accum as f64).backward();
+            *sums.entry("loss".into()).or_default() += total_loss / accum as f64;
+            let named = l
+                .terms
+                .iter()
+                .map(|(n, t)| (format!("loss_{n}"), t))
+                .chain(l.mass.iter().map(|(n, t)| (format!("mass_{n}"), t)))
+                .chain(l.matched.iter().map(|(n, t)| (format!("matched_{n}"), t)));
+            for (k, t) in named {
+                *sums.entry(k).or_default() += t.double_value(&[]) / accum as f64;
+            }
+        }
+        state.data_position += accum;
+        let grad_norm = if finite { opt.grad_norm() } else { f64::NAN };
+        let ok = finite && grad_norm.is_finite();
+        if ok {
+            if cfg.optimizer.clip_grad_norm > 0.0 {
+                opt.clip(cfg.optimizer.clip_grad_norm, grad_norm);
+            }
+            opt.step(lr);
+            state.nonfinite_streak = 0;
+        } else {
+            state.nonfinite_total += 1;
+            state.nonfinite_streak += 1;
+        }
+        opt.zero_grad();
+        state.step += 1;
+        state.optimizer_t = opt.t;
+        state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+        summary.steps_run += 1;
+        volumes += accum * cfg.batch_size as u64;
+        let loss = sums.remove("loss").filter(|_| ok);
+        let m = StepMetrics {
+            step: state.step,
+            epoch: (state.data_position * cfg.batch_size as u64) as f64 / epoch_len as f64,
+            loss,
+            terms: sums.into_iter().map(|(k, v)| (k, ok.then_some(v))).collect(),
+            lr,
+            grad_norm: ok.then_some(grad_norm),
+            volumes_per_s: (accum * cfg.batch_size as u64) as f64 / t0.elapsed().as_secs_f64(),
+            data_wait_s: wait,
+            skipped: !ok,
+            nonfinite_total: state.nonfinite_total,
+            elapsed_s: state.elapsed_s,
+        };
+        log.append(&m)?;
+        if let Some(l) = m.loss {
+            bar.set_message(format!("loss {l:.4}"));
+        }
+        bar.set_position(state.step);
+        if state.nonfinite_streak >= cfg.max_nonfinite as u64 {
+            bar.abandon();
+            bail!(
+                "stopped at step {}: {} steps in a row had a non-finite loss or gradient ({} in all), so they were skipped; the weights are those before step {}. Lower pretrain.optimizer.lr, set pretrain.optimizer.clip_grad_norm, or check the inputs; the last checkpoint is {}",
+                state.step,
+                state.nonfinite_streak,
+                state.nonfinite_total,
+                state.step + 1 - state.nonfinite_streak,
+                checkpoint::latest(&opts.out)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".into())
+            );
+        }
+        let stop = signals.raised();
+        if state.step % cfg.checkpoint_every == 0 || state.step == total || stop {
+            let p = checkpoint::save(&opts.out, &vs, &opt, &state, cfg.keep_checkpoints)?;
+            tracing::info!(
+                "step {}/{}: loss {:?}, checkpoint {}",
+                state.step,
+                total,
+                m.loss,
+                p.display()
+            );
+            saved_at = Some(p);
+        }
+        if stop {
+            summary.status = Status::Interrupted;
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    drop(loader);
+    drop(signals);
+    summary.step = state.step;
+    summary.nonfinite_total = state.nonfinite_total;
+    summary.checkpoint = saved_at.or(summary.checkpoint);
+    summary.volumes_per_s = volumes as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    finish(&mut summary)?;
+    Ok(summary)
+}
+
+/// Reads the whole log (first and last loss of the run), draws the loss
+/// curve and writes `summary.json`.
+fn finish(summary: &mut Summary) -> Result<()> {
+    let all = metrics::read(&summary.metrics)?;
+    summary.first_loss = all.iter().find_map(|m| m.loss);
+    summary.last_loss = all.iter().rev().find_map(|m| m.loss);
+    super::plot::write(&all, &summary.plot)?;
+    let dir = summary.metrics.parent().unwrap_or(Path::new("."));
+    crate::fsutil::atomic_write(&dir.join("summary.json"), &serde_json::to_vec_pretty(summary)?)
+}
