@@ -89,3 +89,74 @@ pub fn save_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
     Tensor::write_safetensors(&named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::Init;
+    use tch::{Device, Kind};
+
+    fn store() -> VarStore {
+        let vs = VarStore::new(Device::Cpu);
+        let p = vs.root() / "block";
+        let _ = p.var("weight", &[3, 2], Init::Const(0.0));
+        let _ = p.add("index", Tensor::from_slice(&[1i64, 2]), false);
+        vs
+    }
+
+    #[test]
+    fn strict_load_names_every_mismatch_and_converts_floats() {
+        let vs = store();
+        let weight = Tensor::arange(6, (Kind::Double, Device::Cpu)).view([3, 2]);
+        let good = || {
+            vec![
+                ("block.weight".to_string(), weight.shallow_clone()),
+                ("block.index".to_string(), Tensor::from_slice(&[7i64, 8])),
+            ]
+        };
+        load_named(&vs, good(), "good").unwrap();
+        let vars = vs.variables();
+        assert_eq!(vars["block.weight"].kind(), Kind::Float);
+        assert_eq!(vars["block.weight"].double_value(&[2, 1]), 5.0);
+        assert_eq!(vars["block.index"].int64_value(&[1]), 8);
+
+        let mut bad = good();
+        bad[0].1 = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
+        bad[1].0 = "block.idx".into();
+        let msg = format!("{:#}", load_named(&vs, bad, "bad.safetensors").unwrap_err());
+        assert!(msg.contains("bad.safetensors"), "{msg}");
+        assert!(msg.contains("missing 1 key(s): block.index"), "{msg}");
+        assert!(msg.contains("unexpected 1 key(s): block.idx"), "{msg}");
+        assert!(
+            msg.contains("block.weight: shape [2, 3] in the file, [3, 2] in the model"),
+            "{msg}"
+        );
+        // nothing was copied from the rejected file
+        assert_eq!(vs.variables()["block.weight"].double_value(&[2, 1]), 5.0);
+
+        let mut wrong_kind = good();
+        wrong_kind[1].1 = Tensor::from_slice(&[7.0f32, 8.0]);
+        let msg = format!("{:#}", load_named(&vs, wrong_kind, "f").unwrap_err());
+        assert!(
+            msg.contains("block.index: kind Float in the file, Int64 in the model"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn saved_file_loads_back_strictly() {
+        let vs = store();
+        let _ = tch::no_grad(|| vs.variables()["block.weight"].shallow_clone().fill_(3.5));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        save_safetensors(&vs, &path).unwrap();
+        let other = store();
+        load_safetensors(&other, &path).unwrap();
+        assert_eq!(other.variables()["block.weight"].double_value(&[0, 0]), 3.5);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left behind"
+        );
+    }
+}
