@@ -4,11 +4,12 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-BIN := target/release/med3d
+# Honour CARGO_TARGET_DIR (absolute) when set, as cargo does.
+BIN := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/release/med3d
 export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-export MED3D_BIN := $(CURDIR)/$(BIN)
+export MED3D_BIN := $(BIN)
 
 .PHONY: setup build demo test test-rust test-python bench bench-caption lint clean
 
