@@ -133,8 +133,7 @@ pub fn encode(a: &EncodeArgs) -> Result<EncodeReport> {
             let mut out = Tensor::zeros([0, enc.dim], (Kind::Float, tch::Device::Cpu));
             for _ in 0..a.repeat.max(1) {
                 let t1 = std::time::Instant::now();
-                let parts = refs.chunks(batch).map(|c| enc.embed(c)).collect::<Result<Vec<_>>>()?;
-                out = Tensor::cat(&parts, 0);
+                out = enc.embed_many(&refs, batch)?;
                 rounds.push(t1.elapsed().as_secs_f64());
             }
             (out, load)

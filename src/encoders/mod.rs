@@ -278,6 +278,28 @@ impl TextEncoder {
         &self.tokenizer
     }
 
+    /// Embeddings [N, D] (f32, CPU) of any number of texts, in their order,
+    /// computed in batches of similar length (longest first, as
+    /// sentence-transformers does) so little is spent on padding.
+    pub fn embed_many(&self, texts: &[&str], batch: usize) -> Result<Tensor> {
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        let mut rows: Vec<Tensor> = Vec::with_capacity(texts.len());
+        for group in order.chunks(batch.max(1)) {
+            let batch_texts: Vec<&str> = group.iter().map(|&i| texts[i]).collect();
+            rows.push(self.embed(&batch_texts)?);
+        }
+        if rows.is_empty() {
+            return self.embed(&[]);
+        }
+        let sorted = Tensor::cat(&rows, 0);
+        let mut inverse = vec![0i64; texts.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            inverse[i] = pos as i64;
+        }
+        Ok(sorted.index_select(0, &Tensor::from_slice(&inverse)))
+    }
+
     /// Embeddings [B, D] (f32, CPU) of a batch of texts.
     pub fn embed(&self, texts: &[&str]) -> Result<Tensor> {
         if texts.is_empty() {
