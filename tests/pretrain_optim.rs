@@ -13,6 +13,9 @@ use tch::{Device, Kind, Tensor};
 
 const STEPS: usize = 6;
 
+/// A second var store, its variables and optimiser, restored mid-way.
+type Restored = (VarStore, Vec<(String, Tensor)>, Adam);
+
 fn reference(dir: &Path) -> Vec<(String, Tensor)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let py = root.join(".venv/bin/python");
@@ -68,7 +71,7 @@ fn adam_and_adamw_follow_torch_step_for_step() {
         let (vs, vars) = model(&r);
         let mut opt = Adam::new(&vs, &cfg);
         let norms = Vec::<f64>::try_from(get(&r, &format!("{name}.norm"))).unwrap();
-        let mut restored: Option<(VarStore, Vec<(String, Tensor)>, Adam)> = None;
+        let mut restored: Option<Restored> = None;
         for s in 0..STEPS {
             set_grads(&vars, &r, s);
             let n = opt.grad_norm();

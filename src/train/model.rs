@@ -24,7 +24,7 @@ struct PoolHead {
 
 #[derive(Debug)]
 enum Head {
-    Psat(Psat),
+    Psat(Box<Psat>),
     Pool(PoolHead),
 }
 
@@ -68,7 +68,7 @@ impl Pretrainer {
         let dim = cfg.backbone.bottleneck_channels();
         let named: Vec<(&str, i64)> = targets.iter().map(|(n, d)| (n.as_str(), *d)).collect();
         let head = match cfg.head {
-            HeadKind::Psat => Head::Psat(Psat::new(root / "psat", dim, &cfg.psat, &named)),
+            HeadKind::Psat => Head::Psat(Box::new(Psat::new(root / "psat", dim, &cfg.psat, &named))),
             HeadKind::Pool => {
                 let p = root / "pool";
                 let emb = nn::EmbeddingConfig {
@@ -192,7 +192,7 @@ impl Pretrainer {
                 }
             };
             let weight = if name == "image" { w.image } else { w.text };
-            total = total + &term * weight;
+            total += &term * weight;
             out.terms.push((name.clone(), term));
         }
         out.terms.push(("recon".to_string(), recon_loss));

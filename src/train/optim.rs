@@ -203,7 +203,7 @@ mod tests {
         assert!((opt.grad_norm() - (9.0f64 + 0.25).sqrt()).abs() < 1e-6);
         opt.step(0.1);
         // decay first, then m_hat / (sqrt(v_hat) + eps) = sign(g) on step 1
-        let want = [2.0 * (1.0 - 0.05) - 0.1, -1.0 * (1.0 - 0.05) - 0.1];
+        let want = [2.0 * (1.0 - 0.05) - 0.1, -(1.0 - 0.05) - 0.1];
         let got = Vec::<f32>::try_from(&p.detach()).unwrap();
         for (g, w) in got.iter().zip(want) {
             assert!((*g as f64 - w).abs() < 1e-6, "{got:?} vs {want:?}");

@@ -356,7 +356,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
             );
         }
         let stop = signals.raised();
-        if state.step % cfg.checkpoint_every == 0 || state.step == total || stop {
+        if state.step.is_multiple_of(cfg.checkpoint_every) || state.step == total || stop {
             let p = checkpoint::save(&opts.out, &vs, &opt, &state, cfg.keep_checkpoints)?;
             tracing::info!(
                 "step {}/{}: loss {:?}, checkpoint {}",

@@ -181,7 +181,7 @@ pub fn add_metadata(path: &Path, meta: &[(&str, &str)]) {
         "valid": {"dtype": "U8", "shape": valid.size(), "data_offsets": [elen, data.len()]},
     });
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
