@@ -140,10 +140,8 @@ pub fn mahalanobis_cost(x: &Tensor, y: &Tensor, w: &Tensor) -> Tensor {
 /// Symmetric InfoNCE (CLIP) on L2-normalised x, y [..., B, d].
 pub fn info_nce(x: &Tensor, y: &Tensor, temperature: f64) -> Tensor {
     let logits = x.matmul(&y.transpose(-2, -1)) / temperature;
-    let b = logits.size()[logits.dim() - 1];
     let diag_rows = logits.log_softmax(-1, None).diagonal(0, -2, -1);
     let diag_cols = logits.log_softmax(-2, None).diagonal(0, -2, -1);
-    let _ = b;
     -(diag_rows.mean(None) + diag_cols.mean(None)) / 2.0
 }
 

@@ -13,7 +13,7 @@
 //! between the two with no renaming.
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// How a slice position becomes a bin of the plane-slice embedding table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,7 +253,7 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     #[test]
     fn read_out_depends_on_plane_and_position() {
