@@ -7,7 +7,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use dicom_core::header::Header;
 use dicom_core::value::{PrimitiveValue, Value};
 use dicom_core::VR;
 use dicom_dictionary_std::tags;
@@ -17,6 +16,7 @@ use dicom_object::mem::InMemElement;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
+use super::guard::Lengths;
 use super::series::SliceGeom;
 use super::DicomError;
 
@@ -132,7 +132,7 @@ pub fn open_full(path: &Path) -> Result<DefaultDicomObject, DicomError> {
         detail,
     };
     let bytes = std::fs::read(path).map_err(|e| trunc(e.to_string()))?;
-    parse_bytes(&bytes, None).map_err(|e| trunc(error_chain(&e)))
+    parse_bytes(&bytes, None).map_err(trunc)
 }
 
 /// An error with its causes, "a: b: c".
@@ -148,18 +148,21 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Parses a DICOM Part 10 byte stream (with or without the 128-byte
-/// preamble), up to `until` when given.
-pub fn parse_bytes(
-    bytes: &[u8],
-    until: Option<dicom_core::Tag>,
-) -> Result<DefaultDicomObject, dicom_object::ReadError> {
+/// preamble), up to `until` when given, after checking that no declared
+/// length runs past the end (see `guard`).
+pub fn parse_bytes(bytes: &[u8], until: Option<dicom_core::Tag>) -> Result<DefaultDicomObject, String> {
+    match super::guard::check_lengths(bytes) {
+        Lengths::Fit => {}
+        Lengths::PixelDataTruncated(_) if until == Some(tags::PIXEL_DATA) => {}
+        Lengths::PixelDataTruncated(m) | Lengths::Corrupt(m) => return Err(m),
+    }
     let off = if bytes.get(128..132) == Some(b"DICM") { 128 } else { 0 };
     let opts = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
     let opts = match until {
         Some(t) => opts.read_until(t),
         None => opts,
     };
-    opts.from_reader(&bytes[off..])
+    opts.from_reader(&bytes[off..]).map_err(|e| error_chain(&e))
 }
 
 /// Reads a file's header; never panics on any input.
@@ -175,12 +178,12 @@ pub fn scan_bytes(path: &Path, bytes: &[u8]) -> ScanOutcome {
     let (obj, truncated) = match parse_bytes(bytes, None) {
         Ok(o) => (o, None),
         Err(e_full) => match parse_bytes(bytes, Some(tags::PIXEL_DATA)) {
-            Ok(o) => (o, Some(error_chain(&e_full))),
+            Ok(o) => (o, Some(e_full)),
             Err(e) => {
                 return if bytes.get(128..132) == Some(b"DICM") {
-                    ScanOutcome::Broken(error_chain(&e))
+                    ScanOutcome::Broken(e)
                 } else {
-                    ScanOutcome::Skip(format!("not a DICOM Part 10 file ({})", error_chain(&e)))
+                    ScanOutcome::Skip(format!("not a DICOM Part 10 file ({e})"))
                 };
             }
         },

@@ -15,6 +15,7 @@
 //! - [`pixels`] decodes frames (native or any transfer syntax the pure-Rust
 //!   decoders of dicom-rs support) and applies the modality LUT or
 //!   RescaleSlope/Intercept exactly once.
+pub mod guard;
 pub mod header;
 pub mod pixels;
 pub mod series;

@@ -15,6 +15,7 @@ use super::header::{frame_label, transfer_syntax_name, FileHeader, ModalityLut, 
 use super::DicomError;
 
 const EXPLICIT_VR_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 
 /// Refuses, with a named error, what this module cannot decode.
 pub fn check_supported(f: &FileHeader) -> Result<(), DicomError> {
@@ -111,16 +112,49 @@ pub fn decode_frame(obj: &DefaultDicomObject, f: &FileHeader, k: usize) -> Resul
             owned = native_frame(&all, k * fb..end, p, &f.transfer_syntax, f.pixel.bits_allocated);
             &owned
         }
+        (_, Value::PixelSequence(seq)) if f.transfer_syntax == RLE_LOSSLESS => {
+            // Ours rather than dicom-rs's: that one reads 8 and 16 bits only
+            // and panics on some damaged streams (found by fuzzing).
+            let frags = seq.fragments();
+            let frag = if frags.len() == f.frames.len() {
+                frags.get(k)
+            } else {
+                None
+            };
+            let frag = frag.ok_or_else(|| DicomError::Decode {
+                label: label.clone(),
+                detail: format!(
+                    "{} RLE fragments for {} frames (one fragment per frame is required)",
+                    frags.len(),
+                    f.frames.len()
+                ),
+            })?;
+            owned = rle_decode(
+                frag,
+                f.pixel.rows as usize * f.pixel.cols as usize,
+                usize::from(f.pixel.bits_allocated / 8),
+            )
+            .map_err(|detail| DicomError::Decode {
+                label: label.clone(),
+                detail,
+            })?;
+            &owned
+        }
         _ => {
             let frame = u32::try_from(k).map_err(|_| DicomError::Decode {
                 label: label.clone(),
                 detail: "frame index".into(),
             })?;
-            let d = obj.decode_pixel_data_frame(frame).map_err(|e| DicomError::Decode {
-                label: label.clone(),
-                detail: super::header::error_chain(&e),
-            })?;
-            owned = d.data().to_vec();
+            let d = guarded(|| obj.decode_pixel_data_frame(frame).map(|d| d.data().to_vec()))
+                .map_err(|detail| DicomError::Decode {
+                    label: label.clone(),
+                    detail,
+                })?
+                .map_err(|e| DicomError::Decode {
+                    label: label.clone(),
+                    detail: super::header::error_chain(&e),
+                })?;
+            owned = d;
             if owned.len() < fb {
                 return Err(DicomError::Decode {
                     label,
@@ -161,6 +195,97 @@ fn native_frame(
         return all[range].to_vec();
     }
     range.map(src).collect()
+}
+
+/// Decodes one RLE Lossless frame (DICOM PS3.5 annex G) to little-endian
+/// samples: a 64-byte header of segment count and offsets, then one PackBits
+/// segment per byte of the sample, most significant first.
+pub fn rle_decode(frag: &[u8], pixels: usize, bytes_per_sample: usize) -> Result<Vec<u8>, String> {
+    let word = |i: usize| {
+        frag.get(4 * i..4 * i + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let nseg = word(0).ok_or("RLE header is cut short")?;
+    if nseg != bytes_per_sample {
+        return Err(format!(
+            "RLE frame has {nseg} segments; {bytes_per_sample} expected for one greyscale sample"
+        ));
+    }
+    let mut out = vec![0u8; pixels * bytes_per_sample];
+    for seg in 0..nseg {
+        let start = word(1 + seg).ok_or("RLE header is cut short")?;
+        let end = if seg + 1 < nseg {
+            word(2 + seg).ok_or("RLE header is cut short")?
+        } else {
+            frag.len()
+        };
+        let data = frag
+            .get(start..end.min(frag.len()))
+            .ok_or_else(|| format!("RLE segment {seg} offsets {start}..{end} lie outside the fragment"))?;
+        // segment 0 holds the most significant bytes: little-endian position nseg-1
+        let pos = nseg - 1 - seg;
+        let mut px = 0usize;
+        let mut i = 0usize;
+        while px < pixels && i < data.len() {
+            let n = data[i] as i8;
+            i += 1;
+            if n >= 0 {
+                let run = n as usize + 1;
+                let src = data
+                    .get(i..i + run)
+                    .ok_or_else(|| format!("RLE segment {seg} ends inside a literal run"))?;
+                for &v in src.iter().take(pixels - px) {
+                    out[px * bytes_per_sample + pos] = v;
+                    px += 1;
+                }
+                i += run;
+            } else if n != -128 {
+                let run = (1 - i32::from(n)) as usize;
+                let v = *data
+                    .get(i)
+                    .ok_or_else(|| format!("RLE segment {seg} ends inside a repeat run"))?;
+                i += 1;
+                for _ in 0..run.min(pixels - px) {
+                    out[px * bytes_per_sample + pos] = v;
+                    px += 1;
+                }
+            }
+        }
+        if px < pixels {
+            return Err(format!("RLE segment {seg} decodes to {px} of {pixels} pixels"));
+        }
+    }
+    Ok(out)
+}
+
+thread_local! {
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs a third-party decoder, turning a panic into an error (damaged
+/// streams have made decoders index out of bounds). The panic hook is
+/// silenced for this thread while it runs, so a caught panic prints nothing.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(|q| q.get()) {
+                prev(info);
+            }
+        }));
+    });
+    QUIET_PANICS.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(false));
+    r.map_err(|e| {
+        let msg = e
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| e.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("the decoder failed on damaged data ({msg})")
+    })
 }
 
 /// Converts little-endian stored samples to modality values: mask to
@@ -259,6 +384,28 @@ mod tests {
             samples_to_f32(&raw32, &fmt(32, 32, true), Rescale::default(), None),
             vec![-5.0, 7.0]
         );
+    }
+
+    #[test]
+    fn rle_decodes_packbits_segments_msb_first() {
+        // two 16-bit pixels 0x0102, 0x0304; segment 0 (high bytes) as a
+        // literal run, segment 1 (low bytes) as literal + repeat of 1.
+        let mut frag = vec![0u8; 64];
+        frag[0] = 2;
+        frag[4] = 64;
+        frag[8] = 67;
+        frag.extend_from_slice(&[1, 0x01, 0x03]); // literal of 2
+        frag.extend_from_slice(&[0, 0x02, 0xFF, 0x04]); // literal of 1, repeat 2 of 0x04 (one used)
+        assert_eq!(rle_decode(&frag, 2, 2).unwrap(), vec![0x02, 0x01, 0x04, 0x03]);
+        assert!(rle_decode(&frag[..66], 2, 2).is_err());
+        assert!(rle_decode(&frag, 2, 1).is_err());
+    }
+
+    #[test]
+    fn decoder_panics_become_errors() {
+        let r: Result<(), String> = guarded(|| panic!("boom"));
+        assert!(r.unwrap_err().contains("boom"));
+        assert_eq!(guarded(|| 3), Ok(3));
     }
 
     #[test]

@@ -1,0 +1,28 @@
+//! A whole DICOM file from fuzz bytes: parsing (dicom-rs), the header
+//! whitelist, the series assembler on its frames and, when it claims a
+//! small greyscale image, decoding its first frame (native, RLE, JPEG,
+//! JPEG 2000). Any error is fine; a panic is not.
+#![no_main]
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use med3dinsight::volume::dicom::{header, pixels, series};
+
+fuzz_target!(|data: &[u8]| {
+    let path = Path::new("fuzz.dcm");
+    let header::ScanOutcome::Image(h) = header::scan_bytes(path, data) else { return };
+    let geoms: Vec<series::SliceGeom> = h.frames.iter().map(|f| f.geom.clone()).collect();
+    let labels: Vec<String> = (0..geoms.len()).map(|k| header::frame_label(&h, k)).collect();
+    let _ = series::assemble(&geoms, &labels, &series::Tolerance::default());
+    if pixels::check_supported(&h).is_err() || h.problem.is_some() {
+        return;
+    }
+    if !pixels::frame_bytes(&h.pixel).is_some_and(|n| n <= 1 << 20) {
+        return;
+    }
+    if let Ok(obj) = header::parse_bytes(data, None) {
+        if let Ok(v) = pixels::decode_frame(&obj, &h, 0) {
+            assert_eq!(v.len(), h.pixel.rows as usize * h.pixel.cols as usize);
+        }
+    }
+});

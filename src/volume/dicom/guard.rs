@@ -1,0 +1,266 @@
+//! A length check run before dicom-rs parses a file. dicom-rs allocates an
+//! element's declared length before reading it, so one damaged length field
+//! (fuzzing found them) makes it allocate and zero gigabytes for a file of
+//! a few kilobytes; a folder of such files could take down a whole batch.
+//! This walks the element headers (descending into sequences and items,
+//! stepping over pixel-data fragments) and refuses any value that claims
+//! more bytes than the file has left. It parses nothing else.
+use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+use dicom_core::{Tag, VR};
+use dicom_dictionary_std::StandardDataDictionary;
+
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+
+/// What the walk found.
+#[derive(Debug, PartialEq)]
+pub enum Lengths {
+    /// Every declared length fits (or the file is not one this walk reads:
+    /// not Part 10, deflated, or cut inside a header; dicom-rs reports those).
+    Fit,
+    /// The top-level pixel data claim more bytes than remain: the file is
+    /// truncated there, its header before it is whole.
+    PixelDataTruncated(String),
+    /// Some other value claims more bytes than remain.
+    Corrupt(String),
+}
+
+fn u16_at(b: &[u8], i: usize, le: bool) -> Option<u16> {
+    let s: [u8; 2] = b.get(i..i + 2)?.try_into().ok()?;
+    Some(if le {
+        u16::from_le_bytes(s)
+    } else {
+        u16::from_be_bytes(s)
+    })
+}
+
+fn u32_at(b: &[u8], i: usize, le: bool) -> Option<u32> {
+    let s: [u8; 4] = b.get(i..i + 4)?.try_into().ok()?;
+    Some(if le {
+        u32::from_le_bytes(s)
+    } else {
+        u32::from_be_bytes(s)
+    })
+}
+
+/// Whether an explicit VR has the 4-byte length form. Like dicom-rs, an
+/// unknown VR is read as UN, which has it.
+fn long_form(vr: &[u8]) -> bool {
+    !matches!(
+        vr,
+        b"AE"
+            | b"AS"
+            | b"AT"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"FL"
+            | b"FD"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"PN"
+            | b"SH"
+            | b"SL"
+            | b"SS"
+            | b"ST"
+            | b"TM"
+            | b"UI"
+            | b"UL"
+            | b"US"
+    )
+}
+
+fn is_sequence_in_dictionary(tag: Tag) -> bool {
+    StandardDataDictionary
+        .by_tag(tag)
+        .is_some_and(|e| e.vr() == VirtualVr::Exact(VR::SQ))
+}
+
+/// Checks the declared lengths of a Part 10 byte stream.
+pub fn check_lengths(b: &[u8]) -> Lengths {
+    let mut i = if b.get(128..132) == Some(b"DICM") {
+        132
+    } else if b.starts_with(b"DICM") {
+        4
+    } else {
+        return Lengths::Fit;
+    };
+    // File meta group: always explicit VR little endian.
+    let mut ts = String::new();
+    while u16_at(b, i, true) == Some(0x0002) {
+        let Some(elem) = u16_at(b, i + 2, true) else {
+            return Lengths::Fit;
+        };
+        let Some(vr) = b.get(i + 4..i + 6) else {
+            return Lengths::Fit;
+        };
+        let (len, hdr) = if long_form(vr) {
+            let Some(l) = u32_at(b, i + 8, true) else {
+                return Lengths::Fit;
+            };
+            (l, 12)
+        } else {
+            let Some(l) = u16_at(b, i + 6, true) else {
+                return Lengths::Fit;
+            };
+            (u32::from(l), 8)
+        };
+        let start = i + hdr;
+        if len == UNDEFINED || len as usize > b.len().saturating_sub(start) {
+            return Lengths::Corrupt(format!("file meta element (0002,{elem:04X}) claims {len} bytes"));
+        }
+        if elem == 0x0010 {
+            ts = String::from_utf8_lossy(&b[start..start + len as usize])
+                .trim_end_matches(['\0', ' '])
+                .to_string();
+        }
+        i = start + len as usize;
+    }
+    let (explicit, le) = match ts.as_str() {
+        "1.2.840.10008.1.2" => (false, true),
+        "1.2.840.10008.1.2.2" => (true, false),
+        // deflated data sets are inflated by dicom-rs before parsing
+        "1.2.840.10008.1.2.1.99" => return Lengths::Fit,
+        _ => (true, true),
+    };
+    walk(b, i, explicit, le)
+}
+
+fn walk(b: &[u8], mut i: usize, explicit: bool, le: bool) -> Lengths {
+    // End offsets of the open sequences and items (usize::MAX: undefined
+    // length, closed by a delimiter); empty at the top level.
+    let mut open: Vec<usize> = Vec::new();
+    let mut fragments = false;
+    loop {
+        while open.last().is_some_and(|&end| end != usize::MAX && i >= end) {
+            open.pop();
+        }
+        let (Some(group), Some(elem)) = (u16_at(b, i, le), u16_at(b, i + 2, le)) else {
+            return Lengths::Fit;
+        };
+        let rem = |start: usize| b.len().saturating_sub(start);
+        if group == 0xFFFE {
+            let Some(len) = u32_at(b, i + 4, le) else {
+                return Lengths::Fit;
+            };
+            i += 8;
+            match elem {
+                0xE000 if fragments => {
+                    if len == UNDEFINED || len as usize > rem(i) {
+                        return Lengths::Corrupt(format!(
+                            "a pixel data fragment claims {len} bytes, {} remain",
+                            rem(i)
+                        ));
+                    }
+                    i += len as usize;
+                }
+                0xE000 => open.push(if len == UNDEFINED {
+                    usize::MAX
+                } else {
+                    i.saturating_add(len as usize)
+                }),
+                0xE0DD if fragments => fragments = false,
+                _ => {
+                    if open.last() == Some(&usize::MAX) {
+                        open.pop();
+                    }
+                }
+            }
+            continue;
+        }
+        let tag = Tag(group, elem);
+        let (len, hdr, sequence) = if explicit {
+            let Some(vr) = b.get(i + 4..i + 6) else {
+                return Lengths::Fit;
+            };
+            if long_form(vr) {
+                let Some(l) = u32_at(b, i + 8, le) else {
+                    return Lengths::Fit;
+                };
+                (l, 12, vr == b"SQ" || (vr == b"UN" && l == UNDEFINED))
+            } else {
+                let Some(l) = u16_at(b, i + 6, le) else {
+                    return Lengths::Fit;
+                };
+                (u32::from(l), 8, false)
+            }
+        } else {
+            let Some(l) = u32_at(b, i + 4, le) else {
+                return Lengths::Fit;
+            };
+            (l, 8, is_sequence_in_dictionary(tag))
+        };
+        i += hdr;
+        let pixel_data = tag == Tag(0x7FE0, 0x0010);
+        if len == UNDEFINED {
+            if pixel_data {
+                fragments = true;
+            } else {
+                open.push(usize::MAX);
+            }
+            continue;
+        }
+        if sequence {
+            open.push(i.saturating_add(len as usize));
+            if len as usize > rem(i) {
+                return Lengths::Corrupt(format!(
+                    "sequence ({group:04X},{elem:04X}) claims {len} bytes, {} remain",
+                    rem(i)
+                ));
+            }
+            continue;
+        }
+        if len as usize > rem(i) {
+            let msg = format!("element ({group:04X},{elem:04X}) claims {len} bytes, {} remain", rem(i));
+            return if pixel_data && open.is_empty() {
+                Lengths::PixelDataTruncated(msg)
+            } else {
+                Lengths::Corrupt(msg)
+            };
+        }
+        i += len as usize;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn explicit_le(elements: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; 128];
+        b.extend_from_slice(b"DICM");
+        let ts = b"1.2.840.10008.1.2.1\0";
+        b.extend_from_slice(&[0x02, 0x00, 0x10, 0x00, b'U', b'I']);
+        b.extend_from_slice(&(ts.len() as u16).to_le_bytes());
+        b.extend_from_slice(ts);
+        b.extend_from_slice(elements);
+        b
+    }
+
+    #[test]
+    fn finds_lengths_past_the_end() {
+        // (0010,0010) PN "AB", then (0008,0060) CS claiming 4000 bytes
+        let ok = [0x10, 0x00, 0x10, 0x00, b'P', b'N', 2, 0, b'A', b'B'];
+        assert_eq!(check_lengths(&explicit_le(&ok)), Lengths::Fit);
+        let mut bad = ok.to_vec();
+        bad.extend_from_slice(&[0x08, 0x00, 0x60, 0x00, b'O', b'B', 0, 0, 0xA0, 0x0F, 0, 0, 1, 2]);
+        assert!(matches!(check_lengths(&explicit_le(&bad)), Lengths::Corrupt(_)));
+        // pixel data cut short at the top level: truncated, not corrupt
+        let mut px = ok.to_vec();
+        px.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 0x00, 0x10, 0, 0, 1, 2, 3, 4]);
+        assert!(matches!(
+            check_lengths(&explicit_le(&px)),
+            Lengths::PixelDataTruncated(_)
+        ));
+    }
+
+    #[test]
+    fn descends_into_sequences_and_items() {
+        // (0008,1115) SQ undefined, item undefined, (0008,1150) UI claiming 9999, delimiters
+        let mut e = vec![0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF];
+        e.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        e.extend_from_slice(&[0x08, 0x00, 0x50, 0x11, b'U', b'I', 0x0F, 0x27, b'1', b'2']);
+        assert!(matches!(check_lengths(&explicit_le(&e)), Lengths::Corrupt(_)));
+    }
+}

@@ -1,0 +1,207 @@
+//! Bounded, deterministic versions of the fuzz targets in fuzz/, so that
+//! `cargo test` (stable, no libFuzzer) keeps checking that no input panics:
+//! random slice geometries through the series assembler, and mutated real
+//! DICOM files (pydicom's test files, from the project's venv) through
+//! parsing, the header whitelist, assembly and pixel decoding.
+use std::path::{Path, PathBuf};
+
+use med3dinsight::volume::affine::{apply4, inv_affine};
+use med3dinsight::volume::dicom::{header, pixels, series};
+
+/// xorshift64*: small, deterministic, good enough to spread inputs.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn any_f64(&mut self) -> f64 {
+        match self.below(6) {
+            0 => f64::from_bits(self.next()),
+            1 => [0.0, -0.0, f64::NAN, f64::INFINITY, f64::MIN_POSITIVE, 1e308][self.below(6) as usize],
+            _ => (self.unit() - 0.5) * 10f64.powi(self.below(8) as i32 - 2),
+        }
+    }
+}
+
+#[test]
+fn assembler_never_panics_and_what_it_accepts_is_consistent() {
+    let orientations = [
+        [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        [1.0, 0.0, 0.0, 0.0, 0.0, -1.0],
+        [0.0, 1.0, 0.0, 0.0, 0.0, -1.0],
+        [1.0, 0.0, 0.0, 0.0, -1.0, 0.0],
+        [1.0, 0.0, 0.0, 0.0, 20f64.to_radians().cos(), 20f64.to_radians().sin()],
+    ];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut accepted = 0;
+    for _ in 0..30_000 {
+        let n = rng.below(12) as usize;
+        let o = orientations[rng.below(5) as usize];
+        let nrm = series::normal_of(&o);
+        let step = 0.1 + 5.0 * rng.unit();
+        let at = |t: f64| [3.0 + t * nrm[0], -2.0 + t * nrm[1], 7.0 + t * nrm[2]];
+        let mut slices: Vec<series::SliceGeom> = (0..n)
+            .map(|i| series::SliceGeom {
+                rows: 3,
+                cols: 2,
+                position: Some(at(i as f64 * step)),
+                orientation: Some(o),
+                pixel_spacing: Some([0.5, 0.7]),
+                slice_thickness: Some(step),
+                spacing_between_slices: None,
+            })
+            .collect();
+        // damage a few slices at random
+        for _ in 0..rng.below(3) {
+            if n == 0 {
+                break;
+            }
+            let g = &mut slices[rng.below(n as u64) as usize];
+            match rng.below(9) {
+                0 => g.position = None,
+                1 => g.orientation = None,
+                2 => g.position = Some([rng.any_f64(), rng.any_f64(), rng.any_f64()]),
+                3 => g.orientation = Some([0.0; 6].map(|_| rng.any_f64())),
+                4 => g.pixel_spacing = Some([rng.any_f64(), rng.any_f64()]),
+                5 => g.position = Some(at(rng.below(20) as f64 * step)),
+                6 => g.rows = rng.below(5) as u32,
+                7 => {
+                    let p = g.position.unwrap_or([0.0; 3]);
+                    g.position = Some([p[0] + 0.3 * rng.unit(), p[1], p[2]]);
+                }
+                _ => g.slice_thickness = Some(rng.any_f64()),
+            }
+        }
+        for i in (1..n).rev() {
+            slices.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let labels: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+        let Ok(a) = series::assemble(&slices, &labels, &series::Tolerance::default()) else {
+            continue;
+        };
+        accepted += 1;
+        let mut seen = a.order.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..n).collect::<Vec<_>>());
+        assert!(inv_affine(&a.affine).is_some());
+        for (z, &i) in a.order.iter().enumerate() {
+            let q = slices[i].position.unwrap();
+            let w = apply4(&a.affine, [0.0, 0.0, z as f64]);
+            let dev = ((w[0] + q[0]).powi(2) + (w[1] + q[1]).powi(2) + (w[2] - q[2]).powi(2)).sqrt();
+            assert!(dev < 0.06 + 0.02 * step * n as f64, "slice {z}: {dev} mm off");
+        }
+    }
+    // the generator must reach the accepting path often, or this tests nothing
+    assert!(accepted > 3_000, "only {accepted} stacks accepted");
+}
+
+fn pydicom_files() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(&root) else { return out };
+    for py in rd.flatten() {
+        let site = py.path().join("site-packages");
+        for (dir, names) in [
+            (
+                "pydicom/data/test_files",
+                &[
+                    "CT_small.dcm",
+                    "MR_small_RLE.dcm",
+                    "MR_small_jp2klossless.dcm",
+                    "MR_small_bigendian.dcm",
+                    "JPGLosslessP14SV1_1s_1f_8b.dcm",
+                ][..],
+            ),
+            ("data_store/data", &["eCT_Supplemental.dcm", "emri_small_RLE.dcm"][..]),
+        ] {
+            for n in names {
+                let p = site.join(dir).join(n);
+                if p.exists() {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What the `dicom_file` fuzz target does with one input.
+fn exercise(bytes: &[u8]) {
+    let path = Path::new("mutant.dcm");
+    let header::ScanOutcome::Image(h) = header::scan_bytes(path, bytes) else {
+        return;
+    };
+    let geoms: Vec<series::SliceGeom> = h.frames.iter().map(|f| f.geom.clone()).collect();
+    let labels: Vec<String> = (0..geoms.len()).map(|k| header::frame_label(&h, k)).collect();
+    let _ = series::assemble(&geoms, &labels, &series::Tolerance::default());
+    if pixels::check_supported(&h).is_err() || h.problem.is_some() {
+        return;
+    }
+    if !pixels::frame_bytes(&h.pixel).is_some_and(|n| n <= 1 << 20) {
+        return;
+    }
+    if let Ok(obj) = header::parse_bytes(bytes, None) {
+        if let Ok(v) = pixels::decode_frame(&obj, &h, 0) {
+            assert_eq!(v.len(), h.pixel.rows as usize * h.pixel.cols as usize);
+        }
+    }
+}
+
+#[test]
+fn mutated_dicom_files_never_panic() {
+    let files = pydicom_files();
+    if files.is_empty() {
+        eprintln!("skipped: no pydicom test files in .venv (run `make setup`)");
+        return;
+    }
+    let mut rng = Rng(0xd1b5_4a32_d192_ed03);
+    let mut images = 0;
+    for f in &files {
+        let orig = std::fs::read(f).unwrap();
+        exercise(&orig);
+        for _ in 0..150 {
+            let mut b = orig.clone();
+            match rng.below(4) {
+                0 => b.truncate(rng.below(b.len() as u64) as usize),
+                1 => {
+                    for _ in 0..1 + rng.below(8) {
+                        let i = rng.below(b.len() as u64) as usize;
+                        b[i] = rng.next() as u8;
+                    }
+                }
+                2 => {
+                    // damage the header region, where lengths and VRs live
+                    let end = b.len().min(2048) as u64;
+                    for _ in 0..1 + rng.below(4) {
+                        let i = rng.below(end) as usize;
+                        b[i] = [0x00, 0xff, 0x7f, 0x80][rng.below(4) as usize];
+                    }
+                }
+                _ => {
+                    let i = rng.below(b.len() as u64) as usize;
+                    let n = rng.below(64) as usize;
+                    let junk: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                    b.splice(i..i, junk);
+                }
+            }
+            if let header::ScanOutcome::Image(_) = header::scan_bytes(Path::new("m"), &b) {
+                images += 1;
+            }
+            exercise(&b);
+        }
+    }
+    assert!(
+        images > 100,
+        "mutations rarely parse ({images}): the test reaches little"
+    );
+}
