@@ -147,7 +147,7 @@ fn exercise(bytes: &[u8]) {
     if pixels::check_supported(&h).is_err() || h.problem.is_some() {
         return;
     }
-    if !pixels::frame_bytes(&h.pixel).is_some_and(|n| n <= 1 << 20) {
+    if pixels::frame_bytes(&h.pixel).is_none_or(|n| n > 1 << 20) {
         return;
     }
     if let Ok(obj) = header::parse_bytes(bytes, None) {

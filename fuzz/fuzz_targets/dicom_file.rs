@@ -10,14 +10,16 @@ use med3dinsight::volume::dicom::{header, pixels, series};
 
 fuzz_target!(|data: &[u8]| {
     let path = Path::new("fuzz.dcm");
-    let header::ScanOutcome::Image(h) = header::scan_bytes(path, data) else { return };
+    let header::ScanOutcome::Image(h) = header::scan_bytes(path, data) else {
+        return;
+    };
     let geoms: Vec<series::SliceGeom> = h.frames.iter().map(|f| f.geom.clone()).collect();
     let labels: Vec<String> = (0..geoms.len()).map(|k| header::frame_label(&h, k)).collect();
     let _ = series::assemble(&geoms, &labels, &series::Tolerance::default());
     if pixels::check_supported(&h).is_err() || h.problem.is_some() {
         return;
     }
-    if !pixels::frame_bytes(&h.pixel).is_some_and(|n| n <= 1 << 20) {
+    if pixels::frame_bytes(&h.pixel).is_none_or(|n| n > 1 << 20) {
         return;
     }
     if let Ok(obj) = header::parse_bytes(data, None) {

@@ -132,7 +132,10 @@ fuzz_target!(|data: &[u8]| {
                 let ras = [-q[0], -q[1], q[2]];
                 let mag = q.iter().fold(1.0f64, |m, v| m.max(v.abs()));
                 let dev = ((w[0] - ras[0]).powi(2) + (w[1] - ras[1]).powi(2) + (w[2] - ras[2]).powi(2)).sqrt();
-                assert!(dev <= 0.06 + 0.02 * span + 1e-9 * mag, "slice {z} is {dev} mm from its header position");
+                assert!(
+                    dev <= 0.06 + 0.02 * span + 1e-9 * mag,
+                    "slice {z} is {dev} mm from its header position"
+                );
             }
         }
     }

@@ -69,12 +69,11 @@ pub enum DicomError {
         other: String,
         b: [f64; 2],
     },
-    #[error("mixed orientations within the series: {first} has ImageOrientationPatient {a:?} but {other} has {b:?}")]
+    #[error("mixed orientations within the series: {first} has ImageOrientationPatient {:?} but {other} has {:?}", .orientations[0], .orientations[1])]
     MixedOrientation {
         first: String,
-        a: [f64; 6],
         other: String,
-        b: [f64; 6],
+        orientations: Box<[[f64; 6]; 2]>,
     },
     #[error("duplicate slice position: {a} and {b} both lie at {position:.4} mm along the slice normal (repeated acquisitions, echoes or time points need separate series)")]
     DuplicatePosition { a: String, b: String, position: f64 },
@@ -341,7 +340,9 @@ pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>) -> Result<DicomVolu
         let (fi, k) = slices[si];
         by_file.entry(fi).or_default().push((k, z));
     }
-    let decoded: Vec<Result<Vec<(usize, Vec<f32>)>>> = by_file
+    // (slice index along axis 2, its decoded pixels) per file
+    type Decoded = Result<Vec<(usize, Vec<f32>)>>;
+    let decoded: Vec<Decoded> = by_file
         .into_par_iter()
         .map(|(fi, frames)| {
             let f = files[fi];

@@ -124,6 +124,11 @@ fn unit_orientation(o: &[f64; 6], label: &str) -> Result<([f64; 3], [f64; 3]), D
     Ok((r, c))
 }
 
+/// |a - b| <= tol, false when either is NaN.
+fn within(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -165,15 +170,11 @@ pub fn assemble(slices: &[SliceGeom], labels: &[String], tol: &Tolerance) -> Res
     let (row_dir, col_dir) = unit_orientation(&o0, &label(0))?;
     for (i, s) in slices.iter().enumerate() {
         let o = s.orientation.ok_or_else(|| DicomError::MissingOrientation(label(i)))?;
-        if o.iter()
-            .zip(o0.iter())
-            .any(|(a, b)| !((a - b).abs() <= tol.orientation))
-        {
+        if o.iter().zip(o0.iter()).any(|(&a, &b)| !within(a, b, tol.orientation)) {
             return Err(DicomError::MixedOrientation {
                 first: label(0),
-                a: o0,
                 other: label(i),
-                b: o,
+                orientations: Box::new([o0, o]),
             });
         }
     }
@@ -194,7 +195,7 @@ pub fn assemble(slices: &[SliceGeom], labels: &[String], tol: &Tolerance) -> Res
         if ps
             .iter()
             .zip(ps0.iter())
-            .any(|(a, b)| !((a - b).abs() <= 1e-4 * b.abs().max(1.0)))
+            .any(|(&a, &b)| !within(a, b, 1e-4 * b.abs().max(1.0)))
         {
             return Err(DicomError::InconsistentPixelSpacing {
                 first: label(0),
@@ -358,10 +359,8 @@ mod tests {
             [0.0, 0.0, 5.0, -5.0],
             [0.0, 0.0, 0.0, 1.0],
         ];
-        for r in 0..4 {
-            for c in 0..4 {
-                assert!((a.affine[r][c] - want[r][c]).abs() < 1e-12, "{:?}", a.affine);
-            }
+        for (got, want) in a.affine.iter().flatten().zip(want.iter().flatten()) {
+            assert!((got - want).abs() < 1e-12, "{:?}", a.affine);
         }
         assert!((a.slice_spacing - 5.0).abs() < 1e-12);
     }
