@@ -44,7 +44,12 @@ pub struct Info {
 #[serde(untagged)]
 pub enum Described {
     Image(Box<Info>),
-    Series { path: String, format: String, series: Vec<dicom::SeriesSummary>, skipped: Vec<String> },
+    Series {
+        path: String,
+        format: String,
+        series: Vec<dicom::SeriesSummary>,
+        skipped: Vec<String>,
+    },
 }
 
 /// Describes a NIfTI file, a DICOM file, or one series of a DICOM folder
@@ -57,10 +62,19 @@ pub fn describe(path: &Path, series: Option<&str>) -> Result<Described> {
         return Ok(Described::Image(Box::new(info(path)?)));
     }
     let scan = dicom::scan(path)?;
-    let skipped: Vec<String> = scan.skipped.iter().map(|(p, why)| format!("{}: {why}", p.display())).collect();
+    let skipped: Vec<String> = scan
+        .skipped
+        .iter()
+        .map(|(p, why)| format!("{}: {why}", p.display()))
+        .collect();
     let found = scan.series();
     if series.is_none() && found.len() > 1 {
-        return Ok(Described::Series { path: path.display().to_string(), format: "DICOM".into(), series: found, skipped });
+        return Ok(Described::Series {
+            path: path.display().to_string(),
+            format: "DICOM".into(),
+            series: found,
+            skipped,
+        });
     }
     let d = dicom::load_from_scan(&scan, series).with_context(|| format!("DICOM input {}", path.display()))?;
     let v = &d.volume;
@@ -70,7 +84,12 @@ pub fn describe(path: &Path, series: Option<&str>) -> Result<Described> {
     let [slope, inter] = p.rescale.first().copied().unwrap_or([1.0, 0.0]);
     Ok(Described::Image(Box::new(Info {
         path: path.display().to_string(),
-        format: format!("DICOM ({} files, {} frames; {})", p.files, p.frames, p.transfer_syntaxes.join(", ")),
+        format: format!(
+            "DICOM ({} files, {} frames; {})",
+            p.files,
+            p.frames,
+            p.transfer_syntaxes.join(", ")
+        ),
         shape: v.shape().to_vec(),
         spacing: v.spacing(),
         zooms: vec![p.pixel_spacing[1], p.pixel_spacing[0], p.slice_spacing],
@@ -113,11 +132,28 @@ pub fn stats(values: &[f32]) -> Stats {
         }
     }
     if n == 0 {
-        return Stats { min: f64::NAN, max: f64::NAN, mean: f64::NAN, std: f64::NAN, nonfinite: bad };
+        return Stats {
+            min: f64::NAN,
+            max: f64::NAN,
+            mean: f64::NAN,
+            std: f64::NAN,
+            nonfinite: bad,
+        };
     }
     let mean = sum / n as f64;
-    let var = values.iter().filter(|v| v.is_finite()).map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n as f64;
-    Stats { min, max, mean, std: var.sqrt(), nonfinite: bad }
+    let var = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n as f64;
+    Stats {
+        min,
+        max,
+        mean,
+        std: var.sqrt(),
+        nonfinite: bad,
+    }
 }
 
 pub fn info(path: &Path) -> Result<Info> {
@@ -127,7 +163,11 @@ pub fn info(path: &Path) -> Result<Info> {
     let s = stats(&img.data);
     Ok(Info {
         path: path.display().to_string(),
-        format: format!("NIfTI-{}{}", h.version, if h.single_file { "" } else { " (header/image pair)" }),
+        format: format!(
+            "NIfTI-{}{}",
+            h.version,
+            if h.single_file { "" } else { " (header/image pair)" }
+        ),
         shape: img.shape.clone(),
         spacing: affine::column_norms(&aff),
         zooms: (1..=h.dim[0] as usize).map(|i| h.pixdim[i]).collect(),
@@ -151,7 +191,11 @@ impl std::fmt::Display for Info {
         writeln!(f, "{}", self.path)?;
         writeln!(f, "  format       {}", self.format)?;
         writeln!(f, "  shape        {:?}", self.shape)?;
-        writeln!(f, "  spacing mm   [{:.6}, {:.6}, {:.6}]", self.spacing[0], self.spacing[1], self.spacing[2])?;
+        writeln!(
+            f,
+            "  spacing mm   [{:.6}, {:.6}, {:.6}]",
+            self.spacing[0], self.spacing[1], self.spacing[2]
+        )?;
         writeln!(f, "  dtype        {}", self.dtype)?;
         writeln!(f, "  orientation  {}", self.orientation)?;
         writeln!(f, "  affine")?;
@@ -159,13 +203,22 @@ impl std::fmt::Display for Info {
             writeln!(f, "    [{:>12.6} {:>12.6} {:>12.6} {:>12.6}]", r[0], r[1], r[2], r[3])?;
         }
         writeln!(f, "  scaling      slope {} inter {}", self.scl_slope, self.scl_inter)?;
-        write!(f, "  intensity    min {} max {} mean {:.6} std {:.6}", self.min, self.max, self.mean, self.std)?;
+        write!(
+            f,
+            "  intensity    min {} max {} mean {:.6} std {:.6}",
+            self.min, self.max, self.mean, self.std
+        )?;
         if self.nonfinite > 0 {
             write!(f, " ({} NaN/Inf voxels excluded)", self.nonfinite)?;
         }
         if let Some(d) = &self.dicom {
             write!(f, "\n  modality     {}", d.modality.as_deref().unwrap_or("?"))?;
-            write!(f, "\n  rescale      {:?}{}", d.rescale, if d.modality_lut { " (modality LUT applied)" } else { "" })?;
+            write!(
+                f,
+                "\n  rescale      {:?}{}",
+                d.rescale,
+                if d.modality_lut { " (modality LUT applied)" } else { "" }
+            )?;
         }
         for s in &self.skipped {
             write!(f, "\n  skipped      {s}")?;
@@ -178,7 +231,9 @@ impl std::fmt::Display for Described {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Described::Image(i) => i.fmt(f),
-            Described::Series { path, series, skipped, .. } => {
+            Described::Series {
+                path, series, skipped, ..
+            } => {
                 writeln!(f, "{path}: {} DICOM series; pick one with --series UID", series.len())?;
                 for s in series {
                     let m: Vec<String> = s.matrices.iter().map(|m| format!("{}x{}", m[0], m[1])).collect();

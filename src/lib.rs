@@ -5,9 +5,9 @@
 pub mod align;
 pub mod caption;
 pub mod config;
+pub mod convert;
 pub mod embed;
 pub mod encoders;
-pub mod convert;
 pub mod fsutil;
 pub mod info;
 pub mod manifest;

@@ -11,7 +11,11 @@ use med3dinsight::manifest::Manifest;
 use med3dinsight::preprocess::{self, Shard};
 
 #[derive(Parser)]
-#[command(name = "med3d", version, about = "Pretrain 3D medical image encoders with language (Med3DInsight)")]
+#[command(
+    name = "med3d",
+    version,
+    about = "Pretrain 3D medical image encoders with language (Med3DInsight)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -133,7 +137,13 @@ fn workers(w: Option<usize>) -> usize {
     w.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
-fn preprocess_stage(manifest: &Manifest, exp: &Experiment, out: &std::path::Path, shard: Shard, w: usize) -> Result<bool> {
+fn preprocess_stage(
+    manifest: &Manifest,
+    exp: &Experiment,
+    out: &std::path::Path,
+    shard: Shard,
+    w: usize,
+) -> Result<bool> {
     let s = preprocess::run(manifest, &exp.preprocess, out, shard, w)?;
     println!(
         "preprocess: {} done, {} skipped, {} failed (of {} cases in shard {}) -> {}",
@@ -268,9 +278,20 @@ fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Pa
 fn real_main() -> Result<bool> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Convert { input, output, series, volume_index } => {
+        Cmd::Convert {
+            input,
+            output,
+            series,
+            volume_index,
+        } => {
             let v = med3dinsight::convert::convert(&input, series.as_deref(), volume_index, &output)?;
-            println!("{} -> {} {:?} {}", input.display(), output.display(), v.shape(), v.orientation().unwrap_or_default());
+            println!(
+                "{} -> {} {:?} {}",
+                input.display(),
+                output.display(),
+                v.shape(),
+                v.orientation().unwrap_or_default()
+            );
             Ok(true)
         }
         Cmd::Info { path, series, json } => {
@@ -282,7 +303,13 @@ fn real_main() -> Result<bool> {
             }
             Ok(true)
         }
-        Cmd::Preprocess { manifest, config, out, shard, workers: w } => {
+        Cmd::Preprocess {
+            manifest,
+            config,
+            out,
+            shard,
+            workers: w,
+        } => {
             let exp = Experiment::load(&config)?;
             let manifest = Manifest::load(manifest.as_ref().unwrap_or(&exp.manifest))?;
             let shard = shard.as_deref().map(Shard::parse).transpose()?.unwrap_or(Shard::ALL);
@@ -319,7 +346,11 @@ fn real_main() -> Result<bool> {
             );
             Ok(true)
         }
-        Cmd::Embed { cache, config, captions } => {
+        Cmd::Embed {
+            cache,
+            config,
+            captions,
+        } => {
             let exp = Experiment::load(&config)?;
             let cache = cache.unwrap_or_else(|| exp.cache_dir());
             embed_stage(&exp, &cache, captions)
@@ -348,7 +379,8 @@ fn real_main() -> Result<bool> {
             let cache = exp.cache_dir();
             let captioned = caption_stage(&exp, &cache, &cache.join("captions.jsonl"), Shard::ALL)
                 .with_context(|| format!("experiment {}: caption", exp.name))?;
-            let embedded = embed_stage(&exp, &cache, None).with_context(|| format!("experiment {}: embed", exp.name))?;
+            let embedded =
+                embed_stage(&exp, &cache, None).with_context(|| format!("experiment {}: embed", exp.name))?;
             let pretrained = pretrain_stage(&exp, &cache, &exp.run_dir(), true)
                 .with_context(|| format!("experiment {}: pretrain", exp.name))?;
             Ok(ok && captioned && embedded && pretrained)
@@ -359,7 +391,8 @@ fn real_main() -> Result<bool> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MED3D_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("MED3D_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();

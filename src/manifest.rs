@@ -62,9 +62,14 @@ fn check_id(id: &str, path: &Path) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && !id.starts_with('.')
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !ok {
-        bail!("{}: case id {id:?} must be 1-128 characters of A-Z a-z 0-9 - _ . and not start with '.'", path.display());
+        bail!(
+            "{}: case id {id:?} must be 1-128 characters of A-Z a-z 0-9 - _ . and not start with '.'",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -102,14 +107,23 @@ impl Manifest {
             } else if v.get("training").is_some() {
                 Self::from_msd(&v, &base, path)?
             } else {
-                bail!("{}: a dataset.json needs `training` (MSD) or `channel_names` (nnU-Net v2)", path.display());
+                bail!(
+                    "{}: a dataset.json needs `training` (MSD) or `channel_names` (nnU-Net v2)",
+                    path.display()
+                );
             }
         } else {
-            let y: YamlManifest = serde_yaml::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))?;
+            let y: YamlManifest =
+                serde_yaml::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))?;
             let mut cases = Vec::with_capacity(y.cases.len());
             for (i, c) in y.cases.into_iter().enumerate() {
                 let modality = c.modality.or(y.modality).with_context(|| {
-                    format!("{}: case {} ({}) has no modality and the manifest sets no default", path.display(), i, c.id)
+                    format!(
+                        "{}: case {} ({}) has no modality and the manifest sets no default",
+                        path.display(),
+                        i,
+                        c.id
+                    )
                 })?;
                 cases.push(Case {
                     id: c.id,
@@ -121,7 +135,11 @@ impl Manifest {
                 });
             }
             Manifest {
-                name: y.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
+                name: y.name.unwrap_or_else(|| {
+                    path.file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                }),
                 path: path.to_path_buf(),
                 cases,
             }
@@ -144,7 +162,8 @@ impl Manifest {
             label: Option<PathBuf>,
         }
         let modality: BTreeMap<String, String> = match v.get("modality") {
-            Some(m) => serde_json::from_value(m.clone()).with_context(|| format!("{}: `modality` must map channel to name", path.display()))?,
+            Some(m) => serde_json::from_value(m.clone())
+                .with_context(|| format!("{}: `modality` must map channel to name", path.display()))?,
             None => BTreeMap::new(),
         };
         let modality = modality_from_name(modality.get("0").map(String::as_str).unwrap_or("MR"));
@@ -153,7 +172,11 @@ impl Manifest {
         let cases = entries
             .into_iter()
             .map(|e| {
-                let name = e.image.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = e
+                    .image
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 Case {
                     id: stem(&name).to_string(),
                     image: base.join(&e.image),
@@ -175,12 +198,20 @@ impl Manifest {
         let channels: BTreeMap<String, String> = serde_json::from_value(v["channel_names"].clone())
             .with_context(|| format!("{}: `channel_names` must map channel index to name", path.display()))?;
         let modality = modality_from_name(channels.get("0").map(String::as_str).unwrap_or("MR"));
-        let ending = v.get("file_ending").and_then(|e| e.as_str()).unwrap_or(".nii.gz").to_string();
+        let ending = v
+            .get("file_ending")
+            .and_then(|e| e.as_str())
+            .unwrap_or(".nii.gz")
+            .to_string();
         let images = base.join("imagesTr");
         let labels = base.join("labelsTr");
         let mut cases = Vec::new();
-        let rd = std::fs::read_dir(&images).with_context(|| format!("{}: cannot list {}", path.display(), images.display()))?;
-        let mut names: Vec<String> = rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let rd = std::fs::read_dir(&images)
+            .with_context(|| format!("{}: cannot list {}", path.display(), images.display()))?;
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         let suffix = format!("_0000{ending}");
         for n in names {
@@ -217,7 +248,11 @@ mod tests {
     fn yaml_typo_is_an_error_naming_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.yaml");
-        std::fs::write(&p, "cases:\n  - id: a\n    image: a.nii\n    modality: CT\n    lable: b.nii\n").unwrap();
+        std::fs::write(
+            &p,
+            "cases:\n  - id: a\n    image: a.nii\n    modality: CT\n    lable: b.nii\n",
+        )
+        .unwrap();
         let e = format!("{:#}", Manifest::load(&p).unwrap_err());
         assert!(e.contains("lable") && e.contains("m.yaml"), "{e}");
     }
@@ -245,13 +280,20 @@ mod tests {
         let m = Manifest::load(&p).unwrap();
         assert_eq!(m.cases[0].id, "spleen_2");
         assert_eq!(m.cases[0].modality, Modality::CT);
-        assert_eq!(m.cases[0].label.as_deref(), Some(dir.path().join("./labelsTr/spleen_2.nii.gz").as_path()));
+        assert_eq!(
+            m.cases[0].label.as_deref(),
+            Some(dir.path().join("./labelsTr/spleen_2.nii.gz").as_path())
+        );
 
         std::fs::create_dir_all(dir.path().join("imagesTr")).unwrap();
         std::fs::create_dir_all(dir.path().join("labelsTr")).unwrap();
         std::fs::write(dir.path().join("imagesTr/brain_001_0000.nii.gz"), b"").unwrap();
         std::fs::write(dir.path().join("labelsTr/brain_001.nii.gz"), b"").unwrap();
-        std::fs::write(&p, r#"{"channel_names":{"0":"T1"},"labels":{"background":0},"numTraining":1,"file_ending":".nii.gz"}"#).unwrap();
+        std::fs::write(
+            &p,
+            r#"{"channel_names":{"0":"T1"},"labels":{"background":0},"numTraining":1,"file_ending":".nii.gz"}"#,
+        )
+        .unwrap();
         let m = Manifest::load(&p).unwrap();
         assert_eq!(m.cases.len(), 1);
         assert_eq!(m.cases[0].id, "brain_001");

@@ -45,10 +45,16 @@ impl Shard {
     pub const ALL: Shard = Shard { index: 1, count: 1 };
 
     pub fn parse(s: &str) -> Result<Shard> {
-        let (i, n) = s.split_once('/').with_context(|| format!("--shard {s:?} must look like i/n, e.g. 2/8"))?;
+        let (i, n) = s
+            .split_once('/')
+            .with_context(|| format!("--shard {s:?} must look like i/n, e.g. 2/8"))?;
         let (index, count): (usize, usize) = (
-            i.trim().parse().with_context(|| format!("--shard {s:?}: {i:?} is not a number"))?,
-            n.trim().parse().with_context(|| format!("--shard {s:?}: {n:?} is not a number"))?,
+            i.trim()
+                .parse()
+                .with_context(|| format!("--shard {s:?}: {i:?} is not a number"))?,
+            n.trim()
+                .parse()
+                .with_context(|| format!("--shard {s:?}: {n:?} is not a number"))?,
         );
         if count == 0 || index == 0 || index > count {
             bail!("--shard {s:?}: need 1 <= i <= n");
@@ -68,7 +74,11 @@ impl Shard {
     }
 
     fn suffix(&self) -> String {
-        if self.count == 1 { String::new() } else { format!("-shard-{}-of-{}", self.index, self.count) }
+        if self.count == 1 {
+            String::new()
+        } else {
+            format!("-shard-{}-of-{}", self.index, self.count)
+        }
     }
 }
 
@@ -198,11 +208,26 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
         Some(p) => {
             let l = volume::load(p, cfg.volume_index)?;
             if l.shape() != image.shape() {
-                bail!("{}: label shape {:?} differs from image shape {:?} ({})", p.display(), l.shape(), image.shape(), case.image.display());
+                bail!(
+                    "{}: label shape {:?} differs from image shape {:?} ({})",
+                    p.display(),
+                    l.shape(),
+                    image.shape(),
+                    case.image.display()
+                );
             }
-            let far = l.affine.iter().flatten().zip(image.affine.iter().flatten()).any(|(a, b)| (a - b).abs() > 1e-3 * (1.0 + b.abs()));
+            let far = l
+                .affine
+                .iter()
+                .flatten()
+                .zip(image.affine.iter().flatten())
+                .any(|(a, b)| (a - b).abs() > 1e-3 * (1.0 + b.abs()));
             if far {
-                bail!("{}: label affine differs from the image's ({})", p.display(), case.image.display());
+                bail!(
+                    "{}: label affine differs from the image's ({})",
+                    p.display(),
+                    case.image.display()
+                );
             }
             if let Some(v) = l.data.iter().find(|v| v.fract() != 0.0 || **v < 0.0 || **v > 255.0) {
                 bail!("{}: label value {v} is not an integer class in 0..=255", p.display());
@@ -220,7 +245,9 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
     let (grid, shape) = resample::target_grid(&image.affine, image.shape(), cfg.spacing)
         .with_context(|| format!("{}", case.image.display()))?;
     let mut image = resample::resample_to(&image, &grid, shape, resample::Interp::Linear)?;
-    let label = label.map(|l| resample::resample_to(&l, &grid, shape, resample::Interp::Nearest)).transpose()?;
+    let label = label
+        .map(|l| resample::resample_to(&l, &grid, shape, resample::Interp::Nearest))
+        .transpose()?;
     lap.done("resample");
     let window = match case.modality {
         Modality::CT => {
@@ -234,19 +261,35 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
     };
     lap.done("intensity");
     let bbox = crop::foreground_bbox(&image.data, cfg.foreground_threshold).with_context(|| {
-        format!("{}: no voxel is above the foreground threshold {} after normalisation", case.image.display(), cfg.foreground_threshold)
+        format!(
+            "{}: no voxel is above the foreground threshold {} after normalisation",
+            case.image.display(),
+            cfg.foreground_threshold
+        )
     })?;
     let image = crop::crop(&image, &bbox);
     let label = label.map(|l| crop::crop(&l, &bbox));
     let (image, label) = match cfg.roi_mode {
-        RoiMode::CropPad => (crop::pad_or_crop(&image, cfg.roi), label.map(|l| crop::pad_or_crop(&l, cfg.roi))),
+        RoiMode::CropPad => (
+            crop::pad_or_crop(&image, cfg.roi),
+            label.map(|l| crop::pad_or_crop(&l, cfg.roi)),
+        ),
         RoiMode::Resize => (
             crop::resize(&image, cfg.roi, resample::Interp::Linear)?,
-            label.map(|l| crop::resize(&l, cfg.roi, resample::Interp::Nearest)).transpose()?,
+            label
+                .map(|l| crop::resize(&l, cfg.roi, resample::Interp::Nearest))
+                .transpose()?,
         ),
     };
     lap.done("crop");
-    Ok(Processed { image, label, source_geometry, intensity_window: window, foreground_bbox: bbox, dicom })
+    Ok(Processed {
+        image,
+        label,
+        source_geometry,
+        intensity_window: window,
+        foreground_bbox: bbox,
+        dicom,
+    })
 }
 
 fn case_dir(cache: &Path, id: &str) -> PathBuf {
@@ -261,9 +304,15 @@ pub fn read_case_record(cache: &Path, id: &str) -> Option<CaseRecord> {
 
 fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Path) -> Result<bool> {
     let mut lap = Lap::start(&case.id);
-    let image_src = SourceFile { path: case.image.clone(), sha256: volume::source_sha256(&case.image, case.series_uid.as_deref())? };
+    let image_src = SourceFile {
+        path: case.image.clone(),
+        sha256: volume::source_sha256(&case.image, case.series_uid.as_deref())?,
+    };
     let label_src = match &case.label {
-        Some(p) => Some(SourceFile { path: p.clone(), sha256: sha256_file(p)? }),
+        Some(p) => Some(SourceFile {
+            path: p.clone(),
+            sha256: sha256_file(p)?,
+        }),
         None => None,
     };
     if let Some(rec) = read_case_record(cache, &case.id) {
@@ -288,13 +337,20 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
     // pixels are exactly what training reads at that plane and position.
     let halfs: Vec<half::f16> = p.image.data.iter().map(|&v| half::f16::from_f32(v)).collect();
     let bytes: Vec<u8> = halfs.iter().flat_map(|h| h.to_le_bytes()).collect();
-    std::fs::write(work.join("image.npy"), npy::to_bytes(npy::NpyDtype::F16, &shape, &bytes))?;
+    std::fs::write(
+        work.join("image.npy"),
+        npy::to_bytes(npy::NpyDtype::F16, &shape, &bytes),
+    )?;
     let stored = ndarray::Array3::from_shape_vec(shape, halfs.iter().map(|h| h.to_f32()).collect())?;
     if let Some(l) = &p.label {
         let lb: Vec<u8> = l.data.iter().map(|&v| v.round().clamp(0.0, 255.0) as u8).collect();
         std::fs::write(work.join("label.npy"), npy::to_bytes(npy::NpyDtype::U8, &shape, &lb))?;
     }
-    let fg = crop::foreground_bbox(&stored, cfg.foreground_threshold).unwrap_or([(0, shape[0]), (0, shape[1]), (0, shape[2])]);
+    let fg = crop::foreground_bbox(&stored, cfg.foreground_threshold).unwrap_or([
+        (0, shape[0]),
+        (0, shape[1]),
+        (0, shape[2]),
+    ]);
     let mut rows = Vec::new();
     let mut planes = cfg.planes.clone();
     planes.sort_by_key(|p| p.id());
@@ -362,7 +418,11 @@ pub fn rebuild_index(cache: &Path) -> Result<usize> {
         .with_context(|| format!("cannot open lock in {}", cache.display()))?;
     lock.lock().context("cannot lock the cache index")?;
     let mut ids: Vec<String> = match std::fs::read_dir(cache.join("cases")) {
-        Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.contains(".tmp-")).collect(),
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.contains(".tmp-"))
+            .collect(),
         Err(_) => Vec::new(),
     };
     ids.sort();
@@ -384,7 +444,8 @@ pub fn rebuild_index(cache: &Path) -> Result<usize> {
 /// Reads the slice index of a cache.
 pub fn read_index(cache: &Path) -> Result<Vec<SliceRow>> {
     let p = cache.join("index.jsonl");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {} (run `med3d preprocess` first)", p.display()))?;
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("cannot read {} (run `med3d preprocess` first)", p.display()))?;
     text.lines()
         .enumerate()
         .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: bad index row", p.display(), i + 1)))
@@ -394,11 +455,17 @@ pub fn read_index(cache: &Path) -> Result<Vec<SliceRow>> {
 /// Runs the stage over a manifest's cases (this shard's share).
 pub fn run(manifest: &Manifest, cfg: &PreprocessConfig, cache: &Path, shard: Shard, workers: usize) -> Result<Summary> {
     cfg.validate()?;
-    std::fs::create_dir_all(cache.join("cases")).with_context(|| format!("cannot create cache folder {}", cache.display()))?;
+    std::fs::create_dir_all(cache.join("cases"))
+        .with_context(|| format!("cannot create cache folder {}", cache.display()))?;
     sweep_stale_tmp(cache)?;
     sweep_stale_tmp(&cache.join("cases"))?;
     let cfg_hash = cfg.hash();
-    let info = CacheInfo { format: CACHE_FORMAT, med3d_version: VERSION.into(), config_hash: cfg_hash.clone(), preprocess: cfg.clone() };
+    let info = CacheInfo {
+        format: CACHE_FORMAT,
+        med3d_version: VERSION.into(),
+        config_hash: cfg_hash.clone(),
+        preprocess: cfg.clone(),
+    };
     atomic_write_if_changed(&cache.join("cache.json"), &serde_json::to_vec_pretty(&info)?)?;
 
     let cases: Vec<&Case> = manifest.cases.iter().filter(|c| shard.owns(&c.id)).collect();
@@ -420,18 +487,28 @@ pub fn run(manifest: &Manifest, cfg: &PreprocessConfig, cache: &Path, shard: Sha
             .collect()
     });
     bar.finish_and_clear();
-    let mut s = Summary { shard: format!("{}/{}", shard.index, shard.count), total: cases.len(), ..Default::default() };
+    let mut s = Summary {
+        shard: format!("{}/{}", shard.index, shard.count),
+        total: cases.len(),
+        ..Default::default()
+    };
     for (id, r) in results {
         match r {
             Ok(true) => s.done += 1,
             Ok(false) => s.skipped += 1,
             Err(e) => {
                 s.failed += 1;
-                s.failures.push(Failure { case: id, error: format!("{e:#}") });
+                s.failures.push(Failure {
+                    case: id,
+                    error: format!("{e:#}"),
+                });
             }
         }
     }
     rebuild_index(cache)?;
-    atomic_write(&cache.join(format!("preprocess-report{}.json", shard.suffix())), &serde_json::to_vec_pretty(&s)?)?;
+    atomic_write(
+        &cache.join(format!("preprocess-report{}.json", shard.suffix())),
+        &serde_json::to_vec_pretty(&s)?,
+    )?;
     Ok(s)
 }

@@ -68,7 +68,10 @@ impl Volume {
         let t = match (nvol, volume_index) {
             (1, None) => 0,
             (n, Some(t)) if t < n => t,
-            (n, Some(t)) => bail!("{}: volume_index {t} is out of range; the image has {n} volumes", img.path.display()),
+            (n, Some(t)) => bail!(
+                "{}: volume_index {t} is out of range; the image has {n} volumes",
+                img.path.display()
+            ),
             (n, None) => bail!(
                 "{}: image is {}D with {n} volumes {:?}; set `preprocess.volume_index` to pick one",
                 img.path.display(),
@@ -89,14 +92,21 @@ impl Volume {
         };
         let data = Array3::from_shape_vec((nx, ny, nz), vox)
             .with_context(|| format!("{}: voxel count does not match the header", img.path.display()))?;
-        Ok(Volume { data, affine: img.header.affine() })
+        Ok(Volume {
+            data,
+            affine: img.header.affine(),
+        })
     }
 
     /// Checks that downstream geometry is well defined: finite voxels, a
     /// non-singular affine, positive spacing in the header.
     pub fn validate(&self, path: &Path) -> Result<()> {
         if affine::inv_affine(&self.affine).is_none() {
-            bail!("{}: the voxel-to-world affine is singular: {:?}", path.display(), self.affine);
+            bail!(
+                "{}: the voxel-to-world affine is singular: {:?}",
+                path.display(),
+                self.affine
+            );
         }
         let bad = self.data.iter().filter(|v| !v.is_finite()).count();
         if bad > 0 {
@@ -119,12 +129,21 @@ pub fn load_image(path: &Path, series_uid: Option<&str>, volume_index: Option<us
     if dicom::is_dicom_path(path) {
         let d = dicom::load(path, series_uid).with_context(|| format!("DICOM input {}", path.display()))?;
         d.volume.validate(path)?;
-        return Ok(Loaded { volume: d.volume, dicom: Some(d.provenance) });
+        return Ok(Loaded {
+            volume: d.volume,
+            dicom: Some(d.provenance),
+        });
     }
     if let Some(uid) = series_uid {
-        bail!("{}: series_uid {uid} is set, but this is not a DICOM folder or file", path.display());
+        bail!(
+            "{}: series_uid {uid} is set, but this is not a DICOM folder or file",
+            path.display()
+        );
     }
-    Ok(Loaded { volume: load_nifti(path, volume_index)?, dicom: None })
+    Ok(Loaded {
+        volume: load_nifti(path, volume_index)?,
+        dicom: None,
+    })
 }
 
 /// Reads a NIfTI file or a single-series DICOM input into a `Volume`.
@@ -175,7 +194,11 @@ pub fn load_nifti(path: &Path, volume_index: Option<usize>) -> Result<Volume> {
     let h = &img.header;
     for (i, &p) in h.pixdim[1..=3].iter().enumerate() {
         if (i as i64) < h.dim[0] && (!p.is_finite() || p <= 0.0) {
-            bail!("{}: pixdim[{}] = {p}: voxel spacing must be positive", path.display(), i + 1);
+            bail!(
+                "{}: pixdim[{}] = {p}: voxel spacing must be positive",
+                path.display(),
+                i + 1
+            );
         }
     }
     let vol = Volume::from_nifti(img, volume_index)?;
