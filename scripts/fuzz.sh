@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 SECS=${1:-240}
 export LIBTORCH_USE_PYTORCH=1 VIRTUAL_ENV=$PWD/.venv PATH=$PWD/.venv/bin:$PATH
 SITE=$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')
+# the fuzz binaries link libtorch through med3dinsight but get no run-path
+export LD_LIBRARY_PATH="$SITE/torch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 mkdir -p fuzz/corpus/dicom_file fuzz/corpus/nifti_header fuzz/corpus/series_assembler
 find "$SITE/pydicom/data/test_files" -name '*.dcm' -size -64k -exec cp -n {} fuzz/corpus/dicom_file/ \;
 .venv/bin/python - "$SITE" <<'PY'
@@ -27,6 +29,6 @@ for t in series_assembler nifti_header dicom_file; do
   runs=$(grep -Eo 'Done [0-9]+ runs' "$log" | tail -1 || true)
   crash=$(grep -E 'SUMMARY|panicked|crash-' "$log" | head -3 || true)
   echo "$t: ${runs:-no final count} in ${SECS}s ${crash:+-- $crash}"
-  grep -E 'stat::number_of_executed_units|cov:' "$log" | tail -2 | sed "s/^/  $t /"
+  grep -E 'stat::number_of_executed_units|stat::peak_rss_mb' "$log" | sed "s/^/  $t /" || true
   rm -f "$log"
 done

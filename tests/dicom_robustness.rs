@@ -205,3 +205,15 @@ fn mutated_dicom_files_never_panic() {
         "mutations rarely parse ({images}): the test reaches little"
     );
 }
+
+/// Inputs the `dicom_file` fuzz target crashed on, kept so they stay fixed.
+#[test]
+fn fuzz_crashes_stay_fixed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom_fuzz");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        exercise(&std::fs::read(e.path()).unwrap());
+        n += 1;
+    }
+    assert!(n > 0);
+}
