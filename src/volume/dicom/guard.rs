@@ -120,8 +120,20 @@ pub fn check_lengths(b: &[u8]) -> Lengths {
     let (explicit, le) = match ts.as_str() {
         "1.2.840.10008.1.2" => (false, true),
         "1.2.840.10008.1.2.2" => (true, false),
-        // deflated data sets are inflated by dicom-rs before parsing
-        "1.2.840.10008.1.2.1.99" => return Lengths::Fit,
+        // deflated data sets: walk what dicom-rs will inflate (fuzzing
+        // found a 3 kB file whose inflated lengths asked for 2 GB)
+        "1.2.840.10008.1.2.1.99" => {
+            use std::io::Read;
+            let mut inflated = Vec::new();
+            let cap = 1u64 << 30;
+            let r = flate2::read::DeflateDecoder::new(&b[i..])
+                .take(cap)
+                .read_to_end(&mut inflated);
+            if r.is_err() || inflated.len() as u64 >= cap {
+                return Lengths::Corrupt("the deflated data set does not inflate (or inflates past 1 GiB)".into());
+            }
+            return walk(&inflated, 0, true, true);
+        }
         _ => (true, true),
     };
     walk(b, i, explicit, le)
