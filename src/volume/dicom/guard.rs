@@ -152,7 +152,7 @@ fn walk(b: &[u8], mut i: usize, explicit: bool, le: bool) -> Lengths {
             return Lengths::Fit;
         };
         let rem = |start: usize| b.len().saturating_sub(start);
-        if group == 0xFFFE {
+        if group == 0xFFFE && matches!(elem, 0xE000 | 0xE00D | 0xE0DD) {
             let Some(len) = u32_at(b, i + 4, le) else {
                 return Lengths::Fit;
             };
