@@ -77,7 +77,10 @@ def main():
     a = ap.parse_args()
 
     import torch
+    import transformers
     from sentence_transformers import SentenceTransformer
+
+    transformers.logging.disable_progress_bar()
 
     torch.set_num_threads(a.threads)
     texts = captions(a.texts)
