@@ -272,8 +272,11 @@ impl Dataset {
             h.update(name.as_bytes());
             h.update((t.dim as u64).to_le_bytes());
             h.update(&t.valid);
-            for x in &t.embeddings {
-                h.update(x.to_le_bytes());
+            let mut buf = Vec::with_capacity(1 << 16);
+            for chunk in t.embeddings.chunks(1 << 14) {
+                buf.clear();
+                buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+                h.update(&buf);
             }
             targets.push(Target {
                 name: name.to_string(),

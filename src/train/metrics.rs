@@ -53,14 +53,19 @@ impl MetricsLog {
     /// Opens `RUN/metrics.jsonl` keeping only the lines of steps <= `upto`.
     pub fn open(run: &Path, upto: u64) -> Result<MetricsLog> {
         let path = run.join("metrics.jsonl");
-        let kept: Vec<String> = read(&path)?
-            .into_iter()
-            .filter(|m| m.step <= upto)
-            .map(|m| serde_json::to_string(&m))
-            .collect::<Result<_, _>>()?;
-        let mut body = kept.join("\n");
-        if !body.is_empty() {
-            body.push('\n');
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        // Kept lines stay byte for byte: a parse and re-print of a float
+        // may move its last digit.
+        let mut body = String::new();
+        for line in text.lines() {
+            if serde_json::from_str::<StepMetrics>(line).is_ok_and(|m| m.step <= upto) {
+                body.push_str(line);
+                body.push('\n');
+            }
         }
         crate::fsutil::atomic_write(&path, body.as_bytes())?;
         let file = std::fs::OpenOptions::new()
@@ -115,10 +120,14 @@ mod tests {
         let p = d.path().join("metrics.jsonl");
         let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(b"{\"step\":6,\"epo").unwrap();
+        let before = std::fs::read_to_string(&p).unwrap();
         let log = MetricsLog::open(d.path(), 3).unwrap();
         drop(log);
         let back = read(&p).unwrap();
         assert_eq!(back, vec![m(1), m(2), m(3)]);
+        // the kept lines are the very bytes written
+        let after = std::fs::read_to_string(&p).unwrap();
+        assert!(before.starts_with(&after) && after.lines().count() == 3);
         let line = std::fs::read_to_string(&p).unwrap();
         assert!(line.starts_with("{\"step\":1,"), "{line}");
         assert!(line.contains("\"loss_text\":0.5") && line.contains("\"loss_recon\":null"));
