@@ -70,6 +70,29 @@ pub struct Summary {
     pub targets: Vec<(String, i64)>,
 }
 
+/// On the CPU, glibc serves libtorch's large activation buffers (tens of
+/// MB) with fresh mappings and unmaps them when freed, so every step pays
+/// the kernel to fault them in again: ~45% of a demo step's CPU time.
+/// Serving them from the heap and never trimming it made a demo step 1.8x
+/// faster (14 s -> 7.5 s on 2 cores) at ~1.7x the peak resident memory.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn reuse_freed_memory() {
+    use std::os::raw::c_int;
+    extern "C" {
+        fn mallopt(param: c_int, value: c_int) -> c_int;
+    }
+    const M_TRIM_THRESHOLD: c_int = -1;
+    const M_MMAP_MAX: c_int = -4;
+    // SAFETY: mallopt only changes glibc allocator thresholds.
+    unsafe {
+        mallopt(M_MMAP_MAX, 0);
+        mallopt(M_TRIM_THRESHOLD, c_int::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn reuse_freed_memory() {}
+
 /// Optimiser steps of the whole run.
 pub fn total_steps(cfg: &PretrainConfig, epoch_len: usize) -> u64 {
     cfg.max_steps.unwrap_or_else(|| {
@@ -154,6 +177,9 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     }
     let dev = cfg.device.device()?;
     let autocast = dev.is_cuda() && matches!(cfg.precision, Precision::Auto | Precision::Bf16);
+    if !dev.is_cuda() {
+        reuse_freed_memory();
+    }
     if autocast {
         use_bf16_autocast();
     }
