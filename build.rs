@@ -31,8 +31,7 @@ fn main() {
         Ok(root) if !root.is_empty() => Some(PathBuf::from(root).join("lib")),
         _ => {
             let venv_python = manifest_dir.join(".venv/bin/python");
-            torch_lib_from_python(&venv_python)
-                .or_else(|| torch_lib_from_python(Path::new("python3")))
+            torch_lib_from_python(&venv_python).or_else(|| torch_lib_from_python(Path::new("python3")))
         }
     };
     match lib {

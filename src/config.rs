@@ -121,14 +121,30 @@ impl PreprocessConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        anyhow::ensure!(self.spacing.iter().all(|s| s.is_finite() && *s > 0.0), "preprocess.spacing must be positive, got {:?}", self.spacing);
-        anyhow::ensure!(self.roi.iter().all(|&r| r > 0), "preprocess.roi must be positive, got {:?}", self.roi);
-        anyhow::ensure!(self.ct_window[1] > self.ct_window[0], "preprocess.ct_window must be [low, high] with low < high");
         anyhow::ensure!(
-            0.0 <= self.mr_percentiles[0] && self.mr_percentiles[0] < self.mr_percentiles[1] && self.mr_percentiles[1] <= 100.0,
+            self.spacing.iter().all(|s| s.is_finite() && *s > 0.0),
+            "preprocess.spacing must be positive, got {:?}",
+            self.spacing
+        );
+        anyhow::ensure!(
+            self.roi.iter().all(|&r| r > 0),
+            "preprocess.roi must be positive, got {:?}",
+            self.roi
+        );
+        anyhow::ensure!(
+            self.ct_window[1] > self.ct_window[0],
+            "preprocess.ct_window must be [low, high] with low < high"
+        );
+        anyhow::ensure!(
+            0.0 <= self.mr_percentiles[0]
+                && self.mr_percentiles[0] < self.mr_percentiles[1]
+                && self.mr_percentiles[1] <= 100.0,
             "preprocess.mr_percentiles must be [lower, upper] within 0..100"
         );
-        anyhow::ensure!(!self.planes.is_empty(), "preprocess.planes must name at least one plane");
+        anyhow::ensure!(
+            !self.planes.is_empty(),
+            "preprocess.planes must name at least one plane"
+        );
         Ok(())
     }
 }
@@ -136,8 +152,11 @@ impl PreprocessConfig {
 impl Experiment {
     pub fn load(path: &Path) -> Result<Experiment> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        let e: Experiment = serde_yaml::from_str(&text).with_context(|| format!("{}: invalid experiment config", path.display()))?;
-        e.preprocess.validate().with_context(|| format!("{}: invalid preprocess section", path.display()))?;
+        let e: Experiment =
+            serde_yaml::from_str(&text).with_context(|| format!("{}: invalid experiment config", path.display()))?;
+        e.preprocess
+            .validate()
+            .with_context(|| format!("{}: invalid preprocess section", path.display()))?;
         e.caption
             .validate()
             .with_context(|| format!("{}: invalid caption section", path.display()))?;
@@ -168,7 +187,11 @@ mod tests {
     fn unknown_key_is_named() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("e.yaml");
-        std::fs::write(&p, "name: x\nmanifest: m.yaml\nworkdir: w\npreprocess:\n  spacingg: [1, 1, 1]\n").unwrap();
+        std::fs::write(
+            &p,
+            "name: x\nmanifest: m.yaml\nworkdir: w\npreprocess:\n  spacingg: [1, 1, 1]\n",
+        )
+        .unwrap();
         let e = format!("{:#}", Experiment::load(&p).unwrap_err());
         assert!(e.contains("spacingg") && e.contains("e.yaml"), "{e}");
     }

@@ -14,7 +14,10 @@ const TMP_MARK: &str = ".tmp-";
 pub fn tmp_path(path: &Path) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!("{name}{TMP_MARK}{}-{n}", std::process::id()))
 }
 
@@ -22,7 +25,8 @@ pub fn tmp_path(path: &Path) -> PathBuf {
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
 }
@@ -40,11 +44,14 @@ pub fn atomic_write_if_changed(path: &Path, bytes: &[u8]) -> Result<bool> {
 
 /// Hex sha256 of a file's bytes.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: file not found or unreadable", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("{}: file not found or unreadable", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -76,7 +83,11 @@ pub fn sweep_stale_tmp(dir: &Path) -> Result<usize> {
         if let Some(pid) = tmp_owner(&name) {
             if !pid_alive(pid) {
                 let p = e.path();
-                let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                let r = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
                 r.with_context(|| format!("cannot remove stale temporary {}", p.display()))?;
                 removed += 1;
             }

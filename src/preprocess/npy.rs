@@ -33,9 +33,16 @@ impl NpyDtype {
 pub fn header(dtype: NpyDtype, shape: &[usize]) -> Vec<u8> {
     let shape_s = match shape.len() {
         1 => format!("({},)", shape[0]),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+        ),
     };
-    let dict = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}", dtype.descr(), shape_s);
+    let dict = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}",
+        dtype.descr(),
+        shape_s
+    );
     let unpadded = 10 + dict.len() + 1;
     let total = unpadded.div_ceil(64) * 64;
     let mut out = Vec::with_capacity(total);
@@ -69,8 +76,17 @@ pub fn read(path: &Path) -> Result<(NpyDtype, Vec<usize>, Vec<u8>)> {
     if dict.contains("'fortran_order': True") {
         bail!("{}: Fortran-ordered arrays are not supported", path.display());
     }
-    let s = dict.split("'shape': (").nth(1).and_then(|r| r.split(')').next()).context("no shape in .npy header")?;
-    let shape: Vec<usize> = s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::parse).collect::<Result<_, _>>()?;
+    let s = dict
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .context("no shape in .npy header")?;
+    let shape: Vec<usize> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
     let data = bytes[10 + hlen..].to_vec();
     if data.len() != shape.iter().product::<usize>() * dtype.size() {
         bail!("{}: data length does not match shape {shape:?}", path.display());

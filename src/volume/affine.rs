@@ -144,10 +144,11 @@ pub fn io_orientation(m: &Mat4) -> Option<[(usize, i8); 3]> {
     let mut out = [(0usize, 1i8); 3];
     for (in_ax, o) in out.iter_mut().enumerate() {
         let col: [f64; 3] = [r[0][in_ax], r[1][in_ax], r[2][in_ax]];
-        let (out_ax, _) = col
-            .iter()
-            .enumerate()
-            .fold((0usize, -1.0f64), |best, (i, v)| if v.abs() > best.1 { (i, v.abs()) } else { best });
+        let (out_ax, _) =
+            col.iter().enumerate().fold(
+                (0usize, -1.0f64),
+                |best, (i, v)| if v.abs() > best.1 { (i, v.abs()) } else { best },
+            );
         if col[out_ax] == 0.0 {
             return None;
         }
@@ -164,7 +165,11 @@ pub fn axcodes(m: &Mat4) -> Option<String> {
     const POS: [char; 3] = ['R', 'A', 'S'];
     const NEG: [char; 3] = ['L', 'P', 'I'];
     let o = io_orientation(m)?;
-    Some(o.iter().map(|&(ax, sign)| if sign > 0 { POS[ax] } else { NEG[ax] }).collect())
+    Some(
+        o.iter()
+            .map(|&(ax, sign)| if sign > 0 { POS[ax] } else { NEG[ax] })
+            .collect(),
+    )
 }
 
 /// Upper-triangular Cholesky factor U with U^T U = a (a symmetric positive
@@ -194,7 +199,12 @@ mod tests {
 
     #[test]
     fn inverse_roundtrips() {
-        let m: Mat4 = [[0.0, -2.0, 0.1, 10.0], [1.5, 0.0, 0.0, -3.0], [0.0, 0.2, 3.0, 7.0], [0.0, 0.0, 0.0, 1.0]];
+        let m: Mat4 = [
+            [0.0, -2.0, 0.1, 10.0],
+            [1.5, 0.0, 0.0, -3.0],
+            [0.0, 0.2, 3.0, 7.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
         let inv = inv_affine(&m).unwrap();
         let id = matmul4(&m, &inv);
         for i in 0..4 {
@@ -208,7 +218,12 @@ mod tests {
     #[test]
     fn axcodes_of_permuted_flipped_affine() {
         // voxel i -> -y (P), j -> +z (S), k -> -x (L)
-        let m: Mat4 = [[0.0, 0.0, -1.0, 0.0], [-2.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]];
+        let m: Mat4 = [
+            [0.0, 0.0, -1.0, 0.0],
+            [-2.0, 0.0, 0.0, 0.0],
+            [0.0, 3.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
         assert_eq!(axcodes(&m).unwrap(), "PSL");
         assert_eq!(axcodes(&identity4()).unwrap(), "RAS");
     }

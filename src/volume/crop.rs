@@ -44,9 +44,15 @@ fn shift_origin(affine: &Mat4, start: [f64; 3]) -> Mat4 {
 
 /// Crops to `bbox` (which must lie inside the volume).
 pub fn crop(vol: &Volume, bbox: &BBox) -> Volume {
-    let d = vol.data.slice(s![bbox[0].0..bbox[0].1, bbox[1].0..bbox[1].1, bbox[2].0..bbox[2].1]).to_owned();
+    let d = vol
+        .data
+        .slice(s![bbox[0].0..bbox[0].1, bbox[1].0..bbox[1].1, bbox[2].0..bbox[2].1])
+        .to_owned();
     let start = [bbox[0].0 as f64, bbox[1].0 as f64, bbox[2].0 as f64];
-    Volume { data: d, affine: shift_origin(&vol.affine, start) }
+    Volume {
+        data: d,
+        affine: shift_origin(&vol.affine, start),
+    }
 }
 
 /// The (pad_before, crop_start) per axis that `ResizeWithPadOrCrop`
@@ -79,8 +85,14 @@ pub fn pad_or_crop(vol: &Volume, roi: [usize; 3]) -> Volume {
         src[a] = ((o0 as i64 + off) as usize, (o1 as i64 + off) as usize);
     }
     out.slice_mut(s![dst[0].0..dst[0].1, dst[1].0..dst[1].1, dst[2].0..dst[2].1])
-        .assign(&vol.data.slice(s![src[0].0..src[0].1, src[1].0..src[1].1, src[2].0..src[2].1]));
-    Volume { data: out, affine: shift_origin(&vol.affine, origin) }
+        .assign(
+            &vol.data
+                .slice(s![src[0].0..src[0].1, src[1].0..src[1].1, src[2].0..src[2].1]),
+        );
+    Volume {
+        data: out,
+        affine: shift_origin(&vol.affine, origin),
+    }
 }
 
 /// Resizes to `shape` (half-pixel centres, as interpolate(align_corners=False)).
@@ -138,7 +150,10 @@ mod tests {
     #[test]
     fn pad_or_crop_moves_voxels_and_origin_together() {
         let data = Array3::from_shape_fn((5, 9, 4), |(i, j, k)| (i * 100 + j * 10 + k) as f32 + 1.0);
-        let vol = Volume { data, affine: identity4() };
+        let vol = Volume {
+            data,
+            affine: identity4(),
+        };
         let out = pad_or_crop(&vol, [8, 4, 4]);
         assert_eq!(out.data[[0, 0, 0]], 0.0); // padding
         assert_eq!(out.data[[1, 0, 0]], 21.0); // input (0, 2, 0)

@@ -110,23 +110,43 @@ impl Fields<'_> {
     }
     fn i16(&self, off: usize) -> i16 {
         let a = self.bytes::<2>(off);
-        if self.be { i16::from_be_bytes(a) } else { i16::from_le_bytes(a) }
+        if self.be {
+            i16::from_be_bytes(a)
+        } else {
+            i16::from_le_bytes(a)
+        }
     }
     fn i32(&self, off: usize) -> i32 {
         let a = self.bytes::<4>(off);
-        if self.be { i32::from_be_bytes(a) } else { i32::from_le_bytes(a) }
+        if self.be {
+            i32::from_be_bytes(a)
+        } else {
+            i32::from_le_bytes(a)
+        }
     }
     fn i64(&self, off: usize) -> i64 {
         let a = self.bytes::<8>(off);
-        if self.be { i64::from_be_bytes(a) } else { i64::from_le_bytes(a) }
+        if self.be {
+            i64::from_be_bytes(a)
+        } else {
+            i64::from_le_bytes(a)
+        }
     }
     fn f32(&self, off: usize) -> f64 {
         let a = self.bytes::<4>(off);
-        f64::from(if self.be { f32::from_be_bytes(a) } else { f32::from_le_bytes(a) })
+        f64::from(if self.be {
+            f32::from_be_bytes(a)
+        } else {
+            f32::from_le_bytes(a)
+        })
     }
     fn f64(&self, off: usize) -> f64 {
         let a = self.bytes::<8>(off);
-        if self.be { f64::from_be_bytes(a) } else { f64::from_le_bytes(a) }
+        if self.be {
+            f64::from_be_bytes(a)
+        } else {
+            f64::from_le_bytes(a)
+        }
     }
 }
 
@@ -147,13 +167,18 @@ pub fn parse_header(bytes: &[u8]) -> Result<NiftiHeader> {
     if bytes.len() < size {
         bail!("file is truncated inside the header ({} of {size} bytes)", bytes.len());
     }
-    let f = Fields { b: bytes, be: big_endian };
+    let f = Fields {
+        b: bytes,
+        be: big_endian,
+    };
     let mut h = if size == 348 {
         let magic = &bytes[344..348];
         let single_file = match magic {
             b"n+1\0" => true,
             b"ni1\0" => false,
-            _ => bail!("header has sizeof_hdr 348 but no NIfTI-1 magic (\"n+1\"/\"ni1\"); Analyze 7.5 files are not supported"),
+            _ => bail!(
+                "header has sizeof_hdr 348 but no NIfTI-1 magic (\"n+1\"/\"ni1\"); Analyze 7.5 files are not supported"
+            ),
         };
         let mut dim = [0i64; 8];
         for (i, d) in dim.iter_mut().enumerate() {
@@ -253,7 +278,11 @@ impl NiftiHeader {
         let dt = DataType::from_code(self.datatype)?;
         if self.bitpix != 0 && self.bitpix as usize != dt.size() * 8 {
             // nibabel trusts datatype and fixes bitpix; so do we.
-            tracing::debug!(bitpix = self.bitpix, datatype = self.datatype, "bitpix disagrees with datatype");
+            tracing::debug!(
+                bitpix = self.bitpix,
+                datatype = self.datatype,
+                "bitpix disagrees with datatype"
+            );
         }
         Ok(dt)
     }
@@ -264,7 +293,11 @@ impl NiftiHeader {
         if s.is_nan() || s == 0.0 || s.is_infinite() {
             return None;
         }
-        let i = if self.scl_inter.is_finite() { self.scl_inter } else { 0.0 };
+        let i = if self.scl_inter.is_finite() {
+            self.scl_inter
+        } else {
+            0.0
+        };
         if s == 1.0 && i == 0.0 {
             return None;
         }
@@ -324,8 +357,16 @@ impl NiftiHeader {
     fn base_affine(&self) -> Mat4 {
         let mut m = identity4();
         for i in 0..3 {
-            let n = if (i as i64) < self.dim[0] { self.dim[i + 1] as f64 } else { 1.0 };
-            let z = if (i as i64) < self.dim[0] { self.pixdim[i + 1] } else { 1.0 };
+            let n = if (i as i64) < self.dim[0] {
+                self.dim[i + 1] as f64
+            } else {
+                1.0
+            };
+            let z = if (i as i64) < self.dim[0] {
+                self.pixdim[i + 1]
+            } else {
+                1.0
+            };
             let z = if i == 0 { -z } else { z };
             m[i][i] = z;
             m[i][3] = -(n - 1.0) / 2.0 * z;
@@ -397,10 +438,18 @@ fn pair_paths(path: &Path) -> Option<(PathBuf, PathBuf)> {
                     other_path
                 } else {
                     // the partner may be plain where this one is gzipped, or the reverse
-                    let alt = if other.ends_with(".gz") { other.trim_end_matches(".gz").to_string() } else { format!("{other}.gz") };
+                    let alt = if other.ends_with(".gz") {
+                        other.trim_end_matches(".gz").to_string()
+                    } else {
+                        format!("{other}.gz")
+                    };
                     path.with_file_name(format!("{stem}{alt}"))
                 };
-                return Some(if is_hdr { (path.to_path_buf(), other_path) } else { (other_path, path.to_path_buf()) });
+                return Some(if is_hdr {
+                    (path.to_path_buf(), other_path)
+                } else {
+                    (other_path, path.to_path_buf())
+                });
             }
         }
     }
@@ -644,9 +693,14 @@ fn read_whole(path: &Path, layout: Layout) -> Result<NiftiImage> {
     let (header, bytes, offset) = match pair_paths(path) {
         Some((hdr_path, img_path)) => {
             let hbytes = read_maybe_gz(&hdr_path)?;
-            let header = parse_header(&hbytes).with_context(|| format!("{}: invalid NIfTI header", hdr_path.display()))?;
+            let header =
+                parse_header(&hbytes).with_context(|| format!("{}: invalid NIfTI header", hdr_path.display()))?;
             if !img_path.exists() {
-                bail!("{}: the image file {} of this header/image pair is missing", path.display(), img_path.display());
+                bail!(
+                    "{}: the image file {} of this header/image pair is missing",
+                    path.display(),
+                    img_path.display()
+                );
             }
             let bytes = read_maybe_gz(&img_path)?;
             let off = header.vox_offset as usize;
@@ -656,7 +710,10 @@ fn read_whole(path: &Path, layout: Layout) -> Result<NiftiImage> {
             let bytes = read_maybe_gz(path)?;
             let header = parse_header(&bytes).with_context(|| format!("{}: invalid NIfTI header", path.display()))?;
             if !header.single_file {
-                bail!("{}: header says the data are in a separate .img file, but this is a single file", path.display());
+                bail!(
+                    "{}: header says the data are in a separate .img file, but this is a single file",
+                    path.display()
+                );
             }
             let off = header.vox_offset as usize;
             let min = if header.version == 1 { 348 } else { 540 };

@@ -52,7 +52,10 @@ pub fn apply(vol: &Volume, tr: &[(usize, bool); 3]) -> Volume {
             t[i][a] = 1.0;
         }
     }
-    Volume { data, affine: matmul4(&vol.affine, &t) }
+    Volume {
+        data,
+        affine: matmul4(&vol.affine, &t),
+    }
 }
 
 #[cfg(test)]
@@ -64,7 +67,12 @@ mod tests {
     #[test]
     fn reoriented_voxels_keep_their_world_position() {
         // LPS-ish, permuted: i -> -y, j -> +z, k -> -x
-        let affine = [[0.0, 0.0, -1.5, 10.0], [-2.0, 0.0, 0.0, 20.0], [0.0, 3.0, 0.0, -5.0], [0.0, 0.0, 0.0, 1.0]];
+        let affine = [
+            [0.0, 0.0, -1.5, 10.0],
+            [-2.0, 0.0, 0.0, 20.0],
+            [0.0, 3.0, 0.0, -5.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
         let data = Array3::from_shape_fn((4, 5, 6), |(i, j, k)| (i * 100 + j * 10 + k) as f32);
         let vol = Volume { data, affine };
         let ras = to_ras(&vol).unwrap();
