@@ -11,7 +11,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(BIN)
 
-.PHONY: setup build demo test test-rust test-python bench bench-caption lint clean
+.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed lint clean
 
 setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched
 
