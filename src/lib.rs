@@ -2,6 +2,9 @@
 //! (Med3DInsight), as staged subcommands over files. See ARCHITECTURE.md
 //! (in shared/) for the stages; each module below is one piece of that
 //! pipeline.
+
+// Affine and matrix code reads best as index loops over rows and columns.
+#![allow(clippy::needless_range_loop)]
 pub mod align;
 pub mod caption;
 pub mod config;

@@ -7,7 +7,8 @@ use ndarray::Array3;
 
 /// Maps [lo, hi] linearly to [0, 1] and clips.
 pub fn scale_window(data: &mut Array3<f32>, lo: f64, hi: f64) -> Result<()> {
-    if !(hi > lo) {
+    // NaN bounds fail too.
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         bail!("intensity window [{lo}, {hi}] is empty");
     }
     let (lo, inv) = (lo as f32, (1.0 / (hi - lo)) as f32);

@@ -308,9 +308,7 @@ impl NiftiHeader {
     pub fn affine(&self) -> Mat4 {
         if self.sform_code != 0 {
             let mut m = identity4();
-            for r in 0..3 {
-                m[r] = self.srow[r];
-            }
+            m[..3].copy_from_slice(&self.srow);
             m
         } else if self.qform_code != 0 {
             self.qform_affine()

@@ -173,16 +173,20 @@ pub(crate) fn axis_table(
 
 fn separable(data: &Array3<f32>, m: &Mat4, out_shape: [usize; 3], interp: Interp) -> Array3<f32> {
     let in_shape = data.shape();
-    let tables: [Option<Vec<(usize, usize, f32)>>; 3] = std::array::from_fn(|ax| {
+    let tables: AxisTables = std::array::from_fn(|ax| {
         let identity = out_shape[ax] == in_shape[ax] && m[ax][ax] == 1.0 && m[ax][3] == 0.0;
         (!identity).then(|| axis_table(in_shape[ax], out_shape[ax], m[ax][ax], m[ax][3], interp))
     });
     interp_axes(data, &tables)
 }
 
+/// One axis's 1-D interpolation: per output index, (lower input index,
+/// upper input index, weight of the upper). None: the axis is unchanged.
+pub(crate) type AxisTables = [Option<Vec<(usize, usize, f32)>>; 3];
+
 /// Applies 1-D interpolation tables (None: axis unchanged) axis by axis,
 /// shrinking axes first so the intermediate arrays stay small.
-pub(crate) fn interp_axes(data: &Array3<f32>, tables: &[Option<Vec<(usize, usize, f32)>>; 3]) -> Array3<f32> {
+pub(crate) fn interp_axes(data: &Array3<f32>, tables: &AxisTables) -> Array3<f32> {
     let in_shape = data.shape().to_vec();
     let out_len = |ax: usize| tables[ax].as_ref().map_or(in_shape[ax], Vec::len);
     let mut order = [0usize, 1, 2];
@@ -309,7 +313,7 @@ mod tests {
 
     /// The straightforward form of `interp_axes` (a blend of whole index_axis
     /// views per output index), which the line-based one must match bit for bit.
-    fn interp_axes_reference(data: &Array3<f32>, tables: &[Option<Vec<(usize, usize, f32)>>; 3]) -> Array3<f32> {
+    fn interp_axes_reference(data: &Array3<f32>, tables: &AxisTables) -> Array3<f32> {
         use ndarray::{Axis, Zip};
         let in_shape = data.shape().to_vec();
         let out_len = |ax: usize| tables[ax].as_ref().map_or(in_shape[ax], Vec::len);
@@ -357,7 +361,7 @@ mod tests {
         ] {
             let (aff, shape) = target_grid(&vol.affine, vol.shape(), pixdim).unwrap();
             let m = matmul4(&inv_affine(&vol.affine).unwrap(), &aff);
-            let tables: [Option<Vec<(usize, usize, f32)>>; 3] = std::array::from_fn(|ax| {
+            let tables: AxisTables = std::array::from_fn(|ax| {
                 let identity = shape[ax] == data.shape()[ax] && m[ax][ax] == 1.0 && m[ax][3] == 0.0;
                 (!identity).then(|| axis_table(data.shape()[ax], shape[ax], m[ax][ax], m[ax][3], interp))
             });
