@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use med3dinsight::volume::affine::{apply4, inv_affine};
-use med3dinsight::volume::dicom::{header, pixels, series};
+use med3dinsight::volume::dicom::{guard, header, pixels, series};
 
 /// xorshift64*: small, deterministic, good enough to spread inputs.
 struct Rng(u64);
@@ -212,7 +212,25 @@ fn fuzz_crashes_stay_fixed() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom_fuzz");
     let mut n = 0;
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
-        exercise(&std::fs::read(e.path()).unwrap());
+        let bytes = std::fs::read(e.path()).unwrap();
+        // The OOM inputs declare lengths that dicom-rs would allocate
+        // (gigabytes) before failing: the length guard must refuse them
+        // first, by name.
+        if e.file_name().to_string_lossy().starts_with("oom-") {
+            match guard::check_lengths(&bytes) {
+                guard::Lengths::Corrupt(why) => assert!(why.contains("element") || why.contains("deflated"), "{why}"),
+                other => panic!("{}: the guard let it through ({other:?})", e.path().display()),
+            }
+            assert!(
+                matches!(
+                    header::scan_bytes(Path::new("oom.dcm"), &bytes),
+                    header::ScanOutcome::Broken(_)
+                ),
+                "{}",
+                e.path().display()
+            );
+        }
+        exercise(&bytes);
         n += 1;
     }
     assert!(n > 0);

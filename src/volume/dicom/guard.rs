@@ -71,6 +71,20 @@ fn long_form(vr: &[u8]) -> bool {
     )
 }
 
+/// The size of one number of a binary numeric VR (1 for the others).
+/// dicom-rs reads such a value as `len / width` numbers but counts `len`
+/// bytes as read, so a length that is not a multiple leaves the stream
+/// misaligned and the next "header" it reads is value bytes, whose length
+/// field can ask for gigabytes (fuzzing found one: an SQ turned SV).
+fn value_width(vr: &[u8]) -> u32 {
+    match vr {
+        b"US" | b"SS" | b"OW" => 2,
+        b"AT" | b"FL" | b"OF" | b"SL" | b"UL" | b"OL" => 4,
+        b"FD" | b"OD" | b"SV" | b"UV" | b"OV" => 8,
+        _ => 1,
+    }
+}
+
 fn is_sequence_in_dictionary(tag: Tag) -> bool {
     StandardDataDictionary
         .by_tag(tag)
@@ -182,10 +196,12 @@ fn walk(b: &[u8], mut i: usize, explicit: bool, le: bool) -> Lengths {
             continue;
         }
         let tag = Tag(group, elem);
+        let mut width = 1;
         let (len, hdr, sequence) = if explicit {
             let Some(vr) = b.get(i + 4..i + 6) else {
                 return Lengths::Fit;
             };
+            width = value_width(vr);
             if long_form(vr) {
                 let Some(l) = u32_at(b, i + 8, le) else {
                     return Lengths::Fit;
@@ -201,6 +217,9 @@ fn walk(b: &[u8], mut i: usize, explicit: bool, le: bool) -> Lengths {
             let Some(l) = u32_at(b, i + 4, le) else {
                 return Lengths::Fit;
             };
+            if let Some(VirtualVr::Exact(vr)) = StandardDataDictionary.by_tag(tag).map(|e| e.vr()) {
+                width = value_width(vr.to_string().as_bytes());
+            }
             (l, 8, is_sequence_in_dictionary(tag))
         };
         i += hdr;
@@ -222,6 +241,11 @@ fn walk(b: &[u8], mut i: usize, explicit: bool, le: bool) -> Lengths {
                 ));
             }
             continue;
+        }
+        if len % width != 0 && !pixel_data {
+            return Lengths::Corrupt(format!(
+                "element ({group:04X},{elem:04X}) holds {width}-byte numbers but has length {len}"
+            ));
         }
         if len as usize > rem(i) {
             let msg = format!("element ({group:04X},{elem:04X}) claims {len} bytes, {} remain", rem(i));
@@ -265,6 +289,26 @@ mod tests {
             check_lengths(&explicit_le(&px)),
             Lengths::PixelDataTruncated(_)
         ));
+    }
+
+    #[test]
+    fn finds_numeric_values_of_a_length_dicom_rs_would_misread() {
+        // (0018,0088) DS "1", then (0020,9116) as SV with 12 bytes (1.5 numbers)
+        let ok = [0x18, 0x00, 0x88, 0x00, b'D', b'S', 2, 0, b'1', b' '];
+        let mut bad = ok.to_vec();
+        bad.extend_from_slice(&[0x20, 0x00, 0x16, 0x91, b'S', b'V', 0, 0, 12, 0, 0, 0]);
+        bad.extend_from_slice(&[0u8; 12]);
+        let Lengths::Corrupt(why) = check_lengths(&explicit_le(&bad)) else {
+            panic!("misaligned SV accepted");
+        };
+        assert!(
+            why.contains("(0020,9116) holds 8-byte numbers but has length 12"),
+            "{why}"
+        );
+        bad.truncate(bad.len() - 12);
+        bad[ok.len() + 8] = 16;
+        bad.extend_from_slice(&[0u8; 16]);
+        assert_eq!(check_lengths(&explicit_le(&bad)), Lengths::Fit);
     }
 
     #[test]
