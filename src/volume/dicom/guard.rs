@@ -100,9 +100,29 @@ pub fn check_lengths(b: &[u8]) -> Lengths {
     } else {
         return Lengths::Fit;
     };
-    // File meta group: always explicit VR little endian.
+    // File meta group: always explicit VR little endian. dicom-rs reads
+    // elements (of any group) until FileMetaInformationGroupLength bytes
+    // are consumed, so the data set starts where that count says, not at
+    // the first element of another group (fuzzing found a file where the
+    // two differ and the data set dicom-rs inflated asked for 3.5 GB).
     let mut ts = String::new();
-    while u16_at(b, i, true) == Some(0x0002) {
+    let group_length = (u16_at(b, i, true) == Some(0x0002)
+        && u16_at(b, i + 2, true) == Some(0x0000)
+        && u16_at(b, i + 6, true) == Some(4))
+    .then(|| u32_at(b, i + 8, true))
+    .flatten();
+    let meta_start = i + 12;
+    let in_meta = |i: usize| match group_length {
+        Some(g) => i < meta_start.saturating_add(g as usize),
+        None => u16_at(b, i, true) == Some(0x0002),
+    };
+    if group_length.is_some() {
+        i = meta_start;
+    }
+    while in_meta(i) {
+        let Some(group) = u16_at(b, i, true) else {
+            return Lengths::Fit;
+        };
         let Some(elem) = u16_at(b, i + 2, true) else {
             return Lengths::Fit;
         };
@@ -122,9 +142,9 @@ pub fn check_lengths(b: &[u8]) -> Lengths {
         };
         let start = i + hdr;
         if len == UNDEFINED || len as usize > b.len().saturating_sub(start) {
-            return Lengths::Corrupt(format!("file meta element (0002,{elem:04X}) claims {len} bytes"));
+            return Lengths::Corrupt(format!("file meta element ({group:04X},{elem:04X}) claims {len} bytes"));
         }
-        if elem == 0x0010 {
+        if group == 0x0002 && elem == 0x0010 {
             ts = String::from_utf8_lossy(&b[start..start + len as usize])
                 .trim_end_matches(['\0', ' '])
                 .to_string();
