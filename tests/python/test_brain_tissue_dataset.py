@@ -3,7 +3,9 @@ dataset, another seed another one; every volume has all four classes; image
 and label stay aligned through the joint deformation (the mean T1 of each
 class keeps the order background < CSF < GM < WM, with margins, in every
 volume); labels are nearest-neighbour (no interpolated values); the
-manifests load in med3d and split train from test."""
+manifests load in med3d and split train from test; and `med3d run` on the
+dataset pretrains, exports once (files that load strictly into MONAI from
+their cards) and skips the exports on a rerun."""
 import json
 import subprocess
 import sys
@@ -110,3 +112,42 @@ def test_manifests_split_train_from_test_and_load_in_med3d(made, binary, tmp_pat
     med3d("preprocess", "--config", cfg, "--out", tmp_path / "cache")
     lab = np.load(tmp_path / "cache" / "cases" / "bt_001" / "label.npy")
     assert set(np.unique(lab)) == {0, 1, 2, 3}
+
+
+def test_med3d_run_pretrains_and_exports_once(made, binary, tmp_path):
+    """`med3d run` on the made dataset: pretrain (2 tiny steps), then the two
+    exports, which load strictly into MONAI from their cards; a rerun
+    rewrites neither."""
+    import torch
+    from monai.networks.nets import SwinUNETR
+    from monai.networks.nets.swin_unetr import SwinTransformer
+    from safetensors.torch import load_file
+
+    minilm = ROOT / "data" / "models" / "all-MiniLM-L6-v2"
+    if not minilm.is_dir():
+        pytest.skip("data/models/all-MiniLM-L6-v2 missing: run `make setup`")
+    torch.set_num_threads(1)
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(
+        f"name: bt\nmanifest: {made[0] / 'brain-tissue-train.yaml'}\nworkdir: {tmp_path / 'w'}\n"
+        "preprocess: {spacing: [2.0, 2.0, 2.0], roi: [64, 64, 64], slices_per_plane: 2}\n"
+        f"embed: {{text: {{model: minilm, weights: {minilm}}}}}\n"
+        "pretrain:\n  device: cpu\n  threads: 1\n  max_steps: 2\n  batch_size: 2\n  sampling: slice\n"
+        "  backbone: {feature_size: 12, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2]}\n"
+        "  psat: {layers: 1, heads: 2, queries: 4, bins: 8}\n  align: {max_iter: 30}\n"
+    )
+    med3d("run", "--config", cfg)
+    exp = tmp_path / "w" / "runs" / "bt" / "export"
+    files = [exp / f for f in ("swinunetr.safetensors", "encoder.safetensors")]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    for f, cls in zip(files, (SwinUNETR, SwinTransformer)):
+        card = json.loads(f.with_suffix(".card.json").read_text())
+        assert card["training"]["step"] == 2 and card["data"]["cases"] == 1
+        assert card["input"]["preprocess"]["roi"] == [64, 64, 64]
+        assert card["monai"]["class"].endswith(cls.__name__)
+        cls(**card["monai"]["kwargs"]).load_state_dict(load_file(f), strict=True)
+    again = med3d("run", "--config", cfg).stdout
+    for stage in ("pretrain", "export (Full", "export (Encoder"):
+        line = next(l for l in again.splitlines() if l.startswith(stage))
+        assert "up to date" in line, again
+    assert [f.stat().st_mtime_ns for f in files] == stamps
