@@ -330,6 +330,19 @@ fn bad_runs_and_checkpoints_give_clear_errors() {
         e.contains("does not fit") && e.contains("out.conv.conv.bias: shape [2]"),
         "{e}"
     );
+    // the backbone intact but the PSAT head gone: the whole model must fit
+    let original = read(&r.run.join("checkpoints/step-00000002/model.safetensors"));
+    for (k, v) in t.iter_mut() {
+        if k == "out.conv.conv.bias" {
+            *v = original[k.as_str()].shallow_clone();
+        }
+    }
+    Tensor::write_safetensors(&t, &model).unwrap();
+    let e = export_err(&["export", "--run", &run, "--out", &out]);
+    assert!(
+        e.contains("does not fit the model") && e.contains("missing") && e.contains("psat."),
+        "{e}"
+    );
     std::fs::write(&model, &bytes).unwrap();
     let e = export_err(&[
         "export",

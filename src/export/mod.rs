@@ -147,8 +147,9 @@ fn up_to_date(req: &Request, ckpt: &Path) -> bool {
 pub fn run_if_stale(req: &Request) -> Result<Exported> {
     let ckpt = find_checkpoint(&req.run, req.step)?;
     if up_to_date(req, &ckpt) {
-        let text = std::fs::read_to_string(card_path(&req.out))?;
-        let c: Card = serde_json::from_str(&text)?;
+        let cp = card_path(&req.out);
+        let text = std::fs::read_to_string(&cp).with_context(|| format!("cannot read {}", cp.display()))?;
+        let c: Card = serde_json::from_str(&text).with_context(|| format!("{}: not an export card", cp.display()))?;
         return Ok(Exported {
             file: req.out.clone(),
             card: card_path(&req.out),
