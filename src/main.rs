@@ -121,6 +121,24 @@ enum Cmd {
         #[arg(long)]
         resume: bool,
     },
+    /// Write a checkpoint's weights for downstream networks (MONAI SwinUNETR
+    /// or its encoder), with a model card beside them.
+    Export {
+        /// Run folder written by `med3d pretrain`.
+        #[arg(long)]
+        run: PathBuf,
+        /// Checkpoint step; default: the latest.
+        #[arg(long)]
+        step: Option<u64>,
+        #[arg(long, value_enum, default_value = "monai-swinunetr")]
+        format: med3dinsight::export::Format,
+        /// monai-swinunetr: only the encoder (MONAI's SwinTransformer, `swinViT.` removed).
+        #[arg(long)]
+        encoder_only: bool,
+        /// The .safetensors file to write; the card goes beside it as <stem>.card.json.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Embeddings of given texts or images as .npy (parity tests, benchmarks).
     #[command(hide = true)]
     Encode(med3dinsight::embed::encode::EncodeArgs),
@@ -275,6 +293,25 @@ fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Pa
     Ok(s.status != Status::Interrupted)
 }
 
+fn export_stage(req: &med3dinsight::export::Request, run_mode: bool) -> Result<bool> {
+    let e = if run_mode {
+        med3dinsight::export::run_if_stale(req)?
+    } else {
+        med3dinsight::export::run(req)?
+    };
+    println!(
+        "export ({:?}, step {}): {} tensors, {} parameters{} -> {} (card {})",
+        e.variant,
+        e.step,
+        e.tensors,
+        e.parameters,
+        if e.up_to_date { ", up to date" } else { "" },
+        e.file.display(),
+        e.card.display()
+    );
+    Ok(true)
+}
+
 fn real_main() -> Result<bool> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -366,6 +403,25 @@ fn real_main() -> Result<bool> {
             let out = out.unwrap_or_else(|| exp.run_dir());
             pretrain_stage(&exp, &cache, &out, resume)
         }
+        Cmd::Export {
+            run,
+            step,
+            format,
+            encoder_only,
+            out,
+        } => {
+            if encoder_only && format != med3dinsight::export::Format::MonaiSwinunetr {
+                anyhow::bail!("--encoder-only goes with --format monai-swinunetr");
+            }
+            let req = med3dinsight::export::Request {
+                run,
+                step,
+                format,
+                encoder_only,
+                out,
+            };
+            export_stage(&req, false)
+        }
         Cmd::Encode(args) => {
             let r = med3dinsight::embed::encode::encode(&args)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -383,7 +439,22 @@ fn real_main() -> Result<bool> {
                 embed_stage(&exp, &cache, None).with_context(|| format!("experiment {}: embed", exp.name))?;
             let pretrained = pretrain_stage(&exp, &cache, &exp.run_dir(), true)
                 .with_context(|| format!("experiment {}: pretrain", exp.name))?;
-            Ok(ok && captioned && embedded && pretrained)
+            // Weights for downstream networks, from the finished run only.
+            let mut exported = true;
+            if pretrained {
+                let run = exp.run_dir();
+                for (file, encoder_only) in [("swinunetr.safetensors", false), ("encoder.safetensors", true)] {
+                    let req = med3dinsight::export::Request {
+                        run: run.clone(),
+                        step: None,
+                        format: med3dinsight::export::Format::MonaiSwinunetr,
+                        encoder_only,
+                        out: run.join("export").join(file),
+                    };
+                    exported &= export_stage(&req, true).with_context(|| format!("experiment {}: export", exp.name))?;
+                }
+            }
+            Ok(ok && captioned && embedded && pretrained && exported)
         }
     }
 }

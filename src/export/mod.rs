@@ -1,0 +1,322 @@
+//! The export stage: a pretraining checkpoint -> weights for downstream
+//! networks, with a model card beside them.
+//!
+//! ```text
+//! --format monai-swinunetr                 SwinUNETR's state dict, MONAI's keys (no psat./pool./align.)
+//! --format monai-swinunetr --encoder-only  swinViT.* with the prefix removed: MONAI's SwinTransformer
+//! --format safetensors                     the whole variable store as trained
+//! <out>.card.json                          kwargs, input spacing/ROI/intensities, data, step, losses, source
+//! ```
+//! The checkpoint is loaded strictly into the model its run's config
+//! builds (every key, shape and kind), so a file that does not belong to
+//! its config is refused, not exported. Files are written to a temporary
+//! name and renamed; the card is written last.
+pub mod card;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde::Deserialize;
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use crate::config::PreprocessConfig;
+use crate::fsutil::{atomic_write, sha256_file, tmp_path};
+use crate::model::state_dict::{load_named, save_safetensors};
+use crate::model::swin_unetr::SwinUnetr;
+use crate::train::checkpoint;
+use crate::train::model::Pretrainer;
+use crate::train::PretrainConfig;
+use card::{Card, DataProvenance, InputSpec, Source, Training, Variant, CARD_FORMAT};
+
+/// Key prefixes of the variable store that are not the backbone.
+pub const NON_BACKBONE: [&str; 3] = ["psat.", "pool.", "align."];
+const ENCODER_PREFIX: &str = "swinViT.";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// MONAI SwinUNETR (or, with --encoder-only, SwinTransformer) state dict.
+    MonaiSwinunetr,
+    /// The whole variable store as trained (backbone, head, alignment weights).
+    Safetensors,
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The run folder `med3d pretrain` wrote.
+    pub run: PathBuf,
+    /// The checkpoint's step; default: the latest.
+    pub step: Option<u64>,
+    pub format: Format,
+    pub encoder_only: bool,
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Exported {
+    pub file: PathBuf,
+    pub card: PathBuf,
+    pub variant: Variant,
+    pub step: u64,
+    pub tensors: usize,
+    pub parameters: i64,
+    /// Nothing written: the export was newer than its checkpoint.
+    pub up_to_date: bool,
+}
+
+/// The card beside an export: `swinunetr.safetensors` -> `swinunetr.card.json`.
+pub fn card_path(out: &Path) -> PathBuf {
+    out.with_extension("card.json")
+}
+
+/// What `RUN/run.json` records (the fields export needs).
+#[derive(Debug, Deserialize)]
+struct RunRecord {
+    config: PretrainConfig,
+    #[serde(default)]
+    cache: Option<PathBuf>,
+    #[serde(default)]
+    cases: Option<usize>,
+    #[serde(default)]
+    usable_slices: Option<usize>,
+    #[serde(default)]
+    targets: Vec<(String, i64)>,
+}
+
+fn read_run(run: &Path) -> Result<RunRecord> {
+    let p = run.join("run.json");
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("cannot read {} (the run's pretrain config)", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a pretrain run record", p.display()))
+}
+
+/// The checkpoint folder of `step` (default: the latest) with a clear
+/// error naming the run when it is missing.
+pub fn find_checkpoint(run: &Path, step: Option<u64>) -> Result<PathBuf> {
+    ensure!(run.is_dir(), "{}: no such run folder", run.display());
+    let all = checkpoint::list(run);
+    match step {
+        None => checkpoint::latest(run).ok_or_else(|| {
+            anyhow!(
+                "{}: the run holds no complete checkpoint (nothing under {}); run `med3d pretrain` first",
+                run.display(),
+                checkpoint::dir(run).display()
+            )
+        }),
+        Some(s) => match all.iter().find(|(k, _)| *k == s) {
+            Some((_, p)) => Ok(p.clone()),
+            None if all.is_empty() => bail!(
+                "{}: no checkpoint at step {s}: the run holds no complete checkpoint",
+                run.display()
+            ),
+            None => bail!(
+                "{}: no checkpoint at step {s}; the run holds steps {}",
+                run.display(),
+                all.iter().map(|(k, _)| k.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        },
+    }
+}
+
+fn variant(req: &Request) -> Variant {
+    match (req.format, req.encoder_only) {
+        (Format::Safetensors, _) => Variant::TrainingState,
+        (Format::MonaiSwinunetr, false) => Variant::Full,
+        (Format::MonaiSwinunetr, true) => Variant::Encoder,
+    }
+}
+
+/// Whether `req.out` (and its card) were exported from `ckpt` after the
+/// checkpoint was written, in the same variant.
+fn up_to_date(req: &Request, ckpt: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(card_path(&req.out)) else {
+        return false;
+    };
+    let Ok(c) = serde_json::from_str::<Card>(&text) else {
+        return false;
+    };
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let (Some(out), Some(src)) = (mtime(&req.out), mtime(&ckpt.join("model.safetensors"))) else {
+        return false;
+    };
+    c.variant == variant(req) && c.source.checkpoint == ckpt && out >= src
+}
+
+/// Exports unless the export is already newer than its checkpoint.
+pub fn run_if_stale(req: &Request) -> Result<Exported> {
+    let ckpt = find_checkpoint(&req.run, req.step)?;
+    if up_to_date(req, &ckpt) {
+        let cp = card_path(&req.out);
+        let text = std::fs::read_to_string(&cp).with_context(|| format!("cannot read {}", cp.display()))?;
+        let c: Card = serde_json::from_str(&text).with_context(|| format!("{}: not an export card", cp.display()))?;
+        return Ok(Exported {
+            file: req.out.clone(),
+            card: card_path(&req.out),
+            variant: c.variant,
+            step: c.training.step,
+            tensors: c.tensors,
+            parameters: c.parameters,
+            up_to_date: true,
+        });
+    }
+    run(req)
+}
+
+/// Loads a checkpoint's model strictly into the model its run builds;
+/// returns the backbone's store and the whole store.
+fn load_checkpoint(rec: &RunRecord, ckpt: &Path) -> Result<(VarStore, VarStore)> {
+    let mp = ckpt.join("model.safetensors");
+    let source = mp.display().to_string();
+    let tensors = Tensor::read_safetensors(&mp).with_context(|| format!("cannot read {source}"))?;
+    let whole = VarStore::new(Device::Cpu);
+    Pretrainer::new(&whole.root(), &rec.config, &rec.targets)
+        .with_context(|| format!("{}: cannot build the model of its run.json", ckpt.display()))?;
+    let backbone = VarStore::new(Device::Cpu);
+    SwinUnetr::new(&backbone.root(), &rec.config.backbone)?;
+    let body: Vec<(String, Tensor)> = tensors
+        .iter()
+        .filter(|(k, _)| !NON_BACKBONE.iter().any(|p| k.starts_with(p)))
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    load_named(&backbone, body, &source).context("the checkpoint does not fit the backbone its run.json configures")?;
+    load_named(&whole, tensors, &source).context("the checkpoint does not fit the model its run.json configures")?;
+    Ok((backbone, whole))
+}
+
+/// Writes named tensors (on the CPU, sorted by name) atomically.
+fn write_tensors(named: &mut [(String, Tensor)], out: &Path) -> Result<()> {
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let tmp = tmp_path(out);
+    Tensor::write_safetensors(named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot move {} into place", out.display()))
+}
+
+fn read_preprocess(cache: Option<&Path>) -> Option<PreprocessConfig> {
+    #[derive(Deserialize)]
+    struct CacheInfo {
+        preprocess: PreprocessConfig,
+    }
+    let p = cache?.join("cache.json");
+    match std::fs::read_to_string(&p).map_err(anyhow::Error::from).and_then(|t| {
+        serde_json::from_str::<CacheInfo>(&t)
+            .map_err(anyhow::Error::from)
+            .map(|c| c.preprocess)
+    }) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(
+                "export: {}: {e}; the card will not name the preprocess settings",
+                p.display()
+            );
+            None
+        }
+    }
+}
+
+/// The metrics line of `step`, or the last one before it.
+fn metrics_at(run: &Path, step: u64) -> Result<Option<BTreeMap<String, serde_json::Value>>> {
+    let all = crate::train::metrics::read(&run.join("metrics.jsonl"))?;
+    let Some(m) = all.into_iter().rev().find(|m| m.step <= step) else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_value(serde_json::to_value(m)?)?)
+}
+
+/// Exports the checkpoint `req` names.
+pub fn run(req: &Request) -> Result<Exported> {
+    let ckpt = find_checkpoint(&req.run, req.step)?;
+    let state = checkpoint::read_state(&ckpt)?;
+    let rec = read_run(&req.run)?;
+    let hash = rec.config.hash();
+    ensure!(
+        state.config_hash == hash,
+        "{}: written with another pretrain config than {} records (hash {} vs {})",
+        ckpt.display(),
+        req.run.join("run.json").display(),
+        &state.config_hash[..12.min(state.config_hash.len())],
+        &hash[..12]
+    );
+    let (backbone, whole) = load_checkpoint(&rec, &ckpt)?;
+    let variant = variant(req);
+    if let Some(dir) = req.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let store = match variant {
+        Variant::TrainingState => &whole,
+        _ => &backbone,
+    };
+    let mut named: Vec<(String, Tensor)> = store
+        .variables()
+        .into_iter()
+        .filter_map(|(k, t)| match variant {
+            Variant::Encoder => k.strip_prefix(ENCODER_PREFIX).map(|s| (s.to_string(), t)),
+            _ => Some((k, t)),
+        })
+        .collect();
+    let parameters: i64 = named
+        .iter()
+        .filter(|(_, t)| t.is_floating_point())
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    let tensors = named.len();
+    match variant {
+        Variant::Encoder => write_tensors(&mut named, &req.out)?,
+        _ => save_safetensors(store, &req.out)?,
+    }
+
+    let model_sha256 = sha256_file(&ckpt.join("model.safetensors"))?;
+    let cfg = &rec.config;
+    let card = Card {
+        format: CARD_FORMAT.into(),
+        variant,
+        file: req
+            .out
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        file_sha256: sha256_file(&req.out)?,
+        tensors,
+        parameters,
+        monai: card::monai_model(variant, &cfg.backbone),
+        input: InputSpec {
+            channels: cfg.backbone.in_channels,
+            preprocess: read_preprocess(rec.cache.as_deref()),
+            model_input_size: cfg.input_size,
+            size_multiple: cfg.backbone.size_multiple(),
+            orientation: "RAS".into(),
+            intensity_range: [0.0, 1.0],
+        },
+        data: DataProvenance {
+            cache: rec.cache.clone(),
+            data_hash: state.data_hash.clone(),
+            cases: rec.cases,
+            usable_slices: rec.usable_slices,
+            targets: rec.targets.clone(),
+        },
+        training: Training {
+            step: state.step,
+            total_steps: state.total_steps,
+            config_hash: state.config_hash.clone(),
+            final_metrics: metrics_at(&req.run, state.step)?,
+            pretrain_config: cfg.clone(),
+        },
+        source: Source {
+            run: req.run.clone(),
+            checkpoint: ckpt.clone(),
+            model_sha256,
+            trained_with: state.med3d_version.clone(),
+        },
+        med3d_version: crate::preprocess::VERSION.into(),
+    };
+    atomic_write(&card_path(&req.out), &serde_json::to_vec_pretty(&card)?)?;
+    Ok(Exported {
+        file: req.out.clone(),
+        card: card_path(&req.out),
+        variant,
+        step: state.step,
+        tensors,
+        parameters,
+        up_to_date: false,
+    })
+}
