@@ -215,6 +215,25 @@ fn walk(b: &[u8], mut i: usize, explicit: bool, le: bool) -> Lengths {
             }
             continue;
         }
+        if group == 0xFFFE {
+            // dicom-rs reads every (FFFE,xxxx) header as tag + 4-byte
+            // length, with no VR, and the value (if any) as bytes.
+            let Some(len) = u32_at(b, i + 4, le) else {
+                return Lengths::Fit;
+            };
+            i += 8;
+            if len == UNDEFINED {
+                open.push(usize::MAX);
+            } else if len as usize > rem(i) {
+                return Lengths::Corrupt(format!(
+                    "element (FFFE,{elem:04X}) claims {len} bytes, {} remain",
+                    rem(i)
+                ));
+            } else {
+                i += len as usize;
+            }
+            continue;
+        }
         let tag = Tag(group, elem);
         let mut width = 1;
         let (len, hdr, sequence) = if explicit {
