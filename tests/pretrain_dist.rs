@@ -23,6 +23,10 @@
 //!
 //! Failure: a rank killed with SIGKILL mid-run makes the other exit with an
 //! error naming the failed collective, instead of waiting forever.
+//!
+//! Resume: SIGTERM to both ranks stops them at the same step with one
+//! checkpoint, which one process resumes (global batch halved), the data
+//! position counted in samples of all ranks.
 mod pretrain_fixture;
 
 use std::path::{Path, PathBuf};
@@ -286,4 +290,80 @@ fn a_killed_rank_makes_the_other_fail_with_a_message() {
         "{log}"
     );
     assert!(!log.contains("terminate called") && !log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn a_two_rank_checkpoint_resumes_on_one_process() {
+    tch::set_num_threads(1);
+    let d = tempfile::tempdir().unwrap();
+    let cache = Fixture::default().write(d.path());
+    let steps = 5;
+    let cfg = config(d.path(), "c", 2, steps, "");
+    let out = d.path().join("run");
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2)
+        .map(|r| spawn(&cfg, &cache, &out, Some((r, 2, port)), 60))
+        .collect();
+    // SIGTERM to both ranks (as Slurm and torchrun send it) once step 1 is
+    // checkpointed: they stop together at the same step, rank 0 checkpoints
+    let t = Instant::now();
+    while checkpoint::list(&out).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in &ranks {
+        assert!(Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+    for (r, c) in ranks.into_iter().enumerate() {
+        let (ok, log) = finish(c);
+        assert!(!ok, "rank {r} should report the interruption:\n{log}");
+        assert!(log.contains("nterrupted"), "rank {r}:\n{log}");
+    }
+    let stopped = checkpoint::read_state(&checkpoint::latest(&out).unwrap()).unwrap();
+    let s = stopped.step;
+    assert!(s < steps, "the run ended before the signal ({s} steps)");
+    assert_eq!((stopped.world_size, stopped.data_position), (2, 2 * s));
+
+    // one process, same config: global batch 2 instead of 4
+    let mut c = Command::new(bin());
+    c.args(["pretrain", "--resume", "--cache"])
+        .arg(&cache)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE");
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let last = checkpoint::read_state(&checkpoint::latest(&out).unwrap()).unwrap();
+    // data position in batch_size units of all ranks: 2 per 2-rank step, 1 after
+    assert_eq!(
+        (last.step, last.world_size, last.data_position),
+        (steps, 1, 2 * s + (steps - s))
+    );
+    let m = metrics::read(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        m.iter().map(|l| l.step).collect::<Vec<_>>(),
+        (1..=steps).collect::<Vec<_>>()
+    );
+    for l in &m {
+        let samples = if l.step <= s {
+            4 * l.step
+        } else {
+            4 * s + 2 * (l.step - s)
+        };
+        assert!(
+            (l.epoch - samples as f64 / 41.0).abs() < 1e-12,
+            "step {}: epoch {}",
+            l.step,
+            l.epoch
+        );
+        assert!(l.loss.is_some_and(f64::is_finite));
+        assert_eq!(l.allreduce_s.is_some(), l.step <= s);
+    }
 }
