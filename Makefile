@@ -11,7 +11,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(BIN)
 
-.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed lint clean
+.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed bench-dist lint clean
 
 setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched gloo-headers
 
@@ -58,10 +58,15 @@ bench: build
 	$(PY) bench/preprocess_bench.py
 	$(MAKE) bench-caption
 	$(MAKE) bench-embed
+	$(MAKE) bench-dist
 
 # Text embeddings/s, med3d vs sentence-transformers, same CPU threads.
 bench-embed: build
 	$(PY) bench/embed_bench.py
+
+# Data-parallel pretraining: 1 process vs 2 ranks (Gloo), all-reduce share.
+bench-dist: build
+	$(PY) bench/dist_bench.py
 
 # Caption client: requests/s and CPU per request against a fast local server.
 bench-caption: build

@@ -16,13 +16,15 @@
 //!   process solves) and back-propagates 2 x L_align through its own rows
 //!   (rank 0 alone into the Mahalanobis weights); the ranks' gradients
 //!   sum to 2 x dL_align/dθ, averaged: dL_align/dθ.
+//!
 //! Without all_gather the alignment loss is per rank and not the 1-process
 //! one, so the second test compares reconstruction-only runs (text weight
 //! 0), whose loss decomposes. What remains is float summation order (the
 //! backbone on b vs 2b volumes, the allreduce), hence a tolerance.
 //!
-//! Failure: a rank killed with SIGKILL mid-run makes the other exit with an
-//! error naming the failed collective, instead of waiting forever.
+//! Failure: a rank killed with SIGKILL mid-run, or stopped with SIGSTOP
+//! (hung, its sockets open), makes the other exit with an error naming the
+//! failed collective and c10d's reason, instead of waiting forever.
 //!
 //! Resume: SIGTERM to both ranks stops them at the same step with one
 //! checkpoint, which one process resumes (global batch halved), the data
@@ -179,7 +181,7 @@ fn assert_same_run(one: &Path, two: &Path, prefixes: &[&str], terms: Option<&[&s
                 &select(&weights(one, step), prefix),
                 &select(&weights(two, step), prefix),
             );
-            eprintln!("{prefix}* step {step}: max |1 process - 2 ranks| = {diff:.3e} ({at}); moved in steps 2..{STEPS}: {moved:.3e}");
+            eprintln!("{prefix}* step {step}: max |1 process - 2 ranks| = {diff:.3e} ({at}); moved from step 1 to {STEPS}: {moved:.3e}");
             assert!(
                 diff < 1e-3 * moved,
                 "{prefix}* step {step}: 2 ranks differ from 1 process by {diff} at {at} (moved {moved})"
@@ -241,18 +243,18 @@ fn two_ranks_match_one_process_on_a_loss_that_decomposes() {
     assert_same_run(&one, &two, &["swinViT.", "decoder1."], Some(&["loss_recon"]));
 }
 
-#[test]
-fn a_killed_rank_makes_the_other_fail_with_a_message() {
+/// Starts 2 ranks, sends `signal` to rank 1 once step 2 is checkpointed,
+/// and waits for rank 0 to end by itself (a hang guard far above the
+/// timeout, not a timing check). Returns rank 0's output.
+fn peer_failure(signal: &str, timeout_s: u64) -> String {
     tch::set_num_threads(1);
     let d = tempfile::tempdir().unwrap();
     let cache = Fixture::default().write(d.path());
     let cfg = config(d.path(), "c", 2, 1000, "");
     let out = d.path().join("run");
     let port = free_port();
-    let timeout_s = 20;
     let mut r0 = spawn(&cfg, &cache, &out, Some((0, 2, port)), timeout_s);
-    let r1 = spawn(&cfg, &cache, &out, Some((1, 2, port)), timeout_s);
-    // wait until training is under way (step 2 checkpointed), then kill rank 1
+    let mut r1 = spawn(&cfg, &cache, &out, Some((1, 2, port)), timeout_s);
     let t = Instant::now();
     while checkpoint::list(&out).last().is_none_or(|c| c.0 < 2) {
         if let Ok(Some(s)) = r0.try_wait() {
@@ -261,35 +263,55 @@ fn a_killed_rank_makes_the_other_fail_with_a_message() {
         assert!(t.elapsed() < Duration::from_secs(300), "no step-2 checkpoint appeared");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid = r1.id();
-    assert!(Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let killed_at = Instant::now();
-    let _ = finish(r1);
-    // rank 0 must end by itself (a hang guard far above the timeout, not a timing check)
+    let kill = |sig: &str, c: &Child| {
+        assert!(Command::new("kill")
+            .args([sig, &c.id().to_string()])
+            .status()
+            .unwrap()
+            .success())
+    };
+    kill(signal, &r1);
+    let sent = Instant::now();
     loop {
         if r0.try_wait().unwrap().is_some() {
             break;
         }
-        if killed_at.elapsed() > Duration::from_secs(10 * timeout_s) {
+        if sent.elapsed() > Duration::from_secs(10 * timeout_s) {
             let _ = r0.kill();
-            panic!("rank 0 still running {} s after its peer died", 10 * timeout_s);
+            let _ = r1.kill();
+            panic!("rank 0 still running {} s after {signal} to rank 1", 10 * timeout_s);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let exited_after = killed_at.elapsed().as_secs_f64();
+    let after = sent.elapsed().as_secs_f64();
+    let _ = r1.kill();
+    let _ = r1.wait();
     let (ok, log) = finish(r0);
-    eprintln!("rank 0 exited {exited_after:.1} s after rank 1 was killed:\n{log}");
+    eprintln!("rank 0 exited {after:.1} s after {signal} to rank 1 (timeout {timeout_s} s):\n{log}");
     assert!(!ok);
     assert!(log.contains("error: ") && log.contains("rank 0/2: "), "{log}");
     assert!(
-        log.contains("failed (a peer exited, or did not answer within 20 s)"),
+        log.contains(&format!(
+            "failed (a peer exited, or did not answer within {timeout_s} s): "
+        )),
         "{log}"
     );
     assert!(!log.contains("terminate called") && !log.contains("panicked"), "{log}");
+    log
+}
+
+#[test]
+fn a_killed_rank_makes_the_other_fail_with_a_message() {
+    let log = peer_failure("-KILL", 20);
+    // Gloo sees the socket close at once
+    assert!(log.contains("Connection closed by peer"), "{log}");
+}
+
+#[test]
+fn a_hung_rank_makes_the_other_fail_after_the_timeout() {
+    // SIGSTOP: the peer's sockets stay open, so only the timeout ends the wait
+    let log = peer_failure("-STOP", 10);
+    assert!(log.contains("timed out"), "{log}");
 }
 
 #[test]
