@@ -430,6 +430,21 @@ mod tests {
     }
 
     #[test]
+    fn data_parallel_keys_keep_old_hashes_and_only_gathering_is_math() {
+        // absent from files at their defaults: runs that predate them hash the same
+        let a = PretrainConfig::default();
+        let json = serde_json::to_string(&a).unwrap();
+        assert!(!json.contains("all_gather_embeddings") && !json.contains("dist_timeout_s"));
+        let mut b = a.clone();
+        b.dist_timeout_s = 20.0;
+        assert_eq!(a.hash(), b.hash());
+        b.all_gather_embeddings = true;
+        assert_ne!(a.hash(), b.hash());
+        b.dist_timeout_s = 0.0;
+        assert!(format!("{:#}", b.validate().unwrap_err()).contains("dist_timeout_s"));
+    }
+
+    #[test]
     fn typo_is_named() {
         let e = serde_yaml::from_str::<PretrainConfig>("optimizer:\n  lrr: 1\n").unwrap_err();
         assert!(e.to_string().contains("lrr"), "{e}");
