@@ -98,6 +98,9 @@ pub struct Dist {
     pub world_size: usize,
     pub local_rank: usize,
     pub timeout: Duration,
+    /// Where this group's tensors must live: the CPU (Gloo) or this rank's
+    /// CUDA device (NCCL).
+    pub device: Device,
     /// After a failed collective the group's state is unknown (a peer may
     /// be gone): it is leaked rather than torn down, so no destructor
     /// waits on a dead peer.
@@ -170,6 +173,7 @@ impl Dist {
             world_size: l.world_size,
             local_rank: l.local_rank,
             timeout,
+            device,
             failed: std::cell::Cell::new(false),
         })
     }

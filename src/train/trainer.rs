@@ -149,9 +149,10 @@ fn broadcast_state(d: &Dist, state: &mut State) -> Result<()> {
         state.nonfinite_streak as i64,
         state.elapsed_s.to_bits() as i64,
         state.world_size as i64,
-    ]);
+    ])
+    .to_device(d.device);
     d.broadcast(&v, 0).context("receiving the run state from rank 0")?;
-    let v = Vec::<i64>::try_from(&v)?;
+    let v = Vec::<i64>::try_from(&v.to_device(tch::Device::Cpu))?;
     state.step = v[0] as u64;
     state.data_position = v[1] as u64;
     state.optimizer_t = v[2] as u64;
@@ -164,9 +165,9 @@ fn broadcast_state(d: &Dist, state: &mut State) -> Result<()> {
 
 /// Sums `values` over the ranks, in place.
 fn sum_over_ranks(d: &Dist, values: &mut [f64]) -> Result<()> {
-    let t = Tensor::from_slice(values);
+    let t = Tensor::from_slice(values).to_device(d.device);
     d.all_reduce_sum(&t)?;
-    values.copy_from_slice(&Vec::<f64>::try_from(&t)?);
+    values.copy_from_slice(&Vec::<f64>::try_from(&t.to_device(tch::Device::Cpu))?);
     Ok(())
 }
 
