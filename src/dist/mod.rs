@@ -7,6 +7,8 @@
 //! `launch` reads the launcher's environment (torchrun, Slurm); `grads`
 //! holds what the trainer does with a group (broadcast the parameters,
 //! all-reduce the gradients in buckets).
+// A build without gloo's headers keeps the API and only bails.
+#![cfg_attr(not(med3d_c10d), allow(unused_imports, dead_code))]
 pub mod grads;
 pub mod launch;
 
