@@ -11,9 +11,24 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(BIN)
 
-.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed brain-tissue lint clean
+.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed bench-dist brain-tissue lint clean
 
-setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched
+setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched gloo-headers
+
+# gloo's headers for the c10d bridge (build.rs); gloo's code ships inside
+# libtorch. Installed only when missing; GLOO_INCLUDE may name another folder.
+GLOO_INCLUDE ?= /usr/include
+.PHONY: gloo-headers
+gloo-headers:
+	@if [ ! -f "$(GLOO_INCLUDE)/gloo/algorithm.h" ]; then \
+	  echo "gloo headers missing in $(GLOO_INCLUDE): installing libgloo-dev"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null \
+	    || ! { $$SUDO apt-get install -y libgloo-dev || { $$SUDO apt-get update && $$SUDO apt-get install -y libgloo-dev; }; }; then \
+	    echo "cannot install libgloo-dev here: install gloo's headers (Debian/Ubuntu: apt-get install libgloo-dev) or set GLOO_INCLUDE; without them med3d builds single-process only" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,10 +66,15 @@ bench: build
 	$(PY) bench/preprocess_bench.py
 	$(MAKE) bench-caption
 	$(MAKE) bench-embed
+	$(MAKE) bench-dist
 
 # Text embeddings/s, med3d vs sentence-transformers, same CPU threads.
 bench-embed: build
 	$(PY) bench/embed_bench.py
+
+# Data-parallel pretraining: 1 process vs 2 ranks (Gloo), all-reduce share.
+bench-dist: build
+	$(PY) bench/dist_bench.py
 
 # Caption client: requests/s and CPU per request against a fast local server.
 bench-caption: build

@@ -1,8 +1,17 @@
 //! Finds libtorch the same way torch-sys does and embeds its lib folder as a
-//! run-path, so `med3d` starts without LD_LIBRARY_PATH.
+//! run-path, so `med3d` starts without LD_LIBRARY_PATH; then compiles the
+//! c10d bridge (src/dist/bridge.cpp) against that libtorch's headers.
 //!
 //! Order: `LIBTORCH` (a libtorch or torch-package folder), else the torch
 //! package of the project's `.venv`, else of the `python3` on PATH.
+//!
+//! The bridge needs gloo's headers (Debian's libgloo-dev, `make setup`
+//! installs it; `GLOO_INCLUDE` names another folder). Without them med3d
+//! still builds, single-process only, and says so when launched by
+//! torchrun or srun. The NCCL path is compiled when this libtorch has
+//! libtorch_cuda, nccl.h is found (the nvidia NCCL wheel torch pulls in)
+//! and a CUDA toolkit's headers are (CUDA_HOME or /usr/local/cuda: the
+//! runtime wheel lacks crt/ and nv/target); `MED3D_NO_NCCL=1` leaves it out.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -34,14 +43,160 @@ fn main() {
             torch_lib_from_python(&venv_python).or_else(|| torch_lib_from_python(Path::new("python3")))
         }
     };
+    println!("cargo::rustc-check-cfg=cfg(med3d_c10d)");
+    println!("cargo::rustc-check-cfg=cfg(med3d_nccl)");
     match lib {
         Some(lib) => {
             println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
             println!("cargo:rustc-env=MED3D_TORCH_LIB={}", lib.display());
+            build_bridge(&lib, &manifest_dir);
         }
         None => println!(
             "cargo:warning=libtorch not found (set LIBTORCH or run `make setup`); \
              the binary will need LD_LIBRARY_PATH"
         ),
     }
+}
+
+/// `torch._C._GLIBCXX_USE_CXX11_ABI` of the venv's torch; libtorch
+/// downloads (LIBTORCH) are built with the new ABI unless
+/// LIBTORCH_CXX11_ABI=0, as torch-sys assumes.
+fn cxx11_abi(manifest_dir: &Path) -> &'static str {
+    if std::env::var("LIBTORCH").is_ok_and(|v| !v.is_empty()) {
+        return if std::env::var("LIBTORCH_CXX11_ABI").as_deref() == Ok("0") {
+            "0"
+        } else {
+            "1"
+        };
+    }
+    for py in [manifest_dir.join(".venv/bin/python"), PathBuf::from("python3")] {
+        if let Ok(out) = Command::new(&py)
+            .args(["-c", "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"])
+            .output()
+        {
+            if out.status.success() {
+                return if String::from_utf8_lossy(&out.stdout).trim() == "0" {
+                    "0"
+                } else {
+                    "1"
+                };
+            }
+        }
+    }
+    "1"
+}
+
+/// The first folder under `root` (searched two levels down, the layout of
+/// the nvidia wheels) holding `include/<header>` and every `also` beside it.
+fn find_include(root: &Path, header: &str, also: &[&str]) -> Option<PathBuf> {
+    let mut dirs = vec![root.to_path_buf()];
+    for _ in 0..3 {
+        let mut next = Vec::new();
+        for d in &dirs {
+            let inc = d.join("include");
+            if inc.join(header).is_file() && also.iter().all(|a| inc.join(a).exists()) {
+                return Some(inc);
+            }
+            if let Ok(rd) = std::fs::read_dir(d) {
+                next.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+            }
+        }
+        dirs = next;
+    }
+    None
+}
+
+/// CUDA toolkit headers complete enough for ATen's CUDA headers (the
+/// runtime wheel alone lacks crt/ and nv/target): CUDA_HOME or
+/// /usr/local/cuda.
+fn cuda_include() -> Option<PathBuf> {
+    let need = ["crt/host_config.h", "nv/target"];
+    let roots = [
+        std::env::var("CUDA_HOME").ok(),
+        std::env::var("CUDA_PATH").ok(),
+        Some("/usr/local/cuda".to_string()),
+    ];
+    roots
+        .into_iter()
+        .flatten()
+        .filter(|r| !r.is_empty())
+        .map(|r| PathBuf::from(r).join("include"))
+        .find(|inc| inc.join("cuda_runtime_api.h").is_file() && need.iter().all(|n| inc.join(n).exists()))
+}
+
+/// Compiles src/dist/bridge.cpp into a static library linked into the
+/// crate, and sets `cfg(med3d_c10d)` (and `cfg(med3d_nccl)`).
+fn build_bridge(lib: &Path, manifest_dir: &Path) {
+    println!("cargo:rerun-if-changed=src/dist/bridge.cpp");
+    println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
+    println!("cargo:rerun-if-env-changed=MED3D_NO_NCCL");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let Some(torch_root) = lib.parent() else { return };
+    let include = torch_root.join("include");
+    let gloo = std::env::var("GLOO_INCLUDE")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/include"));
+    if !gloo.join("gloo/algorithm.h").is_file() {
+        println!(
+            "cargo:warning=gloo headers not found in {} (install libgloo-dev: `make setup`, or set GLOO_INCLUDE): \
+             med3d is built without the c10d bridge, single-process only",
+            gloo.display()
+        );
+        return;
+    }
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .file("src/dist/bridge.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .include(&gloo)
+        .flag("-std=c++17")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi(manifest_dir))
+        .define("USE_C10D_GLOO", None)
+        .warnings(false);
+    // site-packages: the nvidia wheels sit beside torch.
+    let site = torch_root.parent().map(Path::to_path_buf).unwrap_or_default();
+    let nccl = (std::env::var("MED3D_NO_NCCL").as_deref() != Ok("1") && lib.join("libtorch_cuda.so").is_file())
+        .then(|| {
+            let nccl = find_include(&site.join("nvidia"), "nccl.h", &[]);
+            let cuda = cuda_include();
+            if nccl.is_none() || cuda.is_none() {
+                println!(
+                    "cargo:warning=libtorch has CUDA but {} not found: the c10d bridge is built with Gloo only \
+                     (set CUDA_HOME to a CUDA toolkit for ProcessGroupNCCL)",
+                    if nccl.is_none() {
+                        "nccl.h"
+                    } else {
+                        "the CUDA toolkit headers (crt/host_config.h, nv/target)"
+                    }
+                );
+            }
+            Some((nccl?, cuda?))
+        })
+        .flatten();
+    if let Some((nccl_inc, cuda_inc)) = &nccl {
+        b.include(nccl_inc)
+            .include(cuda_inc)
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None);
+    }
+    b.compile("med3d_c10d");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    if nccl.is_some() {
+        // The bridge's NCCL symbols live in libtorch_cuda; without
+        // --no-as-needed the linker drops it before seeing they are used.
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-lc10_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        println!("cargo:rustc-cfg=med3d_nccl");
+    }
+    println!("cargo:rustc-cfg=med3d_c10d");
 }

@@ -9,6 +9,7 @@ pub mod align;
 pub mod caption;
 pub mod config;
 pub mod convert;
+pub mod dist;
 pub mod embed;
 pub mod encoders;
 pub mod export;

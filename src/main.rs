@@ -261,6 +261,14 @@ fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Pa
         handle_signals: true,
     };
     let s = train::run(&exp.pretrain, &opts)?;
+    if s.rank != 0 {
+        // Rank 0 reports the run; the others only how they ended.
+        println!(
+            "pretrain rank {}/{}: {:?} at step {}",
+            s.rank, s.world_size, s.status, s.step
+        );
+        return Ok(s.status != Status::Interrupted);
+    }
     for (case, why) in &s.skipped_cases {
         eprintln!("  SKIPPED case {case}: {why}");
     }
@@ -275,9 +283,10 @@ fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Pa
         ),
     };
     println!(
-        "pretrain ({}{}, {} parameters, targets {}; {} slices of {} cases): step {}/{}, loss {} -> {}, {} non-finite steps skipped, {} -> {}",
+        "pretrain ({}{}{}, {} parameters, targets {}; {} slices of {} cases): step {}/{}, loss {} -> {}, {} non-finite steps skipped, {} -> {}",
         s.device,
         if s.autocast_bf16 { " bf16" } else { "" },
+        if s.world_size > 1 { format!(" x {} ranks", s.world_size) } else { String::new() },
         s.parameters,
         targets.join(", "),
         s.usable_slices,

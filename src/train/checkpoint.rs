@@ -41,7 +41,21 @@ pub struct State {
     pub data_hash: String,
     /// Wall time spent training so far (seconds).
     pub elapsed_s: f64,
+    /// Ranks of the data-parallel run that wrote it (absent: 1). A run may
+    /// resume under another world size: `data_position` counts
+    /// `batch_size` micro-batches of all ranks together (global samples /
+    /// batch_size).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub world_size: u64,
     pub med3d_version: String,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(v: &u64) -> bool {
+    *v == 1
 }
 
 pub fn dir(run: &Path) -> PathBuf {

@@ -241,6 +241,26 @@ pub struct PretrainConfig {
     /// Stop after this many consecutive steps with a non-finite loss or
     /// gradient (each such step is skipped and counted).
     pub max_nonfinite: usize,
+    /// Data-parallel runs (torchrun, srun): gather every rank's read-outs
+    /// and targets so the alignment loss spans the global batch of
+    /// world_size x batch_size. Off: each rank aligns its own batch, as
+    /// the paper's per-GPU batches do. (Left out of files when off, so the
+    /// config hash of runs that predate it is unchanged.)
+    #[serde(skip_serializing_if = "is_false")]
+    pub all_gather_embeddings: bool,
+    /// Data-parallel runs: seconds a rank waits for the others (the
+    /// rendezvous, each collective) before it fails; MED3D_DIST_TIMEOUT_S
+    /// overrides it.
+    #[serde(skip_serializing_if = "is_default_timeout")]
+    pub dist_timeout_s: f64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_default_timeout(s: &f64) -> bool {
+    *s == crate::dist::DEFAULT_TIMEOUT_S
 }
 
 impl Default for PretrainConfig {
@@ -267,6 +287,8 @@ impl Default for PretrainConfig {
             checkpoint_every: 500,
             keep_checkpoints: 2,
             max_nonfinite: 10,
+            all_gather_embeddings: false,
+            dist_timeout_s: crate::dist::DEFAULT_TIMEOUT_S,
         }
     }
 }
@@ -364,6 +386,11 @@ impl PretrainConfig {
             "pretrain.keep_checkpoints must be at least 1"
         );
         ensure!(self.max_nonfinite >= 1, "pretrain.max_nonfinite must be at least 1");
+        ensure!(
+            self.dist_timeout_s.is_finite() && self.dist_timeout_s > 0.0,
+            "pretrain.dist_timeout_s must be a positive number of seconds, got {}",
+            self.dist_timeout_s
+        );
         Ok(())
     }
 
@@ -380,6 +407,7 @@ impl PretrainConfig {
         c.checkpoint_every = 1;
         c.keep_checkpoints = 1;
         c.max_nonfinite = 1;
+        c.dist_timeout_s = crate::dist::DEFAULT_TIMEOUT_S;
         let json = serde_json::to_vec(&(PRETRAIN_FORMAT, &c)).unwrap_or_default();
         crate::fsutil::sha256_bytes(&json)
     }
@@ -399,6 +427,21 @@ mod tests {
         assert_eq!(a.hash(), b.hash());
         b.optimizer.lr = 2e-5;
         assert_ne!(a.hash(), b.hash());
+    }
+
+    #[test]
+    fn data_parallel_keys_keep_old_hashes_and_only_gathering_is_math() {
+        // absent from files at their defaults: runs that predate them hash the same
+        let a = PretrainConfig::default();
+        let json = serde_json::to_string(&a).unwrap();
+        assert!(!json.contains("all_gather_embeddings") && !json.contains("dist_timeout_s"));
+        let mut b = a.clone();
+        b.dist_timeout_s = 20.0;
+        assert_eq!(a.hash(), b.hash());
+        b.all_gather_embeddings = true;
+        assert_ne!(a.hash(), b.hash());
+        b.dist_timeout_s = 0.0;
+        assert!(format!("{:#}", b.validate().unwrap_err()).contains("dist_timeout_s"));
     }
 
     #[test]

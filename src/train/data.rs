@@ -520,8 +520,11 @@ impl BatchMaker {
 /// Worker threads filling bounded queues, read back in batch order.
 pub struct Loader {
     rxs: Vec<Receiver<Result<Batch>>>,
-    start: u64,
-    next: u64,
+    /// Batches taken so far.
+    taken: u64,
+    /// Number of the first batch, and the step between this rank's batches.
+    first: u64,
+    stride: u64,
     stop: Arc<AtomicBool>,
     handles: Vec<JoinHandle<()>>,
 }
@@ -529,25 +532,37 @@ pub struct Loader {
 impl Loader {
     /// Starts `cfg.workers` threads producing batches from number `start` on.
     pub fn start(maker: Arc<BatchMaker>, start: u64) -> Result<Loader> {
+        Loader::start_sharded(maker, start, 0, 1)
+    }
+
+    /// The batches of `rank` in a data-parallel run of `world` ranks from
+    /// global batch number `start` on: `start + rank + world * i`. Every
+    /// rank draws the same epoch permutations, so the ranks' batches are
+    /// disjoint slices of one global stream; together they are batches
+    /// `start ..` of a single process, in rank order.
+    pub fn start_sharded(maker: Arc<BatchMaker>, start: u64, rank: u64, world: u64) -> Result<Loader> {
         let workers = maker.cfg.workers.max(1);
         let prefetch = maker.cfg.prefetch.max(1);
         let stop = Arc::new(AtomicBool::new(false));
         let mut rxs = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
+        let (first, stride) = (start + rank, world.max(1));
         for w in 0..workers {
             let (tx, rx) = sync_channel(prefetch);
             let (maker, stop) = (maker.clone(), stop.clone());
+            let (k0, step) = (first + stride * w as u64, stride * workers as u64);
             let h = std::thread::Builder::new()
                 .name(format!("med3d-loader-{w}"))
-                .spawn(move || worker(&maker, start + w as u64, workers as u64, &tx, &stop))
+                .spawn(move || worker(&maker, k0, step, &tx, &stop))
                 .context("cannot start a loader thread")?;
             rxs.push(rx);
             handles.push(h);
         }
         Ok(Loader {
             rxs,
-            start,
-            next: start,
+            taken: 0,
+            first,
+            stride,
             stop,
             handles,
         })
@@ -555,10 +570,10 @@ impl Loader {
 
     /// The next micro-batch, in order.
     pub fn next_batch(&mut self) -> Result<Batch> {
-        let w = ((self.next - self.start) % self.rxs.len() as u64) as usize;
+        let w = (self.taken % self.rxs.len() as u64) as usize;
         let b = self.rxs[w].recv().context("a loader thread stopped unexpectedly")??;
-        debug_assert_eq!(b.index, self.next);
-        self.next += 1;
+        debug_assert_eq!(b.index, self.first + self.stride * self.taken);
+        self.taken += 1;
         Ok(b)
     }
 }

@@ -29,6 +29,10 @@ pub struct StepMetrics {
     pub volumes_per_s: f64,
     /// Seconds this step waited for the loader.
     pub data_wait_s: f64,
+    /// Data-parallel runs: seconds this step spent averaging gradients
+    /// across ranks (rank 0's view; absent in single-process runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce_s: Option<f64>,
     pub skipped: bool,
     pub nonfinite_total: u64,
     pub elapsed_s: f64,
@@ -103,6 +107,7 @@ mod tests {
             grad_norm: Some(2.0),
             volumes_per_s: 3.0,
             data_wait_s: 0.0,
+            allreduce_s: None,
             skipped: false,
             nonfinite_total: 0,
             elapsed_s: 1.0,

@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{AlignLoss, HeadKind, PretrainConfig};
 use crate::align::ot;
+use crate::dist::Dist;
 use crate::model::psat::{l2_normalize, BinMode, Psat, PsatConfig};
 use crate::model::swin_unetr::SwinUnetr;
 
@@ -45,6 +46,9 @@ pub fn slice_bins(cfg: &PsatConfig, positions: &[f64], indices: &[i64]) -> Vec<i
 pub struct Losses {
     /// The weighted total (differentiable).
     pub total: Tensor,
+    /// What this rank differentiates: `total`, except when the alignment
+    /// spans the ranks' gathered batch (see `Pretrainer::losses`).
+    pub objective: Tensor,
     /// (name, value) of each unweighted term: `text`, `image`, `recon`.
     pub terms: Vec<(String, Tensor)>,
     /// (target, transported mass = sum of the plan), for the OT losses.
@@ -137,6 +141,16 @@ impl Pretrainer {
     /// `bins` [B] int64, `targets` (name, [B, width]) on the model's device.
     /// `autocast`: run the networks under CUDA autocast (the alignment and
     /// reconstruction losses are always computed in float32).
+    ///
+    /// `gather`: align over the global batch, every rank's read-outs and
+    /// targets in rank order, gradients flowing only into this rank's
+    /// rows. Each rank then computes the same alignment loss L; its
+    /// gradient reaches the network through this rank's rows alone, so the
+    /// ranks' gradients sum to dL/dθ, and the trainer's average divides by
+    /// W: the objective carries W x L. The metric weights enter L directly
+    /// on every rank, so only rank 0 lets gradient into them (W x dL/dm,
+    /// averaged: dL/dm). The reconstruction term stays per rank.
+    #[allow(clippy::too_many_arguments)]
     pub fn losses(
         &self,
         volumes: &Tensor,
@@ -145,13 +159,18 @@ impl Pretrainer {
         targets: &[(String, Tensor)],
         train: bool,
         autocast: bool,
+        gather: Option<&Dist>,
     ) -> Result<Losses> {
         let (emb, recon) = tch::autocast(autocast, || self.read_out(volumes, planes, bins, train))?;
         let recon_loss = recon.to_kind(Kind::Float).mse_loss(volumes, tch::Reduction::Mean);
         let w = &self.cfg.weights;
         let mut total = &recon_loss * w.recon;
+        // A tensor of its own: `total` grows in place below.
+        let mut objective = gather.map(|_| &recon_loss * w.recon);
+        let scale = gather.map(|d| d.world_size as f64).unwrap_or(1.0);
         let mut out = Losses {
             total: Tensor::new(),
+            objective: Tensor::new(),
             terms: Vec::new(),
             mass: Vec::new(),
             matched: Vec::new(),
@@ -166,8 +185,12 @@ impl Pretrainer {
             let Some((_, y)) = targets.iter().find(|(n, _)| n == name) else {
                 anyhow::bail!("no target rows named {name} in the batch");
             };
-            let x = l2_normalize(&e.to_kind(Kind::Float));
-            let y = l2_normalize(&y.to_kind(Kind::Float));
+            let mut x = l2_normalize(&e.to_kind(Kind::Float));
+            let mut y = l2_normalize(&y.to_kind(Kind::Float));
+            if let Some(d) = gather {
+                x = gather_rows(d, &x)?;
+                y = gather_rows(d, &y)?.detach();
+            }
             let term = match a.loss {
                 AlignLoss::Infonce => ot::info_nce(&x, &y, a.temperature),
                 AlignLoss::Pot | AlignLoss::Ot => {
@@ -177,7 +200,12 @@ impl Pretrainer {
                         .find(|(n, _)| n == name)
                         .map(|(_, m)| m)
                         .ok_or_else(|| anyhow::anyhow!("no metric weights for target {name}"))?;
-                    let cost = ot::mahalanobis_cost(&x, &y, m);
+                    // 0 x m + m is m exactly, with a zero gradient.
+                    let m_rank = match gather {
+                        Some(d) if d.rank != 0 => m * 0.0 + m.detach(),
+                        _ => m.shallow_clone(),
+                    };
+                    let cost = ot::mahalanobis_cost(&x, &y, &m_rank);
                     let log_plan = if a.loss == AlignLoss::Pot {
                         ot::partial_wasserstein_log(&cost, a.mass, &solver)
                     } else {
@@ -193,12 +221,25 @@ impl Pretrainer {
             };
             let weight = if name == "image" { w.image } else { w.text };
             total += &term * weight;
+            if let Some(o) = objective.as_mut() {
+                *o = &*o + &term * (weight * scale);
+            }
             out.terms.push((name.clone(), term));
         }
         out.terms.push(("recon".to_string(), recon_loss));
+        out.objective = objective.unwrap_or_else(|| total.shallow_clone());
         out.total = total;
         Ok(out)
     }
+}
+
+/// Every rank's rows of `x` [B, D] in rank order [W x B, D]; this rank's
+/// block is `x` itself (differentiable), the others are constants.
+fn gather_rows(d: &Dist, x: &Tensor) -> Result<Tensor> {
+    let all = d.all_gather(x)?;
+    let mut parts: Vec<Tensor> = (0..d.world_size as i64).map(|r| all.get(r)).collect();
+    parts[d.rank] = x.shallow_clone();
+    Ok(Tensor::cat(&parts, 0))
 }
 
 // tch's `autocast` turns CUDA autocast on at libtorch's default dtype,

@@ -50,6 +50,11 @@ impl Adam {
         }
     }
 
+    /// The optimised variables, in name order.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
     /// Number of parameters (scalars) being optimised.
     pub fn numel(&self) -> i64 {
         self.params.iter().map(|(_, p)| p.numel() as i64).sum()

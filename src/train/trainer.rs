@@ -4,6 +4,13 @@
 //! `max_nonfinite` in a row), logs one metrics line per step, checkpoints
 //! every `checkpoint_every` steps, at the end and on SIGTERM/SIGINT, and
 //! draws the loss curve.
+//!
+//! Launched by torchrun or srun (see `crate::dist`), it runs data-parallel:
+//! one process per GPU (CUDA device = local rank), rank 0's parameters,
+//! buffers and optimiser state broadcast at the start, each rank on its
+//! disjoint slice of every global batch, gradients averaged before
+//! clipping and the step, and the step skipped or the run stopped on every
+//! rank alike. Only rank 0 writes the run folder.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +29,7 @@ use super::metrics::{self, MetricsLog, StepMetrics};
 use super::model::{use_bf16_autocast, Pretrainer};
 use super::optim::{lr_at, Adam};
 use super::rng::{torch_seed, STREAM_INIT, STREAM_TORCH};
+use crate::dist::{grads, Dist, Launch};
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -68,6 +76,19 @@ pub struct Summary {
     pub cases: usize,
     pub skipped_cases: Vec<(String, String)>,
     pub targets: Vec<(String, i64)>,
+    /// This process's rank and the number of ranks (absent: 0 of 1).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rank: usize,
+    #[serde(skip_serializing_if = "is_one")]
+    pub world_size: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 
 /// On the CPU, glibc serves libtorch's large activation buffers (tens of
@@ -93,12 +114,61 @@ fn reuse_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn reuse_freed_memory() {}
 
-/// Optimiser steps of the whole run.
+/// Optimiser steps of the whole run (single process).
 pub fn total_steps(cfg: &PretrainConfig, epoch_len: usize) -> u64 {
+    total_steps_for(cfg, epoch_len, 1)
+}
+
+/// Optimiser steps of the whole run on `world` ranks: `epochs` count
+/// passes over the data, so a larger global batch takes fewer steps.
+pub fn total_steps_for(cfg: &PretrainConfig, epoch_len: usize, world: usize) -> u64 {
     cfg.max_steps.unwrap_or_else(|| {
-        let per_step = (cfg.batch_size * cfg.optimizer.accumulate) as f64;
+        let per_step = (cfg.batch_size * cfg.optimizer.accumulate * world) as f64;
         ((cfg.epochs * epoch_len as f64) / per_step).ceil().max(1.0) as u64
     })
+}
+
+/// Steps of a run resumed under another world size: those done, plus
+/// those the remaining samples take at the new global batch.
+fn total_steps_resumed(cfg: &PretrainConfig, epoch_len: usize, world: usize, state: &State) -> u64 {
+    if cfg.max_steps.is_some() {
+        return total_steps_for(cfg, epoch_len, world);
+    }
+    let left = cfg.epochs * epoch_len as f64 - (state.data_position * cfg.batch_size as u64) as f64;
+    let per_step = (cfg.batch_size * cfg.optimizer.accumulate * world) as f64;
+    state.step + (left / per_step).ceil().max(0.0) as u64
+}
+
+/// The step's scalar state, as rank 0 has it, on every rank.
+fn broadcast_state(d: &Dist, state: &mut State) -> Result<()> {
+    let v = Tensor::from_slice(&[
+        state.step as i64,
+        state.data_position as i64,
+        state.optimizer_t as i64,
+        state.nonfinite_total as i64,
+        state.nonfinite_streak as i64,
+        state.elapsed_s.to_bits() as i64,
+        state.world_size as i64,
+    ])
+    .to_device(d.device);
+    d.broadcast(&v, 0).context("receiving the run state from rank 0")?;
+    let v = Vec::<i64>::try_from(&v.to_device(tch::Device::Cpu))?;
+    state.step = v[0] as u64;
+    state.data_position = v[1] as u64;
+    state.optimizer_t = v[2] as u64;
+    state.nonfinite_total = v[3] as u64;
+    state.nonfinite_streak = v[4] as u64;
+    state.elapsed_s = f64::from_bits(v[5] as u64);
+    state.world_size = v[6] as u64;
+    Ok(())
+}
+
+/// Sums `values` over the ranks, in place.
+fn sum_over_ranks(d: &Dist, values: &mut [f64]) -> Result<()> {
+    let t = Tensor::from_slice(values).to_device(d.device);
+    d.all_reduce_sum(&t)?;
+    values.copy_from_slice(&Vec::<f64>::try_from(&t.to_device(tch::Device::Cpu))?);
+    Ok(())
 }
 
 /// Signal flag, unregistered on drop.
@@ -175,7 +245,25 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
-    let dev = cfg.device.device()?;
+    let launch = Launch::from_env()?.filter(|l| l.world_size > 1);
+    let mut dev = cfg.device.device()?;
+    if let (Some(l), tch::Device::Cuda(_)) = (&launch, dev) {
+        let n = tch::Cuda::device_count() as usize;
+        if l.local_rank >= n {
+            bail!(
+                "rank {} has local rank {} but this node has {n} CUDA devices: launch one process per GPU",
+                l.rank,
+                l.local_rank
+            );
+        }
+        dev = tch::Device::Cuda(l.local_rank);
+    }
+    let dist = match &launch {
+        Some(l) => Some(Dist::connect(l, crate::dist::timeout_from(cfg.dist_timeout_s)?, dev)?),
+        None => None,
+    };
+    let (rank, world) = dist.as_ref().map(|d| (d.rank, d.world_size)).unwrap_or((0, 1));
+    let main = rank == 0;
     let autocast = dev.is_cuda() && matches!(cfg.precision, Precision::Auto | Precision::Bf16);
     if !dev.is_cuda() {
         reuse_freed_memory();
@@ -184,18 +272,22 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         use_bf16_autocast();
     }
     let ds = Arc::new(Dataset::open(&opts.cache, cfg)?);
-    for (case, why) in &ds.skipped_cases {
+    for (case, why) in ds.skipped_cases.iter().filter(|_| main) {
         tracing::warn!("pretrain: case {case} left out: {why}");
     }
     let maker = Arc::new(BatchMaker::new(ds.clone(), cfg));
     let epoch_len = maker.sampler.epoch_len();
-    let total = total_steps(cfg, epoch_len);
+    let mut total = total_steps_for(cfg, epoch_len, world);
     let accum = cfg.optimizer.accumulate as u64;
     let targets = ds.target_dims();
     let config_hash = cfg.hash();
 
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
-    let existing = checkpoint::latest(&opts.out);
+    if main {
+        std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+    }
+    // Only rank 0 reads the run folder (other nodes may not see it); the
+    // others receive its weights and state below.
+    let existing = checkpoint::latest(&opts.out).filter(|_| main);
     if existing.is_some() && !opts.resume {
         bail!(
             "{} already holds checkpoints: pass --resume to continue that run, or choose another --out",
@@ -221,6 +313,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         data_hash: ds.data_hash.clone(),
         elapsed_s: 0.0,
         med3d_version: crate::preprocess::VERSION.to_string(),
+        world_size: 1,
     };
     if let Some(ckpt) = &existing {
         let s = checkpoint::read_state(ckpt)?;
@@ -242,6 +335,32 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         state = checkpoint::load(ckpt, &vs, &mut opt)?;
         tracing::info!("resuming {} at step {}", ckpt.display(), state.step);
     }
+    if let Some(d) = &dist {
+        broadcast_state(d, &mut state)?;
+        grads::broadcast_variables(d, &vs.variables().into_iter().collect::<Vec<_>>())
+            .context("receiving rank 0's parameters")?;
+        grads::broadcast_variables(d, &opt.state_tensors()).context("receiving rank 0's optimiser state")?;
+        opt.t = state.optimizer_t;
+    }
+    if state.world_size != world as u64 && state.step > 0 {
+        let before = total;
+        total = total_steps_resumed(cfg, epoch_len, world, &state);
+        if main {
+            tracing::warn!(
+                "resuming a run of {} ranks on {world}: the global batch is now {} ({} steps in all{})",
+                state.world_size,
+                world * cfg.batch_size,
+                total,
+                if before == total {
+                    String::new()
+                } else {
+                    format!(", was {before}")
+                }
+            );
+        }
+    }
+    state.world_size = world as u64;
+    state.total_steps = total;
 
     let metrics_path = opts.out.join("metrics.jsonl");
     let plot_path = opts.out.join("loss.png");
@@ -261,7 +380,9 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         cases: ds.cases.len(),
         skipped_cases: &ds.skipped_cases,
     };
-    crate::fsutil::atomic_write(&opts.out.join("run.json"), &serde_json::to_vec_pretty(&record)?)?;
+    if main {
+        crate::fsutil::atomic_write(&opts.out.join("run.json"), &serde_json::to_vec_pretty(&record)?)?;
+    }
 
     let mut summary = Summary {
         status: Status::Done,
@@ -282,17 +403,29 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         cases: ds.cases.len(),
         skipped_cases: ds.skipped_cases.clone(),
         targets: targets.clone(),
+        rank,
+        world_size: world,
     };
     if state.step >= total {
         summary.status = Status::UpToDate;
-        finish(&mut summary)?;
+        if main {
+            finish(&mut summary)?;
+        }
         return Ok(summary);
     }
 
-    let mut log = MetricsLog::open(&opts.out, state.step)?;
+    let mut log = if main {
+        Some(MetricsLog::open(&opts.out, state.step)?)
+    } else {
+        None
+    };
     let signals = Signals::new(opts.handle_signals)?;
-    let mut loader = Loader::start(maker.clone(), state.data_position)?;
-    let bar = progress(total, state.step);
+    let mut loader = Loader::start_sharded(maker.clone(), state.data_position, rank as u64, world as u64)?;
+    let bar = if main {
+        progress(total, state.step)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let started = Instant::now();
     let elapsed_before = state.elapsed_s;
     let mut volumes = 0u64;
@@ -312,13 +445,14 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
             let planes = Tensor::from_slice(&b.planes).to_device(dev);
             let bins = Tensor::from_slice(&model.bins(&b.positions, &b.indices)).to_device(dev);
             let ys: Vec<(String, Tensor)> = b.targets.iter().map(|(n, t)| (n.clone(), t.to_device(dev))).collect();
-            let l = model.losses(&vols, &planes, &bins, &ys, true, autocast)?;
+            let gather = dist.as_ref().filter(|_| cfg.all_gather_embeddings);
+            let l = model.losses(&vols, &planes, &bins, &ys, true, autocast, gather)?;
             let total_loss = l.total.double_value(&[]);
             if !total_loss.is_finite() {
                 finite = false;
                 continue;
             }
-            (&l.total / accum as f64).backward();
+            (&l.objective / accum as f64).backward();
             *sums.entry("loss".into()).or_default() += total_loss / accum as f64;
             let named = l
                 .terms
@@ -330,7 +464,27 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
                 *sums.entry(k).or_default() += t.double_value(&[]) / accum as f64;
             }
         }
-        state.data_position += accum;
+        state.data_position += accum * world as u64;
+        let mut allreduce_s = None;
+        let mut stop = false;
+        if let Some(d) = &dist {
+            // Every rank must skip, step or stop alike.
+            let mut flags = [finite as u8 as f64, signals.raised() as u8 as f64];
+            sum_over_ranks(d, &mut flags)?;
+            finite = flags[0] == world as f64;
+            stop = flags[1] > 0.0;
+            if finite {
+                let ta = Instant::now();
+                grads::average_gradients(d, opt.params(), grads::BUCKET_BYTES)?;
+                allreduce_s = Some(ta.elapsed().as_secs_f64());
+                // The logged values: means over the ranks.
+                let mut vals: Vec<f64> = sums.values().copied().collect();
+                sum_over_ranks(d, &mut vals)?;
+                for (v, s) in sums.values_mut().zip(vals) {
+                    *v = s / world as f64;
+                }
+            }
+        }
         let grad_norm = if finite { opt.grad_norm() } else { f64::NAN };
         let ok = finite && grad_norm.is_finite();
         if ok {
@@ -348,7 +502,8 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         state.optimizer_t = opt.t;
         state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         summary.steps_run += 1;
-        volumes += accum * cfg.batch_size as u64;
+        let step_volumes = accum * cfg.batch_size as u64 * world as u64;
+        volumes += step_volumes;
         let loss = sums.remove("loss").filter(|_| ok);
         let m = StepMetrics {
             step: state.step,
@@ -357,13 +512,16 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
             terms: sums.into_iter().map(|(k, v)| (k, ok.then_some(v))).collect(),
             lr,
             grad_norm: ok.then_some(grad_norm),
-            volumes_per_s: (accum * cfg.batch_size as u64) as f64 / t0.elapsed().as_secs_f64(),
+            volumes_per_s: step_volumes as f64 / t0.elapsed().as_secs_f64(),
             data_wait_s: wait,
+            allreduce_s,
             skipped: !ok,
             nonfinite_total: state.nonfinite_total,
             elapsed_s: state.elapsed_s,
         };
-        log.append(&m)?;
+        if let Some(log) = log.as_mut() {
+            log.append(&m)?;
+        }
         if let Some(l) = m.loss {
             bar.set_message(format!("loss {l:.4}"));
         }
@@ -381,8 +539,9 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
                     .unwrap_or_else(|| "none".into())
             );
         }
-        let stop = signals.raised();
-        if state.step.is_multiple_of(cfg.checkpoint_every) || state.step == total || stop {
+        let stop = if dist.is_some() { stop } else { signals.raised() };
+        let due = state.step.is_multiple_of(cfg.checkpoint_every) || state.step == total || stop;
+        if due && main {
             let p = checkpoint::save(&opts.out, &vs, &opt, &state, cfg.keep_checkpoints)?;
             tracing::info!(
                 "step {}/{}: loss {:?}, checkpoint {}",
@@ -405,7 +564,9 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     summary.nonfinite_total = state.nonfinite_total;
     summary.checkpoint = saved_at.or(summary.checkpoint);
     summary.volumes_per_s = volumes as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    finish(&mut summary)?;
+    if main {
+        finish(&mut summary)?;
+    }
     Ok(summary)
 }
 
