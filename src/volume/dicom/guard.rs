@@ -201,11 +201,13 @@ fn walk(b: &[u8], mut i: usize, explicit: bool, le: bool) -> Lengths {
                     }
                     i += len as usize;
                 }
-                0xE000 => open.push(if len == UNDEFINED {
-                    usize::MAX
-                } else {
-                    i.saturating_add(len as usize)
-                }),
+                0xE000 if len == UNDEFINED => open.push(usize::MAX),
+                // An item must fit in the file too; outside a sequence,
+                // dicom-rs reads its whole length as one value.
+                0xE000 if len as usize > rem(i) => {
+                    return Lengths::Corrupt(format!("an item element claims {len} bytes, {} remain", rem(i)));
+                }
+                0xE000 => open.push(i.saturating_add(len as usize)),
                 0xE0DD if fragments => fragments = false,
                 _ => {
                     if open.last() == Some(&usize::MAX) {
