@@ -25,6 +25,9 @@ pub struct Experiment {
     /// Absent: the paper preset's settings (a GPU-sized run).
     #[serde(default)]
     pub pretrain: crate::train::PretrainConfig,
+    /// Absent: `med3d run` stops after pretraining.
+    #[serde(default)]
+    pub downstream: Option<crate::downstream::DownstreamConfig>,
 }
 
 /// How a volume is brought to a fixed grid after the foreground crop.
@@ -166,6 +169,10 @@ impl Experiment {
         e.pretrain
             .validate()
             .with_context(|| format!("{}: invalid pretrain section", path.display()))?;
+        if let Some(d) = &e.downstream {
+            d.validate()
+                .with_context(|| format!("{}: invalid downstream section", path.display()))?;
+        }
         Ok(e)
     }
 

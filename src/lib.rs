@@ -6,6 +6,7 @@ pub mod align;
 pub mod caption;
 pub mod config;
 pub mod convert;
+pub mod downstream;
 pub mod embed;
 pub mod encoders;
 pub mod fsutil;

@@ -1,0 +1,221 @@
+//! Labelled cases from a preprocess cache (`cases/<id>/image.npy` float16,
+//! `label.npy` uint8, `case.json` with the class and spacing), the seeded
+//! train / held-out split, and the training samples: random patches centred
+//! on foreground or background voxels (as MONAI's RandCropByPosNegLabeld),
+//! or the whole volume resized for classification, with random flips and
+//! intensity scale / shift.
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use tch::{Kind, Tensor};
+
+use super::config::{DownstreamConfig, Task};
+use crate::preprocess::{self, npy};
+use crate::train::rng::Rng;
+
+/// One cached case, read into memory.
+#[derive(Debug)]
+pub struct LabelledCase {
+    pub id: String,
+    pub shape: [usize; 3],
+    /// mm per voxel along each array axis.
+    pub spacing: [f64; 3],
+    pub image: Vec<f32>,
+    /// Segmentation label map (same shape), when the case has one.
+    pub label: Option<Vec<u8>>,
+    pub class: Option<i64>,
+}
+
+impl LabelledCase {
+    pub fn image_tensor(&self) -> Tensor {
+        let s = self.shape.map(|v| v as i64);
+        Tensor::from_slice(&self.image).view([1, 1, s[0], s[1], s[2]])
+    }
+}
+
+/// Ids of the committed cases of `cache`, sorted.
+pub fn case_ids(cache: &Path) -> Result<Vec<String>> {
+    let dir = cache.join("cases");
+    let mut ids = Vec::new();
+    for e in
+        std::fs::read_dir(&dir).with_context(|| format!("cannot list {} (is it a preprocess cache?)", dir.display()))?
+    {
+        let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
+        if e.path().join("case.json").is_file() {
+            ids.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+/// Reads case `id`, requiring what `task` needs (a label map, or a class
+/// in 0..num_classes).
+pub fn read_case(cache: &Path, id: &str, task: Task, num_classes: i64) -> Result<LabelledCase> {
+    let dir = cache.join("cases").join(id);
+    let rec =
+        preprocess::read_case_record(cache, id).with_context(|| format!("{}: no readable case.json", dir.display()))?;
+    let (image, shape) = crate::train::data::read_volume(&dir.join("image.npy"))?;
+    let label = match task {
+        Task::Classification => None,
+        Task::Segmentation => {
+            let path = dir.join("label.npy");
+            ensure!(
+                path.is_file(),
+                "case {id}: no label.npy in {} (segmentation needs a `label:` in the manifest)",
+                dir.display()
+            );
+            let (dtype, lshape, data) = npy::read(&path)?;
+            ensure!(
+                dtype == npy::NpyDtype::U8 && lshape == shape,
+                "{}: expected uint8 of shape {shape:?}, got {dtype:?} {lshape:?}",
+                path.display()
+            );
+            if let Some(&bad) = data.iter().find(|&&v| v as i64 >= num_classes) {
+                bail!(
+                    "{}: label value {bad} is not below downstream.num_classes = {num_classes}",
+                    path.display()
+                );
+            }
+            Some(data)
+        }
+    };
+    if task == Task::Classification {
+        match rec.class {
+            Some(c) if (0..num_classes).contains(&c) => {}
+            Some(c) => bail!("case {id}: class {c} is not in 0..{num_classes} (downstream.num_classes)"),
+            None => bail!("case {id}: no `class:` in the manifest (classification needs one per case)"),
+        }
+    }
+    Ok(LabelledCase {
+        id: id.to_string(),
+        shape,
+        spacing: rec.geometry.spacing,
+        image,
+        label,
+        class: rec.class,
+    })
+}
+
+/// Splits sorted ids into (train, held out) by a seeded shuffle.
+pub fn split(ids: &[String], val_fraction: f64, seed: u64) -> (Vec<String>, Vec<String>) {
+    let n_val = (ids.len() as f64 * val_fraction).ceil() as usize;
+    let n_val = n_val.min(ids.len().saturating_sub(1));
+    let perm = Rng::new(seed, 0x5417, 0).permutation(ids.len());
+    let mut val: Vec<String> = perm[..n_val].iter().map(|&i| ids[i as usize].clone()).collect();
+    let mut train: Vec<String> = perm[n_val..].iter().map(|&i| ids[i as usize].clone()).collect();
+    train.sort();
+    val.sort();
+    (train, val)
+}
+
+/// One training batch: images [b, 1, ...] and targets (labels [b, 1, ...]
+/// int64 for segmentation, classes [b] int64 for classification).
+pub struct Batch {
+    pub images: Tensor,
+    pub targets: Tensor,
+}
+
+/// Draws batch `step` (a pure function of seed, step and the cases).
+pub fn batch(cases: &[LabelledCase], cfg: &DownstreamConfig, step: u64) -> Result<Batch> {
+    ensure!(!cases.is_empty(), "no training cases");
+    let mut rng = Rng::new(cfg.seed, 0xd0_3b, step);
+    let mut images = Vec::with_capacity(cfg.batch_size);
+    let mut targets = Vec::with_capacity(cfg.batch_size);
+    for _ in 0..cfg.batch_size {
+        let case = &cases[rng.below(cases.len() as u64) as usize];
+        let (img, tgt) = match cfg.task {
+            Task::Segmentation => {
+                let (img, lab) = patch(case, cfg.patch_size, cfg.pos_fraction, &mut rng)?;
+                (img, lab)
+            }
+            Task::Classification => {
+                let img = resize(&case.image_tensor(), cfg.patch_size);
+                let class = case.class.context("classification case without a class")?;
+                (img, Tensor::from_slice(&[class]))
+            }
+        };
+        let (img, tgt) = augment(img, tgt, cfg, &mut rng);
+        images.push(img);
+        targets.push(tgt);
+    }
+    Ok(Batch {
+        images: Tensor::cat(&images, 0),
+        targets: Tensor::cat(&targets, 0),
+    })
+}
+
+/// Trilinear resize of [1, 1, ...] to `size` (align_corners=False).
+pub fn resize(x: &Tensor, size: [i64; 3]) -> Tensor {
+    if x.size()[2..] == size[..] {
+        return x.shallow_clone();
+    }
+    x.upsample_trilinear3d(size, false, None, None, None)
+}
+
+/// A random patch of `size` (image [1, 1, ...] float, label [1, 1, ...]
+/// int64), centred on a foreground voxel with probability `pos`, else on a
+/// background voxel; volumes smaller than the patch are zero-padded
+/// symmetrically first (MONAI SpatialPad).
+fn patch(case: &LabelledCase, size: [i64; 3], pos: f64, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
+    let label = case.label.as_ref().context("segmentation case without a label map")?;
+    let s = case.shape.map(|v| v as i64);
+    let lab = Tensor::from_slice(label).view([1, 1, s[0], s[1], s[2]]);
+    let pads: Vec<(i64, i64)> = (0..3)
+        .map(|d| {
+            let diff = (size[d] - s[d]).max(0);
+            (diff / 2, diff - diff / 2)
+        })
+        .collect();
+    let pad = [pads[2].0, pads[2].1, pads[1].0, pads[1].1, pads[0].0, pads[0].1];
+    let img = case.image_tensor().constant_pad_nd(pad);
+    let lab = lab.constant_pad_nd(pad);
+    let full = [s[0].max(size[0]), s[1].max(size[1]), s[2].max(size[2])];
+    let want_fg = rng.uniform() < pos;
+    // Pick the k-th voxel of the wanted kind (in the unpadded volume).
+    let n_fg = label.iter().filter(|&&v| v > 0).count();
+    let n_kind = if want_fg { n_fg } else { label.len() - n_fg };
+    let centre = if n_kind == 0 {
+        [s[0] / 2, s[1] / 2, s[2] / 2]
+    } else {
+        let k = rng.below(n_kind as u64) as usize;
+        let i = label
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| (v > 0) == want_fg)
+            .nth(k)
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let (y_z, z) = (i / case.shape[2], i % case.shape[2]);
+        [(y_z / case.shape[1]) as i64, (y_z % case.shape[1]) as i64, z as i64]
+    };
+    let start: Vec<i64> = (0..3)
+        .map(|d| (centre[d] + pads[d].0 - size[d] / 2).clamp(0, full[d] - size[d]))
+        .collect();
+    let crop = |t: &Tensor| {
+        t.narrow(2, start[0], size[0])
+            .narrow(3, start[1], size[1])
+            .narrow(4, start[2], size[2])
+            .contiguous()
+    };
+    Ok((crop(&img), crop(&lab).to_kind(Kind::Int64)))
+}
+
+fn augment(img: Tensor, tgt: Tensor, cfg: &DownstreamConfig, rng: &mut Rng) -> (Tensor, Tensor) {
+    let a = &cfg.augment;
+    let (mut img, mut tgt) = (img, tgt);
+    for axis in 2..5i64 {
+        if rng.uniform() < a.flip_prob {
+            img = img.flip([axis]);
+            if cfg.task == Task::Segmentation {
+                tgt = tgt.flip([axis]);
+            }
+        }
+    }
+    let scale = 1.0 + a.intensity_scale * (2.0 * rng.uniform() - 1.0);
+    let shift = a.intensity_shift * (2.0 * rng.uniform() - 1.0);
+    if a.intensity_scale > 0.0 || a.intensity_shift > 0.0 {
+        img = img * scale + shift;
+    }
+    (img, tgt)
+}
