@@ -6,10 +6,10 @@
 //!
 //! Which cases: the run's held-out cases when the cache is the one it was
 //! trained on and it held some out, else every case of the cache.
-//! Non-finite values are written as JSON `null` (NaN: the class is absent
-//! from the ground truth, so MONAI reports NaN) or the string `"inf"`
-//! (HD95 where exactly one of prediction and truth has the class); means
-//! and stds are over the finite values, with their count.
+//! Values MONAI reports as NaN (Dice of a class absent from the ground
+//! truth; HD95 of a class absent from the prediction or the truth) are
+//! written as JSON `null`; means and stds are over the finite values, with
+//! their count.
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};

@@ -6,8 +6,10 @@
 //! (`ROCAUCMetric`, one-vs-rest macro average for more than two classes).
 //!
 //! Empty classes follow MONAI: Dice is NaN when the ground truth lacks the
-//! class; HD95 is NaN when both prediction and ground truth lack it and
-//! infinite when exactly one does.
+//! class; HD95 is NaN when the prediction or the ground truth (or both)
+//! lacks it. (MONAI's distances are then all infinite, and the percentile
+//! of infinities, interpolated by `torch.quantile`, is NaN; only the
+//! plain maximum would be infinite.)
 use anyhow::{ensure, Result};
 
 /// Dice of class `class` between two label maps of the same length.
@@ -199,7 +201,7 @@ pub fn hausdorff(
     let (pe, ge) = (edges(&pm, sub), edges(&gm, sub));
     let (p_any, g_any) = (pe.iter().any(|&b| b), ge.iter().any(|&b| b));
     if !p_any || !g_any {
-        return Ok(f64::INFINITY);
+        return Ok(f64::NAN);
     }
     let directed = |from: &[bool], to: &[bool]| -> f64 {
         let d2 = squared_edt(to, sub, spacing);
