@@ -128,6 +128,15 @@ impl DownstreamConfig {
             "downstream.patch_size must be positive multiples of {m}, got {:?}",
             self.patch_size
         );
+        let [a, b, c] = self.patch_size;
+        self.backbone
+            .check_input(&[1, 1, a, b, c])
+            .map_err(|e| anyhow::anyhow!("downstream.patch_size {:?}: {e}", self.patch_size))?;
+        if let Some([a, b, c]) = self.sliding_window.roi {
+            self.backbone
+                .check_input(&[1, 1, a, b, c])
+                .map_err(|e| anyhow::anyhow!("downstream.sliding_window.roi: {e}"))?;
+        }
         ensure!(
             (0.0..=1.0).contains(&self.pos_fraction),
             "downstream.pos_fraction must be in [0, 1], got {}",

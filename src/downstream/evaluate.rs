@@ -64,10 +64,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         cfg.sliding_window = sw.clone();
     }
     cfg.sliding_window.validate()?;
-    if cfg.threads > 0 {
-        tch::set_num_threads(cfg.threads as i32);
-    }
-    let device = cfg.device.device()?;
+    let device = super::finetune::setup(&cfg)?;
     let vs = VarStore::new(device);
     let net = model::Net::new(&vs, &cfg)?;
     let weights = opts.run.join("model.safetensors");

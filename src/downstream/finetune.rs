@@ -78,11 +78,15 @@ pub fn read_summary(run: &Path) -> Result<Summary> {
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not a finetune summary", path.display()))
 }
 
-fn setup(cfg: &DownstreamConfig) -> Result<tch::Device> {
+pub(crate) fn setup(cfg: &DownstreamConfig) -> Result<tch::Device> {
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
-    cfg.device.device()
+    let device = cfg.device.device()?;
+    if device == tch::Device::Cpu {
+        crate::train::trainer::reuse_freed_memory();
+    }
+    Ok(device)
 }
 
 pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
