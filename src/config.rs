@@ -202,4 +202,19 @@ mod tests {
         let e = format!("{:#}", Experiment::load(&p).unwrap_err());
         assert!(e.contains("spacingg") && e.contains("e.yaml"), "{e}");
     }
+
+    #[test]
+    fn downstream_errors_name_the_key_and_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("e.yaml");
+        let base = "name: x\nmanifest: m.yaml\nworkdir: w\ndownstream:\n";
+        std::fs::write(&p, format!("{base}  task: segmentation\n  num_clases: 3\n")).unwrap();
+        let e = format!("{:#}", Experiment::load(&p).unwrap_err());
+        assert!(e.contains("num_clases") && e.contains("e.yaml"), "{e}");
+        std::fs::write(&p, format!("{base}  patch_size: [32, 32, 32]\n")).unwrap();
+        let e = format!("{:#}", Experiment::load(&p).unwrap_err());
+        assert!(e.contains("downstream.patch_size") && e.contains("e.yaml"), "{e}");
+        std::fs::write(&p, format!("{base}  task: segmentation\n  num_classes: 3\n")).unwrap();
+        assert_eq!(Experiment::load(&p).unwrap().downstream.unwrap().num_classes, 3);
+    }
 }

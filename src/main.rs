@@ -335,13 +335,14 @@ fn finetune_stage(
     }
     let loss = |l: Option<f64>| l.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
     println!(
-        "finetune ({:?} from {}, {}, {} parameters; {} training cases, {} held out): {} steps, loss {} -> {}, {:.1}s -> {}",
+        "finetune ({:?} from {}, {}, {} parameters; {} training cases, {} held out, {} unlabelled left out): {} steps, loss {} -> {}, {:.1}s -> {}",
         s.config.task,
         s.init,
         s.device,
         s.parameters,
         s.train_cases.len(),
         s.val_cases.len(),
+        s.unlabelled_cases,
         s.steps,
         loss(s.first_loss),
         loss(s.last_loss),

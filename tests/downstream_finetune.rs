@@ -229,15 +229,25 @@ fn exports_load_strictly_and_a_backbone_mismatch_is_named() {
 fn classification_trains_the_encoder_and_a_linear_head() {
     tch::set_num_threads(1);
     let d = tempfile::tempdir().unwrap();
-    let cfg = config(d.path(), "c.yaml", "  task: classification\n  num_classes: 2\n  steps: 4\n");
+    let cfg = config(
+        d.path(),
+        "c.yaml",
+        "  task: classification\n  num_classes: 2\n  steps: 4\n",
+    );
     let cache = cache(d.path(), &cfg, false);
     let run = d.path().join("run");
     ok(finetune("scratch", &cache, &cfg, &run));
     assert_eq!(common::jsonl(&run.join("metrics.jsonl")).len(), 4);
     // The weights: the encoder under MONAI's swinViT.* names, and the head.
-    let w: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(run.join("model.safetensors")).unwrap().into_iter().collect();
-    assert!(w.keys().all(|k| k.starts_with("swinViT.") || k.starts_with("head.")), "{:?}", w.keys());
+    let w: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(run.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(
+        w.keys().all(|k| k.starts_with("swinViT.") || k.starts_with("head.")),
+        "{:?}",
+        w.keys()
+    );
     assert_eq!(w["head.weight"].size(), vec![2, 192]);
     assert!(w.contains_key("swinViT.layers4.0.blocks.1.attn.qkv.weight"));
     // The report: one row per case, consistent with its own numbers.
@@ -247,7 +257,12 @@ fn classification_trains_the_encoder_and_a_linear_head() {
     assert_eq!(cases.len(), 2);
     let mut right = 0;
     for c in cases {
-        let p: Vec<f64> = c["probs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let p: Vec<f64> = c["probs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{c}");
         let arg = if p[1] > p[0] { 1 } else { 0 };
         assert_eq!(c["predicted"], arg, "{c}");

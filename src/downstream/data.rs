@@ -49,6 +49,29 @@ pub fn case_ids(cache: &Path) -> Result<Vec<String>> {
     Ok(ids)
 }
 
+/// Whether case `id` carries what `task` trains on (a label map, or a
+/// class); other cases of a mixed cache are left out, not failed.
+pub fn is_labelled(cache: &Path, id: &str, task: Task) -> bool {
+    match preprocess::read_case_record(cache, id) {
+        Some(rec) => match task {
+            Task::Segmentation => rec.label.is_some(),
+            Task::Classification => rec.class.is_some(),
+        },
+        // Unreadable: let read_case report why.
+        None => true,
+    }
+}
+
+/// Ids of the cases of `cache` labelled for `task`, sorted, and how many
+/// others there were.
+pub fn labelled_ids(cache: &Path, task: Task) -> Result<(Vec<String>, usize)> {
+    let all = case_ids(cache)?;
+    let n = all.len();
+    let ids: Vec<String> = all.into_iter().filter(|id| is_labelled(cache, id, task)).collect();
+    let others = n - ids.len();
+    Ok((ids, others))
+}
+
 /// Reads case `id`, requiring what `task` needs (a label map, or a class
 /// in 0..num_classes).
 pub fn read_case(cache: &Path, id: &str, task: Task, num_classes: i64) -> Result<LabelledCase> {
@@ -116,14 +139,19 @@ pub struct Batch {
     pub targets: Tensor,
 }
 
-/// Draws batch `step` (a pure function of seed, step and the cases).
+/// Draws batch `step` (a pure function of seed, step and the cases): the
+/// cases in a seeded order, each once per epoch.
 pub fn batch(cases: &[LabelledCase], cfg: &DownstreamConfig, step: u64) -> Result<Batch> {
     ensure!(!cases.is_empty(), "no training cases");
     let mut rng = Rng::new(cfg.seed, 0xd0_3b, step);
     let mut images = Vec::with_capacity(cfg.batch_size);
     let mut targets = Vec::with_capacity(cfg.batch_size);
-    for _ in 0..cfg.batch_size {
-        let case = &cases[rng.below(cases.len() as u64) as usize];
+    let n = cases.len() as u64;
+    for i in 0..cfg.batch_size as u64 {
+        // Every case once per epoch, in a seeded order.
+        let k = step * cfg.batch_size as u64 + i;
+        let perm = Rng::new(cfg.seed, 0xe90c, k / n).permutation(cases.len());
+        let case = &cases[perm[(k % n) as usize] as usize];
         let (img, tgt) = match cfg.task {
             Task::Segmentation => {
                 let (img, lab) = patch(case, cfg.patch_size, cfg.pos_fraction, &mut rng)?;

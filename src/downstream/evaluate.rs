@@ -5,7 +5,8 @@
 //! volume by sliding-window inference.
 //!
 //! Which cases: the run's held-out cases when the cache is the one it was
-//! trained on and it held some out, else every case of the cache.
+//! trained on and it held some out, else every case of the cache labelled
+//! for the task (a label map, or a class).
 //! Values MONAI reports as NaN (Dice of a class absent from the ground
 //! truth; HD95 of a class absent from the prediction or the truth) are
 //! written as JSON `null`; means and stds are over the finite values, with
@@ -73,7 +74,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     let ids = if same_dir(&opts.cache, &summary.cache) && !summary.val_cases.is_empty() {
         summary.val_cases.clone()
     } else {
-        data::case_ids(&opts.cache)?
+        data::labelled_ids(&opts.cache, cfg.task)?.0
     };
     let mut failed = Vec::new();
     let mut cases = Vec::new();

@@ -63,6 +63,8 @@ pub struct Summary {
     pub train_cases: Vec<String>,
     pub val_cases: Vec<String>,
     pub skipped_cases: Vec<(String, String)>,
+    /// Cases of the cache without a label map (segmentation) or class.
+    pub unlabelled_cases: usize,
     pub device: String,
     pub parameters: i64,
     pub steps: u64,
@@ -94,7 +96,7 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
         .with_context(|| format!("{}: invalid downstream section", opts.config_name))?;
     let device = setup(cfg)?;
     let started = Instant::now();
-    let ids = data::case_ids(&opts.cache)?;
+    let (ids, unlabelled) = data::labelled_ids(&opts.cache, cfg.task)?;
     let (train_ids, val_ids) = data::split(&ids, cfg.val_fraction, cfg.seed);
     let mut cases = Vec::new();
     let mut skipped = Vec::new();
@@ -180,6 +182,7 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
         train_cases: cases.iter().map(|c| c.id.clone()).collect(),
         val_cases: val_ids,
         skipped_cases: skipped,
+        unlabelled_cases: unlabelled,
         device: format!("{device:?}"),
         parameters: opt.numel(),
         steps: cfg.steps,

@@ -58,6 +58,7 @@ impl Classifier {
 
 /// The network a task trains.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per process; boxing buys nothing
 pub enum Net {
     Segmentation(SwinUnetr),
     Classification(Classifier),
