@@ -527,8 +527,18 @@ fn real_main() -> Result<bool> {
                     }
                     None => (cache.clone(), true),
                 };
-                prep_ok &= finetune_stage(d, init, &cache, &ft, &config)
-                    .with_context(|| format!("experiment {}: finetune", exp.name))?;
+                let done = med3dinsight::downstream::finetune::read_summary(&ft).is_ok_and(|s| {
+                    s.config == *d
+                        && s.init == init.describe()
+                        && s.cache == cache
+                        && ft.join("model.safetensors").is_file()
+                });
+                if done {
+                    println!("finetune: up to date -> {}", ft.display());
+                } else {
+                    prep_ok &= finetune_stage(d, init, &cache, &ft, &config)
+                        .with_context(|| format!("experiment {}: finetune", exp.name))?;
+                }
                 prep_ok &= evaluate_stage(&ft, &eval_cache, None, None)
                     .with_context(|| format!("experiment {}: evaluate", exp.name))?;
                 downstream_ok = prep_ok;
