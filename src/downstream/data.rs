@@ -247,3 +247,19 @@ fn augment(img: Tensor, tgt: Tensor, cfg: &DownstreamConfig, rng: &mut Rng) -> (
     }
     (img, tgt)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_seeded_disjoint_and_keeps_a_training_case() {
+        let ids: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+        let (t, v) = split(&ids, 0.25, 3);
+        assert_eq!((t.len(), v.len()), (7, 3));
+        assert!(v.iter().all(|x| !t.contains(x)));
+        assert_eq!(split(&ids, 0.25, 3), (t.clone(), v.clone()));
+        assert_ne!(split(&ids, 0.25, 4).1, v);
+        assert_eq!(split(&ids[..1], 0.5, 3), (vec!["c0".to_string()], vec![]));
+    }
+}
