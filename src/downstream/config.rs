@@ -30,6 +30,12 @@ pub struct DownstreamAugment {
     /// Intensity x -> x (1 + a) + b, a in [-scale, scale], b in [-shift, shift].
     pub intensity_scale: f64,
     pub intensity_shift: f64,
+    /// Chance of a random elastic deformation (image and label together):
+    /// a displacement field drawn uniformly in [-magnitude, magnitude]
+    /// voxels on a grid of `elastic_points` per axis, upsampled smoothly.
+    pub elastic_prob: f64,
+    pub elastic_magnitude: f64,
+    pub elastic_points: i64,
 }
 
 impl Default for DownstreamAugment {
@@ -38,6 +44,9 @@ impl Default for DownstreamAugment {
             flip_prob: 0.5,
             intensity_scale: 0.1,
             intensity_shift: 0.1,
+            elastic_prob: 0.0,
+            elastic_magnitude: 4.0,
+            elastic_points: 4,
         }
     }
 }
@@ -162,6 +171,10 @@ impl DownstreamConfig {
         ensure!(
             (0.0..=1.0).contains(&a.flip_prob) && a.intensity_scale >= 0.0 && a.intensity_shift >= 0.0,
             "downstream.augment: flip_prob must be in [0, 1] and intensity_scale/shift non-negative"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&a.elastic_prob) && a.elastic_magnitude >= 0.0 && a.elastic_points >= 2,
+            "downstream.augment: elastic_prob must be in [0, 1], elastic_magnitude non-negative, elastic_points at least 2"
         );
         self.sliding_window.validate()?;
         Ok(())

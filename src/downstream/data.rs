@@ -2,7 +2,8 @@
 //! `label.npy` uint8, `case.json` with the class and spacing), the seeded
 //! train / held-out split, and the training samples: random patches centred
 //! on foreground or background voxels (as MONAI's RandCropByPosNegLabeld),
-//! or the whole volume resized for classification, with random flips and
+//! or the whole volume resized for classification, with random elastic
+//! deformation (image and label through the same field), flips and
 //! intensity scale / shift.
 use std::path::Path;
 
@@ -232,6 +233,13 @@ fn patch(case: &LabelledCase, size: [i64; 3], pos: f64, rng: &mut Rng) -> Result
 fn augment(img: Tensor, tgt: Tensor, cfg: &DownstreamConfig, rng: &mut Rng) -> (Tensor, Tensor) {
     let a = &cfg.augment;
     let (mut img, mut tgt) = (img, tgt);
+    if a.elastic_prob > 0.0 && rng.uniform() < a.elastic_prob {
+        let field = displacement(&img.size()[2..], a.elastic_points, a.elastic_magnitude, rng);
+        img = warp(&img, &field, Sampling::Linear);
+        if cfg.task == Task::Segmentation {
+            tgt = warp(&tgt.to_kind(Kind::Float), &field, Sampling::Nearest).to_kind(Kind::Int64);
+        }
+    }
     for axis in 2..5i64 {
         if rng.uniform() < a.flip_prob {
             img = img.flip([axis]);
@@ -248,6 +256,39 @@ fn augment(img: Tensor, tgt: Tensor, cfg: &DownstreamConfig, rng: &mut Rng) -> (
     (img, tgt)
 }
 
+#[derive(Clone, Copy)]
+enum Sampling {
+    Linear,
+    Nearest,
+}
+
+/// A sampling grid [1, x, y, z, 3] (grid_sample's normalised coordinates,
+/// align_corners) displaced by a smooth random field of up to `magnitude`
+/// voxels: uniform draws on `points`^3 control points, trilinearly upsampled.
+fn displacement(size: &[i64], points: i64, magnitude: f64, rng: &mut Rng) -> Tensor {
+    let n = (3 * points * points * points) as usize;
+    let draws: Vec<f32> = (0..n)
+        .map(|_| ((2.0 * rng.uniform() - 1.0) * magnitude) as f32)
+        .collect();
+    let coarse = Tensor::from_slice(&draws).view([1, 3, points, points, points]);
+    let field = coarse.upsample_trilinear3d(size, true, None, None, None);
+    // Grid component c moves along array axis 2 - c (x, y, z = last .. first).
+    let scale: Vec<f32> = (0..3).map(|c| 2.0 / (size[2 - c] - 1).max(1) as f32).collect();
+    let field = field.permute([0, 2, 3, 4, 1]) * Tensor::from_slice(&scale);
+    let theta = Tensor::from_slice(&[1.0f32, 0., 0., 0., 0., 1., 0., 0., 0., 0., 1., 0.]).view([1, 3, 4]);
+    let identity = Tensor::affine_grid_generator(&theta, [1, 1, size[0], size[1], size[2]], true);
+    identity + field
+}
+
+/// Samples [1, 1, ...] at `grid`, zero outside.
+fn warp(t: &Tensor, grid: &Tensor, mode: Sampling) -> Tensor {
+    let mode = match mode {
+        Sampling::Linear => 0,
+        Sampling::Nearest => 1,
+    };
+    t.grid_sampler(grid, mode, 0, true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +302,40 @@ mod tests {
         assert_eq!(split(&ids, 0.25, 3), (t.clone(), v.clone()));
         assert_ne!(split(&ids, 0.25, 4).1, v);
         assert_eq!(split(&ids[..1], 0.5, 3), (vec!["c0".to_string()], vec![]));
+    }
+
+    #[test]
+    fn elastic_moves_image_and_label_together() {
+        let s = 24i64;
+        let lab: Vec<f32> = (0..s * s * s)
+            .map(|i| {
+                let (x, y, z) = (i / (s * s), (i / s) % s, i % s);
+                ((x - 12).pow(2) + (y - 10).pow(2) + (z - 13).pow(2) < 49) as i32 as f32
+            })
+            .collect();
+        let lab = Tensor::from_slice(&lab).view([1, 1, s, s, s]);
+        let still = displacement(&[s, s, s], 4, 0.0, &mut Rng::new(0, 0, 0));
+        assert!(warp(&lab, &still, Sampling::Nearest).equal(&lab));
+        assert!(
+            (warp(&lab, &still, Sampling::Linear) - &lab)
+                .abs()
+                .max()
+                .double_value(&[])
+                < 1e-5
+        );
+        let field = displacement(&[s, s, s], 4, 3.0, &mut Rng::new(0, 0, 1));
+        let moved = warp(&lab, &field, Sampling::Nearest);
+        let smooth = warp(&lab, &field, Sampling::Linear).gt(0.5).to_kind(Kind::Float);
+        let dice = |a: &Tensor, b: &Tensor| {
+            2.0 * (a * b).sum(Kind::Float).double_value(&[])
+                / (a.sum(Kind::Float) + b.sum(Kind::Float)).double_value(&[])
+        };
+        let (together, apart) = (dice(&moved, &smooth), dice(&moved, &lab));
+        assert!(
+            together > 0.95 && apart < 0.9,
+            "same field {together}, unwarped {apart}"
+        );
+        let values = Vec::<f32>::try_from(&moved.flatten(0, -1)).unwrap();
+        assert!(values.iter().all(|&v| v == 0.0 || v == 1.0));
     }
 }
