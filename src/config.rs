@@ -25,6 +25,9 @@ pub struct Experiment {
     /// Absent: the paper preset's settings (a GPU-sized run).
     #[serde(default)]
     pub pretrain: crate::train::PretrainConfig,
+    /// Absent: `med3d run` stops after pretraining.
+    #[serde(default)]
+    pub downstream: Option<crate::downstream::DownstreamConfig>,
 }
 
 /// How a volume is brought to a fixed grid after the foreground crop.
@@ -166,6 +169,10 @@ impl Experiment {
         e.pretrain
             .validate()
             .with_context(|| format!("{}: invalid pretrain section", path.display()))?;
+        if let Some(d) = &e.downstream {
+            d.validate()
+                .with_context(|| format!("{}: invalid downstream section", path.display()))?;
+        }
         Ok(e)
     }
 
@@ -194,5 +201,20 @@ mod tests {
         .unwrap();
         let e = format!("{:#}", Experiment::load(&p).unwrap_err());
         assert!(e.contains("spacingg") && e.contains("e.yaml"), "{e}");
+    }
+
+    #[test]
+    fn downstream_errors_name_the_key_and_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("e.yaml");
+        let base = "name: x\nmanifest: m.yaml\nworkdir: w\ndownstream:\n";
+        std::fs::write(&p, format!("{base}  task: segmentation\n  num_clases: 3\n")).unwrap();
+        let e = format!("{:#}", Experiment::load(&p).unwrap_err());
+        assert!(e.contains("num_clases") && e.contains("e.yaml"), "{e}");
+        std::fs::write(&p, format!("{base}  patch_size: [32, 32, 32]\n")).unwrap();
+        let e = format!("{:#}", Experiment::load(&p).unwrap_err());
+        assert!(e.contains("downstream.patch_size") && e.contains("e.yaml"), "{e}");
+        std::fs::write(&p, format!("{base}  task: segmentation\n  num_classes: 3\n")).unwrap();
+        assert_eq!(Experiment::load(&p).unwrap().downstream.unwrap().num_classes, 3);
     }
 }

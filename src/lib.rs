@@ -10,6 +10,7 @@ pub mod caption;
 pub mod config;
 pub mod convert;
 pub mod dist;
+pub mod downstream;
 pub mod embed;
 pub mod encoders;
 pub mod export;

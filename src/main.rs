@@ -139,6 +139,37 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Fine-tune a segmentation or classification network (the config's
+    /// `downstream` section) from an export or from scratch.
+    Finetune {
+        /// An export (.safetensors with its .card.json beside it) or `scratch`.
+        #[arg(long)]
+        init: String,
+        /// Labelled cache; default: <workdir>/cache from the config.
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Labelled manifest to preprocess into the cache first.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        #[arg(long)]
+        config: PathBuf,
+        /// Run folder (model.safetensors, metrics.jsonl, finetune.json).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Score a fine-tuned run on a cache (Dice and HD95, or accuracy and AUC).
+    Evaluate {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        cache: PathBuf,
+        /// Take the sliding-window settings from this config's downstream section.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// JSON report; default: <run>/evaluate.json.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Embeddings of given texts or images as .npy (parity tests, benchmarks).
     #[command(hide = true)]
     Encode(med3dinsight::embed::encode::EncodeArgs),
@@ -321,6 +352,70 @@ fn export_stage(req: &med3dinsight::export::Request, run_mode: bool) -> Result<b
     Ok(true)
 }
 
+fn downstream_of(exp: &Experiment, config: &std::path::Path) -> Result<med3dinsight::downstream::DownstreamConfig> {
+    exp.downstream
+        .clone()
+        .with_context(|| format!("{}: no `downstream:` section", config.display()))
+}
+
+fn finetune_stage(
+    d: &med3dinsight::downstream::DownstreamConfig,
+    init: med3dinsight::downstream::finetune::Init,
+    cache: &std::path::Path,
+    out: &std::path::Path,
+    config: &std::path::Path,
+) -> Result<bool> {
+    use med3dinsight::downstream::finetune;
+    let opts = finetune::Options {
+        cache: cache.to_path_buf(),
+        out: out.to_path_buf(),
+        init,
+        config_name: config.display().to_string(),
+    };
+    let s = finetune::run(d, &opts)?;
+    for n in &s.init_notes {
+        println!("finetune: {n}");
+    }
+    for (case, why) in &s.skipped_cases {
+        eprintln!("  SKIPPED case {case}: {why}");
+    }
+    let loss = |l: Option<f64>| l.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    println!(
+        "finetune ({:?} from {}, {}, {} parameters; {} training cases, {} held out, {} unlabelled left out): {} steps, loss {} -> {}, {:.1}s -> {}",
+        s.config.task,
+        s.init,
+        s.device,
+        s.parameters,
+        s.train_cases.len(),
+        s.val_cases.len(),
+        s.unlabelled_cases,
+        s.steps,
+        loss(s.first_loss),
+        loss(s.last_loss),
+        s.seconds,
+        out.display()
+    );
+    Ok(s.skipped_cases.is_empty())
+}
+
+fn evaluate_stage(
+    run: &std::path::Path,
+    cache: &std::path::Path,
+    sw: Option<med3dinsight::downstream::sliding::SlidingWindow>,
+    out: Option<PathBuf>,
+) -> Result<bool> {
+    use med3dinsight::downstream::evaluate;
+    let opts = evaluate::Options {
+        run: run.to_path_buf(),
+        cache: cache.to_path_buf(),
+        sliding_window: sw,
+        out: out.unwrap_or_else(|| run.join("evaluate.json")),
+    };
+    let r = evaluate::run(&opts)?;
+    println!("{}", r.line);
+    Ok(r.json["failed_cases"].as_array().is_none_or(|f| f.is_empty()))
+}
+
 fn real_main() -> Result<bool> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -431,6 +526,36 @@ fn real_main() -> Result<bool> {
             };
             export_stage(&req, false)
         }
+        Cmd::Finetune {
+            init,
+            cache,
+            manifest,
+            config,
+            out,
+        } => {
+            let exp = Experiment::load(&config)?;
+            let d = downstream_of(&exp, &config)?;
+            let cache = cache.unwrap_or_else(|| exp.cache_dir());
+            let mut ok = true;
+            if let Some(m) = manifest {
+                let m = Manifest::load(&m)?;
+                ok = preprocess_stage(&m, &exp, &cache, Shard::ALL, workers(None))?;
+            }
+            let init = med3dinsight::downstream::finetune::Init::parse(&init);
+            Ok(finetune_stage(&d, init, &cache, &out, &config)? && ok)
+        }
+        Cmd::Evaluate {
+            run,
+            cache,
+            config,
+            out,
+        } => {
+            let sw = match config {
+                Some(c) => Some(downstream_of(&Experiment::load(&c)?, &c)?.sliding_window),
+                None => None,
+            };
+            evaluate_stage(&run, &cache, sw, out)
+        }
         Cmd::Encode(args) => {
             let r = med3dinsight::embed::encode::encode(&args)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -463,7 +588,42 @@ fn real_main() -> Result<bool> {
                     exported &= export_stage(&req, true).with_context(|| format!("experiment {}: export", exp.name))?;
                 }
             }
-            Ok(ok && captioned && embedded && pretrained && exported)
+            let mut downstream_ok = true;
+            if let Some(d) = &exp.downstream {
+                use med3dinsight::downstream::{finetune::Init, RUN_EXPORT};
+                let export = exp.run_dir().join(RUN_EXPORT);
+                let init = if export.is_file() {
+                    Init::Export(export)
+                } else {
+                    Init::parse(d.init.as_deref().unwrap_or("scratch"))
+                };
+                let ft = exp.workdir.join("finetune").join(&exp.name);
+                let (eval_cache, mut prep_ok) = match &d.test_manifest {
+                    Some(m) => {
+                        let test_cache = exp.workdir.join("cache_test");
+                        let ok = preprocess_stage(&Manifest::load(m)?, &exp, &test_cache, Shard::ALL, workers(w))
+                            .with_context(|| format!("experiment {}: preprocess the test manifest", exp.name))?;
+                        (test_cache, ok)
+                    }
+                    None => (cache.clone(), true),
+                };
+                let done = med3dinsight::downstream::finetune::read_summary(&ft).is_ok_and(|s| {
+                    s.config == *d
+                        && s.init == init.describe()
+                        && s.cache == cache
+                        && ft.join("model.safetensors").is_file()
+                });
+                if done {
+                    println!("finetune: up to date -> {}", ft.display());
+                } else {
+                    prep_ok &= finetune_stage(d, init, &cache, &ft, &config)
+                        .with_context(|| format!("experiment {}: finetune", exp.name))?;
+                }
+                prep_ok &= evaluate_stage(&ft, &eval_cache, None, None)
+                    .with_context(|| format!("experiment {}: evaluate", exp.name))?;
+                downstream_ok = prep_ok;
+            }
+            Ok(ok && captioned && embedded && pretrained && exported && downstream_ok)
         }
     }
 }

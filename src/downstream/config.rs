@@ -1,0 +1,194 @@
+//! The experiment's `downstream:` section: which task, the network (whose
+//! backbone must match the export's model card), patches, optimiser,
+//! augmentation, validation split and sliding-window settings. Unknown keys
+//! are errors.
+use std::path::PathBuf;
+
+use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
+
+use super::sliding::SlidingWindow;
+use crate::model::swin_unetr::SwinUnetrConfig;
+use crate::train::config::{DeviceChoice, OptimConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// SwinUNETR with `num_classes` output channels, Dice + cross-entropy.
+    Segmentation,
+    /// The Swin encoder, global average pooling of its deepest hidden
+    /// state, a linear head, cross-entropy.
+    Classification,
+}
+
+/// Random transforms applied to each training sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownstreamAugment {
+    /// Probability of flipping each axis (image and label together).
+    pub flip_prob: f64,
+    /// Intensity x -> x (1 + a) + b, a in [-scale, scale], b in [-shift, shift].
+    pub intensity_scale: f64,
+    pub intensity_shift: f64,
+    /// Chance of a random elastic deformation (image and label together):
+    /// a displacement field drawn uniformly in [-magnitude, magnitude]
+    /// voxels on a grid of `elastic_points` per axis, upsampled smoothly.
+    pub elastic_prob: f64,
+    pub elastic_magnitude: f64,
+    pub elastic_points: i64,
+}
+
+impl Default for DownstreamAugment {
+    fn default() -> Self {
+        DownstreamAugment {
+            flip_prob: 0.5,
+            intensity_scale: 0.1,
+            intensity_shift: 0.1,
+            elastic_prob: 0.0,
+            elastic_magnitude: 4.0,
+            elastic_points: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownstreamConfig {
+    pub task: Task,
+    /// Segmentation: label values 0..num_classes (0 = background);
+    /// classification: case classes 0..num_classes.
+    pub num_classes: i64,
+    /// MONAI SwinUNETR arguments; in_channels must be 1, out_channels is
+    /// set from num_classes.
+    pub backbone: SwinUnetrConfig,
+    /// Weights when `med3d run` has no export of its own: an export file or
+    /// `scratch`.
+    pub init: Option<String>,
+    /// Segmentation training patch; classification input grid (the whole
+    /// volume is resized to it). Multiples of 32.
+    pub patch_size: [i64; 3],
+    /// Segmentation: chance that a patch is centred on a foreground voxel
+    /// (MONAI RandCropByPosNegLabeld's pos / (pos + neg)).
+    pub pos_fraction: f64,
+    pub batch_size: usize,
+    pub steps: u64,
+    pub optimizer: OptimConfig,
+    pub seed: u64,
+    pub device: DeviceChoice,
+    /// libtorch CPU threads; 0 keeps libtorch's default.
+    pub threads: usize,
+    pub augment: DownstreamAugment,
+    /// Fraction of the cache's cases held out for `evaluate` (by a seeded
+    /// shuffle); 0 trains on every case.
+    pub val_fraction: f64,
+    /// A labelled manifest evaluated instead of the held-out cases (`med3d
+    /// run` preprocesses it into `<workdir>/cache_test`).
+    pub test_manifest: Option<PathBuf>,
+    pub sliding_window: SlidingWindow,
+}
+
+impl Default for DownstreamConfig {
+    fn default() -> Self {
+        DownstreamConfig {
+            task: Task::Segmentation,
+            num_classes: 2,
+            backbone: SwinUnetrConfig::default(),
+            init: None,
+            patch_size: [96, 96, 96],
+            pos_fraction: 0.5,
+            batch_size: 2,
+            steps: 100,
+            optimizer: OptimConfig {
+                lr: 1e-4,
+                ..OptimConfig::default()
+            },
+            seed: 0,
+            device: DeviceChoice::Auto,
+            threads: 0,
+            augment: DownstreamAugment::default(),
+            val_fraction: 0.0,
+            test_manifest: None,
+            sliding_window: SlidingWindow::default(),
+        }
+    }
+}
+
+impl DownstreamConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.backbone.in_channels == 1,
+            "downstream.backbone.in_channels must be 1 (one image channel), got {}",
+            self.backbone.in_channels
+        );
+        self.network_config().validate()?;
+        ensure!(
+            self.num_classes >= 2,
+            "downstream.num_classes must be at least 2 (background and one class, or two classes), got {}",
+            self.num_classes
+        );
+        ensure!(
+            self.num_classes <= 256 || self.task == Task::Classification,
+            "downstream.num_classes must be at most 256 for segmentation (labels are 8-bit), got {}",
+            self.num_classes
+        );
+        let m = self.backbone.size_multiple();
+        ensure!(
+            self.patch_size.iter().all(|&s| s > 0 && s % m == 0),
+            "downstream.patch_size must be positive multiples of {m}, got {:?}",
+            self.patch_size
+        );
+        let [a, b, c] = self.patch_size;
+        self.backbone
+            .check_input(&[1, 1, a, b, c])
+            .map_err(|e| anyhow::anyhow!("downstream.patch_size {:?}: {e}", self.patch_size))?;
+        if let Some([a, b, c]) = self.sliding_window.roi {
+            self.backbone
+                .check_input(&[1, 1, a, b, c])
+                .map_err(|e| anyhow::anyhow!("downstream.sliding_window.roi: {e}"))?;
+        }
+        ensure!(
+            (0.0..=1.0).contains(&self.pos_fraction),
+            "downstream.pos_fraction must be in [0, 1], got {}",
+            self.pos_fraction
+        );
+        ensure!(self.batch_size >= 1, "downstream.batch_size must be at least 1");
+        ensure!(
+            (0.0..1.0).contains(&self.val_fraction),
+            "downstream.val_fraction must be in [0, 1), got {}",
+            self.val_fraction
+        );
+        ensure!(
+            self.optimizer.lr > 0.0 && self.optimizer.lr.is_finite(),
+            "downstream.optimizer.lr must be positive, got {}",
+            self.optimizer.lr
+        );
+        ensure!(
+            self.optimizer.accumulate == 1,
+            "downstream.optimizer.accumulate is not supported (use batch_size), got {}",
+            self.optimizer.accumulate
+        );
+        let a = &self.augment;
+        ensure!(
+            (0.0..=1.0).contains(&a.flip_prob) && a.intensity_scale >= 0.0 && a.intensity_shift >= 0.0,
+            "downstream.augment: flip_prob must be in [0, 1] and intensity_scale/shift non-negative"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&a.elastic_prob) && a.elastic_magnitude >= 0.0 && a.elastic_points >= 2,
+            "downstream.augment: elastic_prob must be in [0, 1], elastic_magnitude non-negative, elastic_points at least 2"
+        );
+        self.sliding_window.validate()?;
+        Ok(())
+    }
+
+    /// The SwinUNETR this task trains (out_channels = num_classes).
+    pub fn network_config(&self) -> SwinUnetrConfig {
+        SwinUnetrConfig {
+            out_channels: self.num_classes,
+            ..self.backbone.clone()
+        }
+    }
+
+    pub fn roi(&self) -> [i64; 3] {
+        self.sliding_window.roi.unwrap_or(self.patch_size)
+    }
+}

@@ -1,0 +1,225 @@
+//! The downstream networks and how an export initialises them.
+//!
+//! Segmentation trains MONAI's SwinUNETR with `num_classes` outputs;
+//! classification trains its encoder (`swinViT`) with a global average pool
+//! of the deepest hidden state and a linear `head`. Variable names are
+//! MONAI's, so the fine-tuned weights load into MONAI as they are.
+//!
+//! An export (see ARCHITECTURE.md, `med3d export`) is a safetensors state
+//! dict beside a `.card.json` model card: the full SwinUNETR (`variant:
+//! full`) or the encoder alone with the `swinViT.` prefix stripped
+//! (`variant: encoder`). Loading is strict on names and shapes except for
+//! what the task replaces (an `out` head of another class count, the
+//! decoder an encoder-only export lacks, the classification head), and the
+//! card's backbone must equal the config's.
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use tch::nn::{self, Module, VarStore};
+use tch::{Kind, Tensor};
+
+use super::config::{DownstreamConfig, Task};
+use crate::model::swin::transformer::SwinTransformer;
+use crate::model::swin_unetr::{SwinUnetr, SwinUnetrConfig};
+
+/// The encoder, pooled, and a linear read-out.
+#[derive(Debug)]
+pub struct Classifier {
+    config: SwinUnetrConfig,
+    swin_vit: SwinTransformer,
+    head: nn::Linear,
+}
+
+impl Classifier {
+    pub fn new(p: &nn::Path, config: &SwinUnetrConfig, num_classes: i64) -> Result<Self> {
+        config.validate()?;
+        Ok(Classifier {
+            swin_vit: SwinTransformer::new(&(p / "swinViT"), config),
+            head: nn::linear(
+                p / "head",
+                config.bottleneck_channels(),
+                num_classes,
+                Default::default(),
+            ),
+            config: config.clone(),
+        })
+    }
+
+    /// Logits [b, num_classes].
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.config.check_input(&x.size())?;
+        let hidden = self.swin_vit.forward(x, self.config.normalize, train);
+        let pooled = hidden[4].mean_dim(&[2i64, 3, 4][..], false, Kind::Float);
+        Ok(self.head.forward(&pooled))
+    }
+}
+
+/// The network a task trains.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per process; boxing buys nothing
+pub enum Net {
+    Segmentation(SwinUnetr),
+    Classification(Classifier),
+}
+
+impl Net {
+    /// Creates the task's network at the root of `vs` (randomly initialised
+    /// from libtorch's current generator).
+    pub fn new(vs: &VarStore, cfg: &DownstreamConfig) -> Result<Net> {
+        let root = vs.root();
+        Ok(match cfg.task {
+            Task::Segmentation => Net::Segmentation(SwinUnetr::new(&root, &cfg.network_config())?),
+            Task::Classification => {
+                Net::Classification(Classifier::new(&root, &cfg.network_config(), cfg.num_classes)?)
+            }
+        })
+    }
+
+    /// Logits: [b, classes, x, y, z] or [b, classes].
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Net::Segmentation(m) => Ok(m.forward_t(x, train)?.logits),
+            Net::Classification(m) => m.forward_t(x, train),
+        }
+    }
+}
+
+/// The parts of a model card this stage reads.
+#[derive(Debug, Deserialize)]
+pub struct Card {
+    pub variant: String,
+    pub backbone: serde_json::Value,
+}
+
+/// `model.safetensors` -> `model.card.json`.
+pub fn card_path(export: &Path) -> PathBuf {
+    export.with_extension("card.json")
+}
+
+pub fn read_card(export: &Path) -> Result<Card> {
+    let path = card_path(export);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read the model card {} of export {}",
+            path.display(),
+            export.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a model card (needs variant and backbone)", path.display()))
+}
+
+/// Settings that only change training-time randomness or arithmetic, not
+/// the weights' meaning.
+const NOT_ARCHITECTURE: &[&str] = &[
+    "in_channels",
+    "out_channels",
+    "fused_attention",
+    "drop_rate",
+    "attn_drop_rate",
+    "dropout_path_rate",
+];
+
+fn same(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    match (a, b) {
+        (serde_json::Value::Number(x), serde_json::Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (serde_json::Value::Array(x), serde_json::Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+        }
+        _ => a == b,
+    }
+}
+
+/// Errors naming every backbone setting where the card and config differ.
+pub fn check_backbone(card: &Card, card_path: &Path, ours: &SwinUnetrConfig, config_name: &str) -> Result<()> {
+    let ours = serde_json::to_value(ours)?;
+    let (Some(theirs), Some(ours)) = (card.backbone.as_object(), ours.as_object()) else {
+        bail!("{}: `backbone` is not an object", card_path.display());
+    };
+    let mut diffs = Vec::new();
+    for (k, v) in theirs {
+        if NOT_ARCHITECTURE.contains(&k.as_str()) {
+            continue;
+        }
+        match ours.get(k) {
+            Some(o) if same(o, v) => {}
+            Some(o) => diffs.push(format!(
+                "{k} is {v} in the export, {o} in {config_name} downstream.backbone"
+            )),
+            None => diffs.push(format!(
+                "{k} ({v}) in the export is not a SwinUNETR setting med3d knows"
+            )),
+        }
+    }
+    if !diffs.is_empty() {
+        bail!(
+            "the export's backbone ({}) does not match the config's:\n  {}",
+            card_path.display(),
+            diffs.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// Loads export `path` into the task's network in `vs` (see the module
+/// doc); returns notes on what was not loaded, for the log.
+pub fn load_export(vs: &VarStore, path: &Path, cfg: &DownstreamConfig, config_name: &str) -> Result<Vec<String>> {
+    let card = read_card(path)?;
+    check_backbone(&card, &card_path(path), &cfg.backbone, config_name)?;
+    let tensors = Tensor::read_safetensors(path).with_context(|| format!("cannot read export {}", path.display()))?;
+    let mut tensors: Vec<(String, Tensor)> = match card.variant.as_str() {
+        "full" => tensors,
+        "encoder" => tensors.into_iter().map(|(k, t)| (format!("swinViT.{k}"), t)).collect(),
+        other => bail!(
+            "{}: variant {other:?} is neither \"full\" nor \"encoder\"",
+            card_path(path).display()
+        ),
+    };
+    let vars = vs.variables();
+    let mut notes = Vec::new();
+    // What the task replaces: dropped from the file, kept as initialised.
+    let keep_own: Box<dyn Fn(&str) -> bool> = match (cfg.task, card.variant.as_str()) {
+        (Task::Classification, _) => {
+            notes.push(format!(
+                "classification: only the encoder (swinViT.*) of {} is loaded; the linear head is initialised randomly",
+                path.display()
+            ));
+            Box::new(|k: &str| !k.starts_with("swinViT."))
+        }
+        (Task::Segmentation, "encoder") => {
+            notes.push(format!(
+                "{} is an encoder-only export: the decoder (encoder1..4, encoder10, decoder1..5, out) is initialised randomly",
+                path.display()
+            ));
+            Box::new(|k: &str| !k.starts_with("swinViT."))
+        }
+        (Task::Segmentation, _) => {
+            let theirs = tensors
+                .iter()
+                .find(|(k, _)| k == "out.conv.conv.weight")
+                .map(|(_, t)| t.size());
+            let ours = vars.get("out.conv.conv.weight").map(|t| t.size());
+            if theirs.is_some() && theirs != ours {
+                notes.push(format!(
+                    "the export's output head has {} classes, downstream.num_classes is {}: out.* is not loaded (initialised randomly)",
+                    theirs.as_ref().map(|s| s[0]).unwrap_or(0),
+                    cfg.num_classes
+                ));
+                Box::new(|k: &str| k.starts_with("out."))
+            } else {
+                Box::new(|_: &str| false)
+            }
+        }
+    };
+    tensors.retain(|(k, _)| !keep_own(k));
+    let present: BTreeSet<String> = tensors.iter().map(|(k, _)| k.clone()).collect();
+    for (k, v) in &vars {
+        if keep_own(k) && !present.contains(k) {
+            tensors.push((k.clone(), v.detach().copy()));
+        }
+    }
+    crate::model::state_dict::load_named(vs, tensors, &format!("export {}", path.display()))?;
+    Ok(notes)
+}
