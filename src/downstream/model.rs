@@ -37,11 +37,18 @@ impl Classifier {
         config.validate()?;
         Ok(Classifier {
             swin_vit: SwinTransformer::new(&(p / "swinViT"), config),
+            // Zero-initialised so the first logits are uniform: the pooled
+            // features share a large common part, which a random head turns
+            // into confident, arbitrary first predictions.
             head: nn::linear(
                 p / "head",
                 config.bottleneck_channels(),
                 num_classes,
-                Default::default(),
+                nn::LinearConfig {
+                    ws_init: nn::Init::Const(0.0),
+                    bs_init: Some(nn::Init::Const(0.0)),
+                    bias: true,
+                },
             ),
             config: config.clone(),
         })
