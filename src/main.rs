@@ -234,7 +234,29 @@ fn embed_stage(exp: &Experiment, cache: &std::path::Path, captions: Option<PathB
     Ok(s.failed() == 0)
 }
 
-fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Path, resume: bool) -> Result<bool> {
+/// How a command ended, and so its exit status.
+enum End {
+    /// 0.
+    Ok,
+    /// 2: some cases or slices failed, or a stage stopped early.
+    Failed,
+    /// 128 + signal (130 SIGINT, 143 SIGTERM), as shells and batch
+    /// schedulers expect of a job stopped by a signal: pretraining wrote a
+    /// checkpoint and can be resumed.
+    Signal(i32),
+}
+
+impl From<bool> for End {
+    fn from(ok: bool) -> End {
+        if ok {
+            End::Ok
+        } else {
+            End::Failed
+        }
+    }
+}
+
+fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Path, resume: bool) -> Result<End> {
     use med3dinsight::train::{self, Status};
     let opts = train::Options {
         cache: cache.to_path_buf(),
@@ -252,17 +274,24 @@ fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Pa
         Status::Done => format!("{} steps run, {:.2} volumes/s", s.steps_run, s.volumes_per_s),
         Status::UpToDate => "up to date".to_string(),
         Status::Interrupted => format!(
-            "interrupted after {} steps; continue with `med3d pretrain --resume`",
+            "interrupted by signal {} after {} steps, checkpoint written; the run can be resumed with `med3d pretrain --resume` (same --config, --cache and --out)",
+            s.signal.unwrap_or(0),
             s.steps_run
         ),
     };
+    let noisy = if s.noisy_slices > 0 {
+        format!(", {} with swapped targets", s.noisy_slices)
+    } else {
+        String::new()
+    };
     println!(
-        "pretrain ({}{}, {} parameters, targets {}; {} slices of {} cases): step {}/{}, loss {} -> {}, {} non-finite steps skipped, {} -> {}",
+        "pretrain ({}{}, {} parameters, targets {}; {} slices{} of {} cases): step {}/{}, loss {} -> {}, {} non-finite steps skipped, {} -> {}",
         s.device,
         if s.autocast_bf16 { " bf16" } else { "" },
         s.parameters,
         targets.join(", "),
         s.usable_slices,
+        noisy,
         s.cases,
         s.step,
         s.total_steps,
@@ -272,10 +301,14 @@ fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Pa
         what,
         out.display()
     );
-    Ok(s.status != Status::Interrupted)
+    Ok(match (s.status, s.signal) {
+        (Status::Interrupted, Some(sig)) => End::Signal(sig),
+        (Status::Interrupted, None) => End::Failed,
+        _ => End::Ok,
+    })
 }
 
-fn real_main() -> Result<bool> {
+fn real_main() -> Result<End> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Convert {
@@ -292,7 +325,7 @@ fn real_main() -> Result<bool> {
                 v.shape(),
                 v.orientation().unwrap_or_default()
             );
-            Ok(true)
+            Ok(End::Ok)
         }
         Cmd::Info { path, series, json } => {
             let info = med3dinsight::info::describe(&path, series.as_deref())?;
@@ -301,7 +334,7 @@ fn real_main() -> Result<bool> {
             } else {
                 println!("{info}");
             }
-            Ok(true)
+            Ok(End::Ok)
         }
         Cmd::Preprocess {
             manifest,
@@ -314,7 +347,7 @@ fn real_main() -> Result<bool> {
             let manifest = Manifest::load(manifest.as_ref().unwrap_or(&exp.manifest))?;
             let shard = shard.as_deref().map(Shard::parse).transpose()?.unwrap_or(Shard::ALL);
             let out = out.unwrap_or_else(|| exp.cache_dir());
-            preprocess_stage(&manifest, &exp, &out, shard, workers(w))
+            preprocess_stage(&manifest, &exp, &out, shard, workers(w)).map(End::from)
         }
         Cmd::Caption {
             cache,
@@ -326,7 +359,7 @@ fn real_main() -> Result<bool> {
             let shard = shard.as_deref().map(Shard::parse).transpose()?.unwrap_or(Shard::ALL);
             let cache = cache.unwrap_or_else(|| exp.cache_dir());
             let out = out.unwrap_or_else(|| cache.join("captions.jsonl"));
-            caption_stage(&exp, &cache, &out, shard)
+            caption_stage(&exp, &cache, &out, shard).map(End::from)
         }
         Cmd::Inspect {
             cache,
@@ -344,7 +377,7 @@ fn real_main() -> Result<bool> {
                 s.sample_shown,
                 out.display()
             );
-            Ok(true)
+            Ok(End::Ok)
         }
         Cmd::Embed {
             cache,
@@ -353,7 +386,7 @@ fn real_main() -> Result<bool> {
         } => {
             let exp = Experiment::load(&config)?;
             let cache = cache.unwrap_or_else(|| exp.cache_dir());
-            embed_stage(&exp, &cache, captions)
+            embed_stage(&exp, &cache, captions).map(End::from)
         }
         Cmd::Pretrain {
             cache,
@@ -369,7 +402,7 @@ fn real_main() -> Result<bool> {
         Cmd::Encode(args) => {
             let r = med3dinsight::embed::encode::encode(&args)?;
             println!("{}", serde_json::to_string(&r)?);
-            Ok(true)
+            Ok(End::Ok)
         }
         Cmd::Run { config, workers: w } => {
             let exp = Experiment::load(&config)?;
@@ -383,7 +416,11 @@ fn real_main() -> Result<bool> {
                 embed_stage(&exp, &cache, None).with_context(|| format!("experiment {}: embed", exp.name))?;
             let pretrained = pretrain_stage(&exp, &cache, &exp.run_dir(), true)
                 .with_context(|| format!("experiment {}: pretrain", exp.name))?;
-            Ok(ok && captioned && embedded && pretrained)
+            Ok(match pretrained {
+                End::Signal(sig) => End::Signal(sig),
+                End::Ok if ok && captioned && embedded => End::Ok,
+                _ => End::Failed,
+            })
         }
     }
 }
@@ -397,8 +434,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match real_main() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(2),
+        Ok(End::Ok) => ExitCode::SUCCESS,
+        Ok(End::Failed) => ExitCode::from(2),
+        Ok(End::Signal(sig)) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(2)),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

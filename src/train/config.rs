@@ -241,6 +241,16 @@ pub struct PretrainConfig {
     /// Stop after this many consecutive steps with a non-finite loss or
     /// gradient (each such step is skipped and counted).
     pub max_nonfinite: usize,
+    /// Fraction in [0, 1) of the usable slices whose target rows are
+    /// replaced by those of a random other slice (swapped captions), fixed
+    /// by the seed for the whole run. Left out of the serialised config
+    /// (and so of its hash) when 0, so older runs keep their hash.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub target_noise: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl Default for PretrainConfig {
@@ -267,6 +277,7 @@ impl Default for PretrainConfig {
             checkpoint_every: 500,
             keep_checkpoints: 2,
             max_nonfinite: 10,
+            target_noise: 0.0,
         }
     }
 }
@@ -364,6 +375,11 @@ impl PretrainConfig {
             "pretrain.keep_checkpoints must be at least 1"
         );
         ensure!(self.max_nonfinite >= 1, "pretrain.max_nonfinite must be at least 1");
+        ensure!(
+            (0.0..1.0).contains(&self.target_noise),
+            "pretrain.target_noise must be a fraction in [0, 1), got {}",
+            self.target_noise
+        );
         Ok(())
     }
 
@@ -399,6 +415,23 @@ mod tests {
         assert_eq!(a.hash(), b.hash());
         b.optimizer.lr = 2e-5;
         assert_ne!(a.hash(), b.hash());
+        let mut c = a.clone();
+        c.target_noise = 0.2;
+        assert_ne!(a.hash(), c.hash());
+        // absent and 0 are the same run
+        let d: PretrainConfig = serde_yaml::from_str("target_noise: 0\n").unwrap();
+        assert_eq!(a.hash(), d.hash());
+    }
+
+    #[test]
+    fn target_noise_out_of_range_is_named() {
+        for v in [-0.1, 1.0, f64::NAN] {
+            let c = PretrainConfig {
+                target_noise: v,
+                ..Default::default()
+            };
+            assert!(format!("{:#}", c.validate().unwrap_err()).contains("pretrain.target_noise"));
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! draws the loss curve.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -68,6 +68,10 @@ pub struct Summary {
     pub cases: usize,
     pub skipped_cases: Vec<(String, String)>,
     pub targets: Vec<(String, i64)>,
+    /// Usable slices whose targets were swapped (`target_noise`).
+    pub noisy_slices: usize,
+    /// The signal (SIGINT 2, SIGTERM 15) that interrupted the run.
+    pub signal: Option<i32>,
 }
 
 /// On the CPU, glibc serves libtorch's large activation buffers (tens of
@@ -101,15 +105,17 @@ pub fn total_steps(cfg: &PretrainConfig, epoch_len: usize) -> u64 {
     })
 }
 
-/// Signal flag, unregistered on drop.
+/// Signal flag (and which signal came), unregistered on drop.
 struct Signals {
     flag: Arc<AtomicBool>,
+    which: Arc<AtomicUsize>,
     ids: Vec<signal_hook::SigId>,
 }
 
 impl Signals {
     fn new(enabled: bool) -> Result<Signals> {
         let flag = Arc::new(AtomicBool::new(false));
+        let which = Arc::new(AtomicUsize::new(0));
         let mut ids = Vec::new();
         if enabled {
             use signal_hook::consts::{SIGINT, SIGTERM};
@@ -122,12 +128,23 @@ impl Signals {
             )?);
             ids.push(signal_hook::flag::register(SIGINT, flag.clone())?);
             ids.push(signal_hook::flag::register(SIGTERM, flag.clone())?);
+            for sig in [SIGINT, SIGTERM] {
+                ids.push(signal_hook::flag::register_usize(sig, which.clone(), sig as usize)?);
+            }
         }
-        Ok(Signals { flag, ids })
+        Ok(Signals { flag, which, ids })
     }
 
     fn raised(&self) -> bool {
         self.flag.load(Ordering::Relaxed)
+    }
+
+    /// The signal that stopped the run (the last one received).
+    fn signal(&self) -> Option<i32> {
+        match self.which.load(Ordering::Relaxed) {
+            0 => None,
+            s => Some(s as i32),
+        }
     }
 }
 
@@ -165,6 +182,7 @@ struct RunRecord<'a> {
     total_steps: u64,
     targets: Vec<(String, i64)>,
     usable_slices: usize,
+    noisy_slices: usize,
     cases: usize,
     skipped_cases: &'a [(String, String)],
 }
@@ -258,6 +276,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         total_steps: total,
         targets: targets.clone(),
         usable_slices: ds.usable.len(),
+        noisy_slices: ds.noisy_slices,
         cases: ds.cases.len(),
         skipped_cases: &ds.skipped_cases,
     };
@@ -282,6 +301,8 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         cases: ds.cases.len(),
         skipped_cases: ds.skipped_cases.clone(),
         targets: targets.clone(),
+        noisy_slices: ds.noisy_slices,
+        signal: None,
     };
     if state.step >= total {
         summary.status = Status::UpToDate;
@@ -395,6 +416,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         }
         if stop {
             summary.status = Status::Interrupted;
+            summary.signal = signals.signal();
             break;
         }
     }
