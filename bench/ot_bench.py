@@ -17,11 +17,14 @@ runs exactly max_iter = 1000 iterations too; with tol > 0 it checks the
 change of log K every 10 iterations. Both sides run 1000 iterations here.
 
 Timed: forward (the plan, no autograd: POT numpy, POT torch under no_grad,
-med3d under no_grad) and forward + backward (loss = -sum_i log(pi_ii) / B,
-gradients through every iteration to the cost, as in training: POT torch
-under autograd, med3d through libtorch's autograd). Median of --reps runs
-after one warm-up run. Also checks that the plans agree (max |diff| over
-max plan entry, med3d vs POT numpy).
+med3d without gradients) and forward + backward (loss = -sum_i log(pi_ii)
+/ B, gradients through every iteration to the cost, as in training: POT
+torch under autograd). med3d has two implementations, both timed: `fused`
+(src/align/pot_fused.rs: plain-Rust float64 loops with a hand-written
+reverse pass; what training uses on the CPU) and `tch` (ot.rs: libtorch
+ops under libtorch's autograd; used on CUDA). Ratios are against `fused`.
+Median of --reps runs after one warm-up run. Also checks that the plans
+agree (max |diff| over max plan entry, each med3d plan vs POT numpy).
 """
 import argparse
 import json
@@ -118,27 +121,28 @@ def main():
                 for b in sizes:
                     cost = np.load(d / f"b{b}.npy")
                     plan, np_fwd, t_fwd, t_fwd_bwd = pot_side(cost, args.reps)
-                    mine = np.load(d / f"b{b}.med3d.plan.npy")
+                    err = lambda f: float(np.abs(np.load(d / f) - plan).max() / np.abs(plan).max())
                     o = ours[f"b{b}"]
                     rows.append(dict(
                         threads=n, b=b, pot_np=np_fwd, pot_torch=t_fwd, pot_torch_bwd=t_fwd_bwd,
-                        med3d=o["fwd_ms"], med3d_bwd=o["fwd_bwd_ms"],
-                        plan_err=float(np.abs(mine - plan).max() / np.abs(plan).max()),
-                        mass=float(mine.sum()),
+                        med3d=o["fused_fwd_ms"], med3d_bwd=o["fused_fwd_bwd_ms"],
+                        tch=o["fwd_ms"], tch_bwd=o["fwd_bwd_ms"],
+                        plan_err=max(err(f"b{b}.fused.plan.npy"), err(f"b{b}.med3d.plan.npy")),
                     ))
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"\npartial OT, eps {EPS}, m {MASS}, {ITERS} iterations, {args.dtype}, median of {args.reps} (ms)")
-    head = ("thr", "B", "POT-np fwd", "POT-torch fwd", "med3d fwd", "np/med3d", "torch/med3d",
-            "POT-torch f+b", "med3d f+b", "torch/med3d f+b", "plan rel err")
-    print(" | ".join(head))
+    head = ("thr", "B", "POT-np fwd", "POT-torch fwd", "med3d fwd (tch)", "POT-np/med3d", "POT-torch/med3d",
+            "POT-torch f+b", "med3d f+b (tch)", "POT-torch/med3d f+b", "plan rel err")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for r in rows:
-        print(" | ".join([
+        print("| " + " | ".join([
             str(r["threads"]), str(r["b"]),
-            f"{r['pot_np']:.1f}", f"{r['pot_torch']:.1f}", f"{r['med3d']:.1f}",
-            f"{r['pot_np'] / r['med3d']:.2f}x", f"{r['pot_torch'] / r['med3d']:.2f}x",
-            f"{r['pot_torch_bwd']:.1f}", f"{r['med3d_bwd']:.1f}",
-            f"{r['pot_torch_bwd'] / r['med3d_bwd']:.2f}x", f"{r['plan_err']:.1e}",
-        ]))
+            f"{r['pot_np']:.1f}", f"{r['pot_torch']:.1f}", f"{r['med3d']:.2f} ({r['tch']:.0f})",
+            f"{r['pot_np'] / r['med3d']:.1f}x", f"{r['pot_torch'] / r['med3d']:.1f}x",
+            f"{r['pot_torch_bwd']:.1f}", f"{r['med3d_bwd']:.2f} ({r['tch_bwd']:.0f})",
+            f"{r['pot_torch_bwd'] / r['med3d_bwd']:.1f}x", f"{r['plan_err']:.1e}",
+        ]) + " |")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,16 @@
 //! DIR/<name>.med3d.plan.npy (the plan, float64) and prints one JSON line:
 //! median milliseconds of the forward solve (no autograd) and of forward +
 //! backward (loss = plan cross-entropy -sum_i log(pi_ii) / B, gradients
-//! through every iteration back to the cost, as in training).
+//! through every iteration back to the cost, as in training), for both
+//! implementations: `tch` (`ot::partial_wasserstein_log` under libtorch's
+//! autograd) and `fused` (`pot_fused::partial_plan_cross_entropy`, what
+//! training uses on the CPU).
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use med3dinsight::align::ot::{partial_wasserstein_log, plan_cross_entropy, Solver};
+use med3dinsight::align::pot_fused::partial_plan_cross_entropy;
 use tch::{Kind, Tensor};
 
 struct Args {
@@ -90,6 +94,33 @@ fn run_case(a: &Args, name: &str, file: &Path) -> Result<serde_json::Value> {
         loss.backward();
         let _ = c.grad();
     });
+    let mut failed = None;
+    let fused_fwd = time(a.reps, || {
+        if let Err(e) = partial_plan_cross_entropy(&cost, a.mass, &a.solver) {
+            failed = Some(e);
+        }
+    });
+    let fused_fwd_bwd = time(a.reps, || {
+        let c = cost.detach().set_requires_grad(true);
+        match partial_plan_cross_entropy(&c, a.mass, &a.solver) {
+            Ok(l) => {
+                l.loss.backward();
+                let _ = c.grad();
+            }
+            Err(e) => failed = Some(e),
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let fused_plan = partial_plan_cross_entropy(&cost, a.mass, &a.solver)?
+        .log_plan
+        .exp()
+        .to_kind(Kind::Double);
+    let out = a.dir.join(format!("{name}.fused.plan.npy"));
+    fused_plan
+        .write_npy(&out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
     let plan = {
         let _g = tch::no_grad_guard();
         partial_wasserstein_log(&cost, a.mass, &a.solver)
@@ -106,6 +137,8 @@ fn run_case(a: &Args, name: &str, file: &Path) -> Result<serde_json::Value> {
         "threads": a.threads,
         "fwd_ms": fwd,
         "fwd_bwd_ms": fwd_bwd,
+        "fused_fwd_ms": fused_fwd,
+        "fused_fwd_bwd_ms": fused_fwd_bwd,
     }))
 }
 

@@ -80,7 +80,7 @@ pub struct Summary {
 /// Serving them from the heap and never trimming it made a demo step 1.8x
 /// faster (14 s -> 7.5 s on 2 cores) at ~1.7x the peak resident memory.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn reuse_freed_memory() {
+pub fn reuse_freed_memory() {
     use std::os::raw::c_int;
     extern "C" {
         fn mallopt(param: c_int, value: c_int) -> c_int;
@@ -95,7 +95,7 @@ fn reuse_freed_memory() {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn reuse_freed_memory() {}
+pub fn reuse_freed_memory() {}
 
 /// Optimiser steps of the whole run.
 pub fn total_steps(cfg: &PretrainConfig, epoch_len: usize) -> u64 {
