@@ -179,8 +179,9 @@ impl Pretrainer {
                         .ok_or_else(|| anyhow::anyhow!("no metric weights for target {name}"))?;
                     let cost = ot::mahalanobis_cost(&x, &y, m);
                     // On the CPU the partial-OT loss runs fused (plain loops
-                    // and a hand-written reverse pass): 10-100x less time
-                    // than 1000 iterations of recorded libtorch ops.
+                    // and a hand-written reverse pass): forward + backward
+                    // 6-300x faster than 1000 iterations of recorded
+                    // libtorch ops at B = 256..10 (bench/ot_bench.py).
                     let (log_plan, term) = if a.loss == AlignLoss::Pot && cost.device() == tch::Device::Cpu {
                         let f = pot_fused::partial_plan_cross_entropy(&cost, a.mass, &solver)?;
                         (f.log_plan, f.loss)
