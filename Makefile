@@ -11,7 +11,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(BIN)
 
-.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed bench-dist brain-tissue lint clean
+.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue lint clean
 
 setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched gloo-headers
 
@@ -66,6 +66,7 @@ bench: build
 	$(PY) bench/preprocess_bench.py
 	$(MAKE) bench-caption
 	$(MAKE) bench-embed
+	$(MAKE) bench-pretrain
 	$(MAKE) bench-dist
 
 # Text embeddings/s, med3d vs sentence-transformers, same CPU threads.
@@ -75,6 +76,13 @@ bench-embed: build
 # Data-parallel pretraining: 1 process vs 2 ranks (Gloo), all-reduce share.
 bench-dist: build
 	$(PY) bench/dist_bench.py
+
+# Pretraining: the partial-OT solver against POT (numpy and torch), and one
+# training step against the same model in PyTorch eager; same CPU threads.
+bench-pretrain: build
+	cargo build --release --example ot_bench --example train_step_bench
+	$(PY) bench/ot_bench.py
+	$(PY) bench/train_step_bench.py
 
 # Caption client: requests/s and CPU per request against a fast local server.
 bench-caption: build

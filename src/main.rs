@@ -283,7 +283,29 @@ fn embed_stage(exp: &Experiment, cache: &std::path::Path, captions: Option<PathB
     Ok(s.failed() == 0)
 }
 
-fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Path, resume: bool) -> Result<bool> {
+/// How a command ended, and so its exit status.
+enum End {
+    /// 0.
+    Ok,
+    /// 2: some cases or slices failed, or a stage stopped early.
+    Failed,
+    /// 128 + signal (130 SIGINT, 143 SIGTERM), as shells and batch
+    /// schedulers expect of a job stopped by a signal: pretraining wrote a
+    /// checkpoint and can be resumed.
+    Signal(i32),
+}
+
+impl From<bool> for End {
+    fn from(ok: bool) -> End {
+        if ok {
+            End::Ok
+        } else {
+            End::Failed
+        }
+    }
+}
+
+fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Path, resume: bool) -> Result<End> {
     use med3dinsight::train::{self, Status};
     let opts = train::Options {
         cache: cache.to_path_buf(),
@@ -298,7 +320,11 @@ fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Pa
             "pretrain rank {}/{}: {:?} at step {}",
             s.rank, s.world_size, s.status, s.step
         );
-        return Ok(s.status != Status::Interrupted);
+        return Ok(match (s.status, s.signal) {
+            (Status::Interrupted, Some(sig)) => End::Signal(sig),
+            (Status::Interrupted, None) => End::Failed,
+            _ => End::Ok,
+        });
     }
     for (case, why) in &s.skipped_cases {
         eprintln!("  SKIPPED case {case}: {why}");
@@ -309,18 +335,25 @@ fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Pa
         Status::Done => format!("{} steps run, {:.2} volumes/s", s.steps_run, s.volumes_per_s),
         Status::UpToDate => "up to date".to_string(),
         Status::Interrupted => format!(
-            "interrupted after {} steps; continue with `med3d pretrain --resume`",
+            "interrupted by signal {} after {} steps, checkpoint written; the run can be resumed with `med3d pretrain --resume` (same --config, --cache and --out)",
+            s.signal.unwrap_or(0),
             s.steps_run
         ),
     };
+    let noisy = if s.noisy_slices > 0 {
+        format!(", {} with swapped targets", s.noisy_slices)
+    } else {
+        String::new()
+    };
     println!(
-        "pretrain ({}{}{}, {} parameters, targets {}; {} slices of {} cases): step {}/{}, loss {} -> {}, {} non-finite steps skipped, {} -> {}",
+        "pretrain ({}{}{}, {} parameters, targets {}; {} slices{} of {} cases): step {}/{}, loss {} -> {}, {} non-finite steps skipped, {} -> {}",
         s.device,
         if s.autocast_bf16 { " bf16" } else { "" },
         if s.world_size > 1 { format!(" x {} ranks", s.world_size) } else { String::new() },
         s.parameters,
         targets.join(", "),
         s.usable_slices,
+        noisy,
         s.cases,
         s.step,
         s.total_steps,
@@ -330,7 +363,11 @@ fn pretrain_stage(exp: &Experiment, cache: &std::path::Path, out: &std::path::Pa
         what,
         out.display()
     );
-    Ok(s.status != Status::Interrupted)
+    Ok(match (s.status, s.signal) {
+        (Status::Interrupted, Some(sig)) => End::Signal(sig),
+        (Status::Interrupted, None) => End::Failed,
+        _ => End::Ok,
+    })
 }
 
 fn export_stage(req: &med3dinsight::export::Request, run_mode: bool) -> Result<bool> {
@@ -416,7 +453,7 @@ fn evaluate_stage(
     Ok(r.json["failed_cases"].as_array().is_none_or(|f| f.is_empty()))
 }
 
-fn real_main() -> Result<bool> {
+fn real_main() -> Result<End> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Convert {
@@ -433,7 +470,7 @@ fn real_main() -> Result<bool> {
                 v.shape(),
                 v.orientation().unwrap_or_default()
             );
-            Ok(true)
+            Ok(End::Ok)
         }
         Cmd::Info { path, series, json } => {
             let info = med3dinsight::info::describe(&path, series.as_deref())?;
@@ -442,7 +479,7 @@ fn real_main() -> Result<bool> {
             } else {
                 println!("{info}");
             }
-            Ok(true)
+            Ok(End::Ok)
         }
         Cmd::Preprocess {
             manifest,
@@ -455,7 +492,7 @@ fn real_main() -> Result<bool> {
             let manifest = Manifest::load(manifest.as_ref().unwrap_or(&exp.manifest))?;
             let shard = shard.as_deref().map(Shard::parse).transpose()?.unwrap_or(Shard::ALL);
             let out = out.unwrap_or_else(|| exp.cache_dir());
-            preprocess_stage(&manifest, &exp, &out, shard, workers(w))
+            preprocess_stage(&manifest, &exp, &out, shard, workers(w)).map(End::from)
         }
         Cmd::Caption {
             cache,
@@ -467,7 +504,7 @@ fn real_main() -> Result<bool> {
             let shard = shard.as_deref().map(Shard::parse).transpose()?.unwrap_or(Shard::ALL);
             let cache = cache.unwrap_or_else(|| exp.cache_dir());
             let out = out.unwrap_or_else(|| cache.join("captions.jsonl"));
-            caption_stage(&exp, &cache, &out, shard)
+            caption_stage(&exp, &cache, &out, shard).map(End::from)
         }
         Cmd::Inspect {
             cache,
@@ -485,7 +522,7 @@ fn real_main() -> Result<bool> {
                 s.sample_shown,
                 out.display()
             );
-            Ok(true)
+            Ok(End::Ok)
         }
         Cmd::Embed {
             cache,
@@ -494,7 +531,7 @@ fn real_main() -> Result<bool> {
         } => {
             let exp = Experiment::load(&config)?;
             let cache = cache.unwrap_or_else(|| exp.cache_dir());
-            embed_stage(&exp, &cache, captions)
+            embed_stage(&exp, &cache, captions).map(End::from)
         }
         Cmd::Pretrain {
             cache,
@@ -524,7 +561,7 @@ fn real_main() -> Result<bool> {
                 encoder_only,
                 out,
             };
-            export_stage(&req, false)
+            export_stage(&req, false).map(End::from)
         }
         Cmd::Finetune {
             init,
@@ -542,7 +579,7 @@ fn real_main() -> Result<bool> {
                 ok = preprocess_stage(&m, &exp, &cache, Shard::ALL, workers(None))?;
             }
             let init = med3dinsight::downstream::finetune::Init::parse(&init);
-            Ok(finetune_stage(&d, init, &cache, &out, &config)? && ok)
+            Ok(End::from(finetune_stage(&d, init, &cache, &out, &config)? && ok))
         }
         Cmd::Evaluate {
             run,
@@ -554,12 +591,12 @@ fn real_main() -> Result<bool> {
                 Some(c) => Some(downstream_of(&Experiment::load(&c)?, &c)?.sliding_window),
                 None => None,
             };
-            evaluate_stage(&run, &cache, sw, out)
+            evaluate_stage(&run, &cache, sw, out).map(End::from)
         }
         Cmd::Encode(args) => {
             let r = med3dinsight::embed::encode::encode(&args)?;
             println!("{}", serde_json::to_string(&r)?);
-            Ok(true)
+            Ok(End::Ok)
         }
         Cmd::Run { config, workers: w } => {
             let exp = Experiment::load(&config)?;
@@ -575,7 +612,7 @@ fn real_main() -> Result<bool> {
                 .with_context(|| format!("experiment {}: pretrain", exp.name))?;
             // Weights for downstream networks, from the finished run only.
             let mut exported = true;
-            if pretrained {
+            if matches!(pretrained, End::Ok) {
                 let run = exp.run_dir();
                 for (file, encoder_only) in [("swinunetr.safetensors", false), ("encoder.safetensors", true)] {
                     let req = med3dinsight::export::Request {
@@ -589,7 +626,7 @@ fn real_main() -> Result<bool> {
                 }
             }
             let mut downstream_ok = true;
-            if let Some(d) = &exp.downstream {
+            if let Some(d) = exp.downstream.as_ref().filter(|_| matches!(pretrained, End::Ok)) {
                 use med3dinsight::downstream::{finetune::Init, RUN_EXPORT};
                 let export = exp.run_dir().join(RUN_EXPORT);
                 let init = if export.is_file() {
@@ -623,7 +660,11 @@ fn real_main() -> Result<bool> {
                     .with_context(|| format!("experiment {}: evaluate", exp.name))?;
                 downstream_ok = prep_ok;
             }
-            Ok(ok && captioned && embedded && pretrained && exported && downstream_ok)
+            Ok(match pretrained {
+                End::Signal(sig) => End::Signal(sig),
+                End::Ok if ok && captioned && embedded && exported && downstream_ok => End::Ok,
+                _ => End::Failed,
+            })
         }
     }
 }
@@ -639,8 +680,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match real_main() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(2),
+        Ok(End::Ok) => ExitCode::SUCCESS,
+        Ok(End::Failed) => ExitCode::from(2),
+        Ok(End::Signal(sig)) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(2)),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

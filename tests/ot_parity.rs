@@ -4,10 +4,14 @@
 //! autograd, for eps in {0.03, 0.1}, m in {0.8, 0.95}, B in {8, 64}; and at
 //! eps = 0.01 in float32, where POT's multiplicative solver gives NaN or
 //! zeros (POT issue #723), ours stays finite and matches the float64 plan.
+//! Both implementations are checked: the libtorch-autograd solver
+//! (`ot::partial_wasserstein_log`) and the fused CPU loss with its
+//! hand-written reverse pass (`pot_fused::partial_plan_cross_entropy`).
 use std::path::Path;
 use std::process::Command;
 
 use med3dinsight::align::ot::{mahalanobis_cost, partial_wasserstein_log, plan_cross_entropy, Solver};
+use med3dinsight::align::pot_fused::partial_plan_cross_entropy;
 use tch::{Device, Kind, Tensor};
 
 fn python() -> String {
@@ -88,6 +92,7 @@ fn partial_plans_and_gradients_match_pot() {
     };
     let mut worst_plan: f64 = 0.0;
     let mut worst_grad: f64 = 0.0;
+    let mut worst_fused: f64 = 0.0;
     for (name, cost, reg, mass) in &ours {
         let want = Tensor::read_npy(dir.path().join(format!("{name}.plan.npy"))).unwrap();
         let got = partial_wasserstein_log(cost, *mass, &solver(*reg)).exp();
@@ -105,9 +110,21 @@ fn partial_plans_and_gradients_match_pot() {
         let gerr = max_abs(&grad, &want_g) / gscale;
         assert!(gerr < 1e-6, "{name}: gradient relative error {gerr}");
         worst_grad = worst_grad.max(gerr);
+
+        // the fused loss: same plan, same loss value, same gradient
+        let c = cost.detach().set_requires_grad(true);
+        let fused = partial_plan_cross_entropy(&c, *mass, &solver(*reg)).unwrap();
+        let ferr = max_abs(&fused.log_plan.exp(), &want) / scale;
+        assert!(ferr < 1e-8, "{name}: fused plan relative error {ferr}");
+        let lerr = (fused.loss.double_value(&[]) - loss.double_value(&[])).abs();
+        assert!(lerr < 1e-9, "{name}: fused loss differs by {lerr}");
+        fused.loss.backward();
+        let fgerr = max_abs(&c.grad(), &want_g) / gscale;
+        assert!(fgerr < 1e-6, "{name}: fused gradient relative error {fgerr}");
+        worst_fused = worst_fused.max(ferr).max(fgerr);
     }
     eprintln!(
-        "worst relative error over {} cases: plan {worst_plan:.2e}, gradient {worst_grad:.2e}",
+        "worst relative error over {} cases: plan {worst_plan:.2e}, gradient {worst_grad:.2e}; fused plan or gradient {worst_fused:.2e}",
         ours.len()
     );
 
@@ -128,5 +145,11 @@ fn partial_plans_and_gradients_match_pot() {
     assert!(
         err < 1e-3,
         "float32 log-domain plan vs POT float64: relative error {err}"
+    );
+    let fused32 = partial_plan_cross_entropy(&small.to_kind(Kind::Float), 0.95, &solver(0.01)).unwrap();
+    let err = max_abs(&fused32.log_plan.exp().to_kind(Kind::Double), &pot64) / pot64.abs().max().double_value(&[]);
+    assert!(
+        err < 1e-4,
+        "fused plan from a float32 cost vs POT float64: relative error {err}"
     );
 }

@@ -62,33 +62,51 @@ fn converged(prev: &Tensor, cur: &Tensor, tol: f64) -> bool {
 /// Log of the entropic partial transport plan for `cost` [..., n, m] with
 /// uniform marginals a = 1/n, b = 1/m and transported mass `mass`
 /// (0 < mass <= 1). Returns log(pi) with the shape of `cost`.
+///
+/// POT's iteration keeps the plan K and three Dykstra correction matrices
+/// q1, q2, q3 and projects in turn onto {rows <= a}, {columns <= b} and
+/// {mass = m}. In the log domain each projection adds a row vector r, a
+/// column vector c or a scalar s, and each correction is minus the last
+/// such term (log q1 = -r, log q2 = -c, log q3 = -s), so the iterate is
+/// log K = L0 + r + c + s with L0 = -C/eps normalised to mass m. The solver
+/// carries only those potentials: two log-sum-exps over n x m per
+/// iteration (rows of L0 + c, columns of L0 + r; the mass step reuses the
+/// column sums), the same iterates as POT's up to rounding.
 pub fn partial_wasserstein_log(cost: &Tensor, mass: f64, s: &Solver) -> Tensor {
     let size = cost.size();
     let (n, m) = (size[size.len() - 2], size[size.len() - 1]);
     let la = -(n as f64).ln();
     let lb = -(m as f64).ln();
     let lmass = mass.ln();
-    let mut lk = cost / (-s.reg);
-    lk = &lk + lmass - lse_all(&lk);
-    let mut lq1 = lk.zeros_like();
-    let mut lq2 = lk.zeros_like();
-    let mut lq3 = lk.zeros_like();
+    let l_raw = cost / (-s.reg);
+    let l0 = &l_raw + lmass - lse_all(&l_raw);
+    let mut r = l0.narrow(-1, 0, 1).zeros_like(); // [..., n, 1]
+    let mut c = l0.narrow(-2, 0, 1).zeros_like(); // [..., 1, m]
+    let mut sc = l0.narrow(-1, 0, 1).narrow(-2, 0, 1).zeros_like(); // [..., 1, 1]
+    let mut prev: Option<(Tensor, Tensor, Tensor)> = None;
     for it in 0..s.max_iter {
-        let lk_prev = lk.shallow_clone();
-        let lk0 = &lk + &lq1;
-        let lk1 = (-lse_rows(&lk0) + la).clamp_max(0.0) + &lk0;
-        lq1 = &lq1 + &lk_prev - &lk1;
-        let lk1q = &lk1 + &lq2;
-        let lk2 = &lk1q + (-lse_cols(&lk1q) + lb).clamp_max(0.0);
-        lq2 = &lq2 + &lk1 - &lk2;
-        let lk2q = &lk2 + &lq3;
-        lk = &lk2q + lmass - lse_all(&lk2q);
-        lq3 = &lq3 + &lk2 - &lk;
-        if it % 10 == 0 && converged(&lk_prev, &lk, s.tol) {
-            break;
+        let check = s.tol > 0.0 && it % 10 == 0;
+        if check {
+            prev = Some((r.detach(), c.detach(), sc.detach()));
+        }
+        // rows of L0 + c + s at most a
+        r = (-lse_rows(&(&l0 + &c)) + (la - &sc)).clamp_max(0.0);
+        // columns of L0 + r + s at most b
+        let col = lse_cols(&(&l0 + &r)); // [..., 1, m]
+        c = (-&col + (lb - &sc)).clamp_max(0.0);
+        // total mass m: log sum(exp(L0 + r + c)) from the column sums
+        sc = -(&col + &c).logsumexp([-1i64].as_slice(), true) + lmass;
+        if check {
+            if let Some((r0, c0, s0)) = prev.take() {
+                let before = &r0 + &c0 + &s0;
+                let now = (&r + &c + &sc).detach();
+                if converged(&before, &now, s.tol) {
+                    break;
+                }
+            }
         }
     }
-    lk
+    l0 + r + c + sc
 }
 
 /// Log of the balanced entropic plan (Sinkhorn, log domain) for `cost`

@@ -253,6 +253,12 @@ pub struct PretrainConfig {
     /// overrides it.
     #[serde(skip_serializing_if = "is_default_timeout")]
     pub dist_timeout_s: f64,
+    /// Fraction in [0, 1) of the usable slices whose target rows are
+    /// replaced by those of a random other slice (swapped captions), fixed
+    /// by the seed for the whole run. Left out of the serialised config
+    /// (and so of its hash) when 0, so older runs keep their hash.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub target_noise: f64,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -261,6 +267,10 @@ fn is_false(b: &bool) -> bool {
 
 fn is_default_timeout(s: &f64) -> bool {
     *s == crate::dist::DEFAULT_TIMEOUT_S
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl Default for PretrainConfig {
@@ -289,6 +299,7 @@ impl Default for PretrainConfig {
             max_nonfinite: 10,
             all_gather_embeddings: false,
             dist_timeout_s: crate::dist::DEFAULT_TIMEOUT_S,
+            target_noise: 0.0,
         }
     }
 }
@@ -391,6 +402,11 @@ impl PretrainConfig {
             "pretrain.dist_timeout_s must be a positive number of seconds, got {}",
             self.dist_timeout_s
         );
+        ensure!(
+            (0.0..1.0).contains(&self.target_noise),
+            "pretrain.target_noise must be a fraction in [0, 1), got {}",
+            self.target_noise
+        );
         Ok(())
     }
 
@@ -427,6 +443,23 @@ mod tests {
         assert_eq!(a.hash(), b.hash());
         b.optimizer.lr = 2e-5;
         assert_ne!(a.hash(), b.hash());
+        let mut c = a.clone();
+        c.target_noise = 0.2;
+        assert_ne!(a.hash(), c.hash());
+        // absent and 0 are the same run
+        let d: PretrainConfig = serde_yaml::from_str("target_noise: 0\n").unwrap();
+        assert_eq!(a.hash(), d.hash());
+    }
+
+    #[test]
+    fn target_noise_out_of_range_is_named() {
+        for v in [-0.1, 1.0, f64::NAN] {
+            let c = PretrainConfig {
+                target_noise: v,
+                ..Default::default()
+            };
+            assert!(format!("{:#}", c.validate().unwrap_err()).contains("pretrain.target_noise"));
+        }
     }
 
     #[test]

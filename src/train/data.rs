@@ -58,8 +58,10 @@ pub struct Dataset {
     pub skipped_cases: Vec<(String, String)>,
     /// Rows left out because a target row is not valid.
     pub invalid_rows: usize,
-    /// Hash of the index order and the target tables.
+    /// Hash of the index order and the (clean) target tables.
     pub data_hash: String,
+    /// Usable slices carrying another slice's targets (`target_noise`).
+    pub noisy_slices: usize,
 }
 
 /// Element type and shape of a `.npy` header, and where the data start.
@@ -353,6 +355,8 @@ impl Dataset {
                 );
             }
         }
+        let swaps = super::noise::draw(cfg.seed, cfg.target_noise, &usable)?;
+        super::noise::apply(&mut targets, &swaps);
         Ok(Dataset {
             rows,
             cases,
@@ -362,6 +366,7 @@ impl Dataset {
             skipped_cases,
             invalid_rows,
             data_hash: hex::encode(h.finalize()),
+            noisy_slices: swaps.len(),
         })
     }
 

@@ -10,13 +10,14 @@
 //! ```
 //! Pieces: `config` (the `pretrain` section), `data` (dataset, sampling,
 //! loader threads), `model` (backbone + head + losses), `optim` (Adam/AdamW,
-//! schedule, clipping), `checkpoint`, `metrics` and `plot`, and the loop in
-//! `trainer`. `rng` makes every random draw a function of (seed, step).
+//! schedule, clipping), `checkpoint`, `metrics` and `plot`, `noise` (swapped
+//! targets for the noise experiment), and the loop in `trainer`. `rng` makes every random draw a function of (seed, step).
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod metrics;
 pub mod model;
+pub mod noise;
 pub mod optim;
 pub mod plot;
 pub mod rng;

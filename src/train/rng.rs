@@ -11,6 +11,7 @@ pub const STREAM_ORDER: u64 = 2;
 pub const STREAM_SLICE: u64 = 3;
 pub const STREAM_AUGMENT: u64 = 4;
 pub const STREAM_TORCH: u64 = 5;
+pub const STREAM_NOISE: u64 = 6;
 
 /// SplitMix64's finaliser: a bijective 64-bit mix.
 fn mix64(mut z: u64) -> u64 {

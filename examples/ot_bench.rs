@@ -1,0 +1,160 @@
+//! Times med3d's log-domain partial OT solver on cost matrices written by
+//! bench/ot_bench.py, which times POT on the same matrices and prints the
+//! side-by-side table.
+//!
+//! usage: ot_bench DIR [--threads N] [--reps R] [--eps E] [--mass M] [--max-iter K] [--tol T]
+//!
+//! DIR/cases.json lists `{"name", "cost": "<file.npy>"}` (a [B, B] cost, or
+//! a stack [S, B, B] solved as one batch); for each case this writes
+//! DIR/<name>.med3d.plan.npy (the plan, float64) and prints one JSON line:
+//! median milliseconds of the forward solve (no autograd) and of forward +
+//! backward (loss = plan cross-entropy -sum_i log(pi_ii) / B, gradients
+//! through every iteration back to the cost, as in training), for both
+//! implementations: `tch` (`ot::partial_wasserstein_log` under libtorch's
+//! autograd) and `fused` (`pot_fused::partial_plan_cross_entropy`, what
+//! training uses on the CPU).
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use med3dinsight::align::ot::{partial_wasserstein_log, plan_cross_entropy, Solver};
+use med3dinsight::align::pot_fused::partial_plan_cross_entropy;
+use tch::{Kind, Tensor};
+
+struct Args {
+    dir: PathBuf,
+    threads: i32,
+    reps: usize,
+    solver: Solver,
+    mass: f64,
+}
+
+fn parse() -> Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let dir = PathBuf::from(it.next().context("usage: ot_bench DIR [--threads N] [--reps R] ...")?);
+    let mut a = Args {
+        dir,
+        threads: 1,
+        reps: 5,
+        solver: Solver {
+            reg: 0.03,
+            max_iter: 1000,
+            tol: 0.0,
+        },
+        mass: 0.95,
+    };
+    while let Some(k) = it.next() {
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        let bad = || format!("{k}: cannot parse {v:?}");
+        match k.as_str() {
+            "--threads" => a.threads = v.parse().with_context(bad)?,
+            "--reps" => a.reps = v.parse().with_context(bad)?,
+            "--eps" => a.solver.reg = v.parse().with_context(bad)?,
+            "--mass" => a.mass = v.parse().with_context(bad)?,
+            "--max-iter" => a.solver.max_iter = v.parse().with_context(bad)?,
+            "--tol" => a.solver.tol = v.parse().with_context(bad)?,
+            _ => bail!("unknown option {k}"),
+        }
+    }
+    if a.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    Ok(a)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median milliseconds of `f` over `reps` runs after one warm-up run.
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    )
+}
+
+fn run_case(a: &Args, name: &str, file: &Path) -> Result<serde_json::Value> {
+    let cost = Tensor::read_npy(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let b = *cost.size().last().context("empty cost")?;
+    let fwd = time(a.reps, || {
+        let _g = tch::no_grad_guard();
+        let _ = partial_wasserstein_log(&cost, a.mass, &a.solver);
+    });
+    let fwd_bwd = time(a.reps, || {
+        let c = cost.detach().set_requires_grad(true);
+        let loss = plan_cross_entropy(&partial_wasserstein_log(&c, a.mass, &a.solver));
+        loss.backward();
+        let _ = c.grad();
+    });
+    let mut failed = None;
+    let fused_fwd = time(a.reps, || {
+        if let Err(e) = partial_plan_cross_entropy(&cost, a.mass, &a.solver) {
+            failed = Some(e);
+        }
+    });
+    let fused_fwd_bwd = time(a.reps, || {
+        let c = cost.detach().set_requires_grad(true);
+        match partial_plan_cross_entropy(&c, a.mass, &a.solver) {
+            Ok(l) => {
+                l.loss.backward();
+                let _ = c.grad();
+            }
+            Err(e) => failed = Some(e),
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let fused_plan = partial_plan_cross_entropy(&cost, a.mass, &a.solver)?
+        .log_plan
+        .exp()
+        .to_kind(Kind::Double);
+    let out = a.dir.join(format!("{name}.fused.plan.npy"));
+    fused_plan
+        .write_npy(&out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    let plan = {
+        let _g = tch::no_grad_guard();
+        partial_wasserstein_log(&cost, a.mass, &a.solver)
+            .exp()
+            .to_kind(Kind::Double)
+    };
+    let out = a.dir.join(format!("{name}.med3d.plan.npy"));
+    plan.write_npy(&out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(serde_json::json!({
+        "name": name,
+        "b": b,
+        "dtype": format!("{:?}", cost.kind()),
+        "threads": a.threads,
+        "fwd_ms": fwd,
+        "fwd_bwd_ms": fwd_bwd,
+        "fused_fwd_ms": fused_fwd,
+        "fused_fwd_bwd_ms": fused_fwd_bwd,
+    }))
+}
+
+fn main() -> Result<()> {
+    let a = parse()?;
+    tch::set_num_threads(a.threads);
+    let list = a.dir.join("cases.json");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&list).with_context(|| format!("cannot read {}", list.display()))?)
+            .with_context(|| format!("{}: not a JSON list of cases", list.display()))?;
+    for c in &cases {
+        let (Some(name), Some(cost)) = (c["name"].as_str(), c["cost"].as_str()) else {
+            bail!("{}: each case needs `name` and `cost`", list.display());
+        };
+        let r = run_case(&a, name, &a.dir.join(cost)).with_context(|| format!("case {name}"))?;
+        println!("{r}");
+    }
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! Times one pretraining step of med3d's SwinUNETR + PSAT (forward,
+//! backward, gradient clipping and the Adam/AdamW update, as the trainer
+//! runs it) on random volumes and random targets; bench/train_step_bench.py
+//! runs the same model in PyTorch eager beside it.
+//!
+//! usage: train_step_bench CONFIG.yaml [--threads N] [--steps S] [--warmup W]
+//!        [--size X] [--batch B] [--feature-size F] [--text-dim D] [--seed K]
+//!
+//! Prints one JSON line: the model's settings (backbone, PSAT, alignment,
+//! optimiser, batch, input side, target width, parameter count), the
+//! milliseconds of each timed step and their median. Warm-up steps are
+//! run first and not timed.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use med3dinsight::config::Experiment;
+use med3dinsight::train::model::Pretrainer;
+use med3dinsight::train::optim::Adam;
+use tch::{nn, Device, Kind, Tensor};
+
+struct Args {
+    config: PathBuf,
+    threads: i32,
+    steps: usize,
+    warmup: usize,
+    size: Option<i64>,
+    batch: Option<usize>,
+    feature_size: Option<i64>,
+    text_dim: i64,
+    seed: i64,
+}
+
+fn parse() -> Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let config = PathBuf::from(
+        it.next()
+            .context("usage: train_step_bench CONFIG.yaml [--threads N] ...")?,
+    );
+    let mut a = Args {
+        config,
+        threads: 1,
+        steps: 5,
+        warmup: 2,
+        size: None,
+        batch: None,
+        feature_size: None,
+        text_dim: 384,
+        seed: 0,
+    };
+    while let Some(k) = it.next() {
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        let bad = || format!("{k}: cannot parse {v:?}");
+        match k.as_str() {
+            "--threads" => a.threads = v.parse().with_context(bad)?,
+            "--steps" => a.steps = v.parse().with_context(bad)?,
+            "--warmup" => a.warmup = v.parse().with_context(bad)?,
+            "--size" => a.size = Some(v.parse().with_context(bad)?),
+            "--batch" => a.batch = Some(v.parse().with_context(bad)?),
+            "--feature-size" => a.feature_size = Some(v.parse().with_context(bad)?),
+            "--text-dim" => a.text_dim = v.parse().with_context(bad)?,
+            "--seed" => a.seed = v.parse().with_context(bad)?,
+            _ => bail!("unknown option {k}"),
+        }
+    }
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    Ok(a)
+}
+
+fn main() -> Result<()> {
+    let a = parse()?;
+    tch::set_num_threads(a.threads);
+    // as `med3d pretrain` does on the CPU
+    med3dinsight::train::trainer::reuse_freed_memory();
+    let mut cfg = Experiment::load(&a.config)?.pretrain;
+    if let Some(b) = a.batch {
+        cfg.batch_size = b;
+    }
+    if let Some(f) = a.feature_size {
+        cfg.backbone.feature_size = f;
+    }
+    let side = a.size.or(cfg.input_size.map(|s| s[0])).unwrap_or(64);
+    cfg.input_size = Some([side; 3]);
+    cfg.validate()?;
+    tch::manual_seed(a.seed);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let targets = vec![("text".to_string(), a.text_dim)];
+    let model = Pretrainer::new(&vs.root(), &cfg, &targets)?;
+    let mut opt = Adam::new(&vs, &cfg.optimizer);
+    let b = cfg.batch_size as i64;
+    let vols = Tensor::rand([b, 1, side, side, side], (Kind::Float, Device::Cpu));
+    let planes = Tensor::randint(3, [b], (Kind::Int64, Device::Cpu));
+    let bins = Tensor::randint(cfg.psat.bins, [b], (Kind::Int64, Device::Cpu));
+    let ys = vec![(
+        "text".to_string(),
+        Tensor::randn([b, a.text_dim], (Kind::Float, Device::Cpu)),
+    )];
+    let lr = cfg.optimizer.lr;
+    let mut times = Vec::new();
+    let mut loss = f64::NAN;
+    for i in 0..a.warmup + a.steps {
+        let t = Instant::now();
+        let l = model.losses(&vols, &planes, &bins, &ys, true, false, None)?;
+        loss = l.total.double_value(&[]);
+        l.total.backward();
+        let norm = opt.grad_norm();
+        if cfg.optimizer.clip_grad_norm > 0.0 {
+            opt.clip(cfg.optimizer.clip_grad_norm, norm);
+        }
+        opt.step(lr);
+        opt.zero_grad();
+        if i >= a.warmup {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        serde_json::json!({
+            "backbone": cfg.backbone,
+            "psat": cfg.psat,
+            "head": cfg.head,
+            "align": cfg.align,
+            "optimizer": cfg.optimizer,
+            "weights": cfg.weights,
+            "batch": b,
+            "side": side,
+            "text_dim": a.text_dim,
+            "threads": a.threads,
+            "parameters": opt.numel(),
+            "last_loss": loss,
+            "step_ms": times,
+            "median_ms": sorted[sorted.len() / 2],
+        })
+    );
+    Ok(())
+}
