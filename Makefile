@@ -11,7 +11,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(BIN)
 
-.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue lint clean
+.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain lint clean
 
 setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched gloo-headers
 
@@ -88,6 +88,11 @@ bench-pretrain: build
 bench-caption: build
 	cargo build --release --example caption_server
 	$(PY) bench/caption_bench.py
+
+# Pretrained vs scratch, and the caption-noise table (README, "Downstream
+# results"): every step through med3d; ~30-60 min on 2 cores.
+experiment-brain: build brain-tissue
+	$(PY) scripts/downstream_experiments.py --config experiments/brain-tissue.yaml
 
 lint: setup
 	cargo fmt --check
