@@ -114,8 +114,23 @@ pub fn read_card(export: &Path) -> Result<Card> {
             export.display()
         )
     })?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a model card (needs variant and backbone)", path.display()))
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    // `med3d export` keeps the backbone with the pretraining config it
+    // records; hand-made cards (and MONAI-side ones) put it at the top.
+    let backbone = v
+        .get("backbone")
+        .or_else(|| v.pointer("/training/pretrain_config/backbone"))
+        .cloned();
+    match (v.get("variant").and_then(|x| x.as_str()), backbone) {
+        (Some(variant), Some(backbone)) => Ok(Card {
+            variant: variant.to_string(),
+            backbone,
+        }),
+        _ => bail!(
+            "{}: not a model card (needs `variant` and `backbone` or `training.pretrain_config.backbone`)",
+            path.display()
+        ),
+    }
 }
 
 /// Settings that only change training-time randomness or arithmetic, not
@@ -229,4 +244,34 @@ pub fn load_export(vs: &VarStore, path: &Path, cfg: &DownstreamConfig, config_na
     }
     crate::model::state_dict::load_named(vs, tensors, &format!("export {}", path.display()))?;
     Ok(notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_backbone_where_med3d_export_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join("swinunetr.safetensors");
+        let card = serde_json::json!({
+            "format": "med3d-export-card/1",
+            "variant": "full",
+            "monai": {"class": "monai.networks.nets.SwinUNETR", "kwargs": {"feature_size": 12}},
+            "training": {"pretrain_config": {"backbone": {"feature_size": 24, "depths": [2, 2, 2, 2]}}},
+        });
+        std::fs::write(card_path(&export), card.to_string()).unwrap();
+        let c = read_card(&export).unwrap();
+        assert_eq!(c.variant, "full");
+        assert_eq!(c.backbone["feature_size"], 24);
+
+        // a card at the top level wins
+        let card = serde_json::json!({"variant": "encoder", "backbone": {"feature_size": 48}});
+        std::fs::write(card_path(&export), card.to_string()).unwrap();
+        assert_eq!(read_card(&export).unwrap().backbone["feature_size"], 48);
+
+        std::fs::write(card_path(&export), r#"{"variant": "full"}"#).unwrap();
+        let msg = format!("{:#}", read_card(&export).unwrap_err());
+        assert!(msg.contains("swinunetr.card.json: not a model card"), "{msg}");
+    }
 }
