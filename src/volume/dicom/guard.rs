@@ -207,6 +207,7 @@ fn walk(b: &[u8], mut i: usize, explicit: bool, le: bool) -> Lengths {
                 0xE000 if len as usize > rem(i) => {
                     return Lengths::Corrupt(format!("an item element claims {len} bytes, {} remain", rem(i)));
                 }
+                0xE000 if open.is_empty() => i += len as usize,
                 0xE000 => open.push(i.saturating_add(len as usize)),
                 0xE0DD if fragments => fragments = false,
                 _ => {
