@@ -191,6 +191,18 @@ fn walk(b: &[u8], mut i: usize, explicit: bool, le: bool) -> Lengths {
                 return Lengths::Fit;
             };
             i += 8;
+            // Outside any sequence dicom-rs reads an item or delimiter of
+            // defined length as a value of that length.
+            if !fragments && open.is_empty() && len != UNDEFINED {
+                if len as usize > rem(i) {
+                    return Lengths::Corrupt(format!(
+                        "element (FFFE,{elem:04X}) outside a sequence claims {len} bytes, {} remain",
+                        rem(i)
+                    ));
+                }
+                i += len as usize;
+                continue;
+            }
             match elem {
                 0xE000 if fragments => {
                     if len == UNDEFINED || len as usize > rem(i) {
@@ -207,7 +219,6 @@ fn walk(b: &[u8], mut i: usize, explicit: bool, le: bool) -> Lengths {
                 0xE000 if len as usize > rem(i) => {
                     return Lengths::Corrupt(format!("an item element claims {len} bytes, {} remain", rem(i)));
                 }
-                0xE000 if open.is_empty() => i += len as usize,
                 0xE000 => open.push(i.saturating_add(len as usize)),
                 0xE0DD if fragments => fragments = false,
                 _ => {
