@@ -188,7 +188,8 @@ def main():
             "|---|" + "---|" * len(a.noise),
         ]
         for loss in ("pot", "infonce"):
-            cells = [fmt(mean_std(results["noise"][f"{loss}/{f}"]["mean_dice"])) for f in a.noise]
+            vals = [results["noise"][f"{loss}/{f}"]["mean_dice"] for f in a.noise]
+            cells = [f"{v[0]:.3f}" if len(v) == 1 else fmt(mean_std(v)) for v in vals]
             lines.append(f"| {loss} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(f"({results['seconds'] / 60:.1f} min; rerun: scripts/downstream_experiments.py --config {a.config})")
