@@ -20,14 +20,8 @@ use med3dinsight::downstream::{loss, metrics, sliding};
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
-fn python() -> String {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    if venv.exists() {
-        venv.display().to_string()
-    } else {
-        "python3".into()
-    }
-}
+mod common;
+use common::python;
 
 /// Runs the reference in `mode`; returns its tensors and JSON.
 fn reference(mode: &str, dir: &Path) -> (HashMap<String, Tensor>, Value) {

@@ -23,14 +23,8 @@ use pretrain_fixture::{bin, experiment, Fixture, TINY};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-fn python() -> String {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    if venv.exists() {
-        venv.display().to_string()
-    } else {
-        "python3".into()
-    }
-}
+mod common;
+use common::python;
 
 /// Runs the binary; returns (success, stdout, stderr).
 fn med3d(args: &[&str]) -> (bool, String, String) {

@@ -14,14 +14,8 @@ use med3dinsight::align::ot::{mahalanobis_cost, partial_wasserstein_log, plan_cr
 use med3dinsight::align::pot_fused::partial_plan_cross_entropy;
 use tch::{Device, Kind, Tensor};
 
-fn python() -> String {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    if venv.exists() {
-        venv.display().to_string()
-    } else {
-        "python3".into()
-    }
-}
+mod common;
+use common::python;
 
 /// Costs as the method builds them: normalised Mahalanobis distances between
 /// L2-normalised embeddings, with paired rows close to each other.

@@ -20,14 +20,8 @@ use med3dinsight::model::swin_unetr::{Downsample, SwinUnetr, SwinUnetrConfig, Sw
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-fn python() -> String {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    if venv.exists() {
-        venv.display().to_string()
-    } else {
-        "python3".into()
-    }
-}
+mod common;
+use common::python;
 
 struct Case {
     name: &'static str,

@@ -22,6 +22,16 @@ pub const QFORM_CODE: usize = 252;
 pub const SFORM_CODE: usize = 254;
 pub const SROW: usize = 280;
 
+/// The project venv's Python (with the reference libraries), else python3.
+pub fn python() -> String {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.exists() {
+        venv.display().to_string()
+    } else {
+        "python3".into()
+    }
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_med3d")
 }
