@@ -1,6 +1,10 @@
 //! Finds libtorch the same way torch-sys does and embeds its lib folder as a
-//! run-path, so `med3d` starts without LD_LIBRARY_PATH; then compiles the
-//! c10d bridge (src/dist/bridge.cpp) against that libtorch's headers.
+//! run-path, so `med3d` starts without LD_LIBRARY_PATH; keeps libtorch_cuda
+//! NEEDED whenever that libtorch has it (rustc links with --as-needed, and
+//! no symbol of ours names it, so it would be dropped and CUDA would be
+//! unavailable on a GPU: tch-rs issue #980); compiles src/runtime/
+//! torch_info.cpp (what `med3d doctor` asks libtorch) and the c10d bridge
+//! (src/dist/bridge.cpp) against that libtorch's headers.
 //!
 //! Order: `LIBTORCH` (a libtorch or torch-package folder), else the torch
 //! package of the project's `.venv`, else of the `python3` on PATH.
@@ -10,8 +14,10 @@
 //! still builds, single-process only, and says so when launched by
 //! torchrun or srun. The NCCL path is compiled when this libtorch has
 //! libtorch_cuda, nccl.h is found (the nvidia NCCL wheel torch pulls in)
-//! and a CUDA toolkit's headers are (CUDA_HOME or /usr/local/cuda: the
-//! runtime wheel lacks crt/ and nv/target); `MED3D_NO_NCCL=1` leaves it out.
+//! and complete CUDA headers are: CUDA_HOME, /usr/local/cuda, or the venv's
+//! nvidia wheels (nvidia-cuda-runtime plus nvidia-cuda-crt and
+//! nvidia-cuda-cccl for crt/ and nv/target, pinned in requirements.txt);
+//! `MED3D_NO_NCCL=1` leaves it out.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -45,11 +51,15 @@ fn main() {
     };
     println!("cargo::rustc-check-cfg=cfg(med3d_c10d)");
     println!("cargo::rustc-check-cfg=cfg(med3d_nccl)");
+    println!("cargo::rustc-check-cfg=cfg(med3d_torch_info)");
+    println!("cargo:rustc-env=MED3D_GIT_HASH={}", git_hash(&manifest_dir));
     match lib {
         Some(lib) => {
             println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
             println!("cargo:rustc-env=MED3D_TORCH_LIB={}", lib.display());
-            build_bridge(&lib, &manifest_dir);
+            let cuda = link_cuda(&lib);
+            build_torch_info(&lib, &manifest_dir, cuda);
+            build_bridge(&lib, &manifest_dir, cuda);
         }
         None => println!(
             "cargo:warning=libtorch not found (set LIBTORCH or run `make setup`); \
@@ -106,11 +116,12 @@ fn find_include(root: &Path, header: &str, also: &[&str]) -> Option<PathBuf> {
     None
 }
 
-/// CUDA toolkit headers complete enough for ATen's CUDA headers (the
-/// runtime wheel alone lacks crt/ and nv/target): CUDA_HOME or
-/// /usr/local/cuda.
-fn cuda_include() -> Option<PathBuf> {
-    let need = ["crt/host_config.h", "nv/target"];
+/// CUDA headers complete enough for ATen's CUDA headers (the runtime
+/// wheel alone lacks crt/ and nv/target): CUDA_HOME, CUDA_PATH,
+/// /usr/local/cuda, then the nvidia wheels in site-packages (CUDA 13's
+/// nvidia/cu13, CUDA 12's nvidia/cuda_runtime).
+fn cuda_include(site: &Path) -> Option<PathBuf> {
+    let need = ["cuda_runtime_api.h", "crt/host_config.h", "nv/target"];
     let roots = [
         std::env::var("CUDA_HOME").ok(),
         std::env::var("CUDA_PATH").ok(),
@@ -121,12 +132,88 @@ fn cuda_include() -> Option<PathBuf> {
         .flatten()
         .filter(|r| !r.is_empty())
         .map(|r| PathBuf::from(r).join("include"))
-        .find(|inc| inc.join("cuda_runtime_api.h").is_file() && need.iter().all(|n| inc.join(n).exists()))
+        .chain(["nvidia/cu13/include", "nvidia/cuda_runtime/include"].map(|d| site.join(d)))
+        .find(|inc| need.iter().all(|n| inc.join(n).exists()))
+}
+
+/// site-packages of a torch package's lib folder (`.../torch/lib`): the
+/// nvidia wheels sit beside torch.
+fn site_packages(lib: &Path) -> PathBuf {
+    lib.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Keeps libtorch_cuda (and c10_cuda) NEEDED when `lib` has them.
+fn link_cuda(lib: &Path) -> bool {
+    if !lib.join("libtorch_cuda.so").is_file() {
+        return false;
+    }
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    println!("cargo:rustc-link-arg=-ltorch_cuda");
+    if lib.join("libc10_cuda.so").is_file() {
+        println!("cargo:rustc-link-arg=-lc10_cuda");
+    }
+    println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    true
+}
+
+/// Compiles src/runtime/torch_info.cpp (with the CUDA allocator's
+/// statistics when CUDA headers are there) and sets `cfg(med3d_torch_info)`.
+fn build_torch_info(lib: &Path, manifest_dir: &Path, cuda: bool) {
+    println!("cargo:rerun-if-changed=src/runtime/torch_info.cpp");
+    let Some(torch_root) = lib.parent() else { return };
+    let include = torch_root.join("include");
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .file("src/runtime/torch_info.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag_if_supported("-Wno-unused-parameter")
+        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi(manifest_dir))
+        .warnings(false);
+    if cuda {
+        if let Some(inc) = cuda_include(&site_packages(lib)) {
+            b.include(inc).define("MED3D_CUDA_HEADERS", None).define("USE_CUDA", None);
+        }
+    }
+    b.compile("med3d_torch_info");
+    println!("cargo:rustc-cfg=med3d_torch_info");
+}
+
+/// `git describe`-like identity of the source: short hash, "-dirty" when
+/// the work tree differs; "unknown" outside a git checkout.
+fn git_hash(manifest_dir: &Path) -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(manifest_dir)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(hash) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown".into();
+    };
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
+        let dir = manifest_dir.join(dir);
+        println!("cargo:rerun-if-changed={}", dir.join("HEAD").display());
+        if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            println!("cargo:rerun-if-changed={}", dir.join(r).display());
+        }
+    }
+    if dirty {
+        format!("{hash}-dirty")
+    } else {
+        hash
+    }
 }
 
 /// Compiles src/dist/bridge.cpp into a static library linked into the
 /// crate, and sets `cfg(med3d_c10d)` (and `cfg(med3d_nccl)`).
-fn build_bridge(lib: &Path, manifest_dir: &Path) {
+fn build_bridge(lib: &Path, manifest_dir: &Path, cuda: bool) {
     println!("cargo:rerun-if-changed=src/dist/bridge.cpp");
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
     println!("cargo:rerun-if-env-changed=MED3D_NO_NCCL");
@@ -159,16 +246,15 @@ fn build_bridge(lib: &Path, manifest_dir: &Path) {
         .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi(manifest_dir))
         .define("USE_C10D_GLOO", None)
         .warnings(false);
-    // site-packages: the nvidia wheels sit beside torch.
-    let site = torch_root.parent().map(Path::to_path_buf).unwrap_or_default();
-    let nccl = (std::env::var("MED3D_NO_NCCL").as_deref() != Ok("1") && lib.join("libtorch_cuda.so").is_file())
+    let site = site_packages(lib);
+    let nccl = (std::env::var("MED3D_NO_NCCL").as_deref() != Ok("1") && cuda)
         .then(|| {
             let nccl = find_include(&site.join("nvidia"), "nccl.h", &[]);
-            let cuda = cuda_include();
+            let cuda = cuda_include(&site);
             if nccl.is_none() || cuda.is_none() {
                 println!(
                     "cargo:warning=libtorch has CUDA but {} not found: the c10d bridge is built with Gloo only \
-                     (set CUDA_HOME to a CUDA toolkit for ProcessGroupNCCL)",
+                     (`make setup` installs the CUDA headers into the venv; or set CUDA_HOME to a CUDA toolkit)",
                     if nccl.is_none() {
                         "nccl.h"
                     } else {
@@ -190,12 +276,7 @@ fn build_bridge(lib: &Path, manifest_dir: &Path) {
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
     if nccl.is_some() {
-        // The bridge's NCCL symbols live in libtorch_cuda; without
-        // --no-as-needed the linker drops it before seeing they are used.
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-lc10_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        // ProcessGroupNCCL's symbols live in libtorch_cuda, which link_cuda keeps.
         println!("cargo:rustc-cfg=med3d_nccl");
     }
     println!("cargo:rustc-cfg=med3d_c10d");

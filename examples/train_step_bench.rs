@@ -73,7 +73,7 @@ fn main() -> Result<()> {
     let a = parse()?;
     tch::set_num_threads(a.threads);
     // as `med3d pretrain` does on the CPU
-    med3dinsight::train::trainer::reuse_freed_memory();
+    med3dinsight::runtime::memory::reuse_freed_memory();
     let mut cfg = Experiment::load(&a.config)?.pretrain;
     if let Some(b) = a.batch {
         cfg.batch_size = b;

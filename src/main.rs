@@ -170,6 +170,13 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// What a bug report needs: med3d, libtorch, CUDA (compiled, loaded,
+    /// usable), the driver and GPUs, NCCL/Gloo, threads, and any mismatch.
+    Doctor {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Embeddings of given texts or images as .npy (parity tests, benchmarks).
     #[command(hide = true)]
     Encode(med3dinsight::embed::encode::EncodeArgs),
@@ -470,6 +477,15 @@ fn real_main() -> Result<End> {
                 v.shape(),
                 v.orientation().unwrap_or_default()
             );
+            Ok(End::Ok)
+        }
+        Cmd::Doctor { json } => {
+            let r = med3dinsight::doctor::report();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{r}");
+            }
             Ok(End::Ok)
         }
         Cmd::Info { path, series, json } => {

@@ -77,6 +77,23 @@ fn take_err(err: *mut c_char) -> String {
     s
 }
 
+/// Names the process group's backend (`gloo` or `nccl`) instead of taking
+/// it from the device (NCCL for CUDA tensors, Gloo for CPU ones); when set,
+/// a world of one rank still forms a group, so a single GPU runs the real
+/// collectives (the GPU check's world-size-1 NCCL run).
+pub const BACKEND_ENV: &str = "MED3D_DIST_BACKEND";
+
+/// `MED3D_DIST_BACKEND` as "use NCCL" (true) or "use Gloo" (false); None when unset.
+pub fn backend_override() -> Result<Option<bool>> {
+    match std::env::var(BACKEND_ENV) {
+        Ok(v) if v.trim().eq_ignore_ascii_case("nccl") => Ok(Some(true)),
+        Ok(v) if v.trim().eq_ignore_ascii_case("gloo") => Ok(Some(false)),
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => bail!("{BACKEND_ENV}={v:?}: expected gloo or nccl"),
+        Err(_) => Ok(None),
+    }
+}
+
 /// The collective timeout: `MED3D_DIST_TIMEOUT_S` when set, else the config's.
 pub fn timeout_from(config_s: f64) -> Result<Duration> {
     let s = match std::env::var(TIMEOUT_ENV) {
@@ -138,7 +155,7 @@ impl Dist {
             "med3d".to_string()
         };
         let prefix = CString::new(prefix).context("bad store prefix")?;
-        let nccl = device.is_cuda();
+        let nccl = backend_override()?.unwrap_or(device.is_cuda());
         if nccl && !capabilities().1 {
             bail!("CUDA training across processes needs ProcessGroupNCCL, but this med3d was built without it (see build.rs: CUDA_HOME)");
         }

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::sliding::SlidingWindow;
 use crate::model::swin_unetr::SwinUnetrConfig;
-use crate::train::config::{DeviceChoice, OptimConfig};
+use crate::runtime::DeviceChoice;
+use crate::train::config::OptimConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

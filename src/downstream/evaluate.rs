@@ -141,7 +141,8 @@ fn segmentation(
     let mut dice_all: Vec<Vec<f64>> = vec![Vec::new(); classes.len()];
     let mut hd_all: Vec<Vec<f64>> = vec![Vec::new(); classes.len()];
     for case in cases {
-        let pred = predict_labels(net, cfg, case, device)?;
+        let pred = crate::runtime::guard::boundary(|| predict_labels(net, cfg, case, device))
+            .map_err(|e| super::finetune::out_of_memory(e, &format!("evaluate case {}", case.id), cfg, device))?;
         let gt = case.label.as_ref().context("segmentation case without a label map")?;
         let mut d = Vec::new();
         let mut h = Vec::new();
@@ -205,8 +206,11 @@ fn classification(
     let mut truth = Vec::new();
     let mut per_case = Vec::new();
     for case in cases {
-        let x = data::resize(&case.image_tensor(), cfg.patch_size).to_device(device);
-        let logits = tch::no_grad(|| net.forward_t(&x, false))?;
+        let logits = crate::runtime::guard::boundary(|| {
+            let x = data::resize(&case.image_tensor(), cfg.patch_size).to_device(device);
+            tch::no_grad(|| net.forward_t(&x, false))
+        })
+        .map_err(|e| super::finetune::out_of_memory(e, &format!("evaluate case {}", case.id), cfg, device))?;
         let p = logits
             .softmax(1, Kind::Double)
             .to_device(tch::Device::Cpu)

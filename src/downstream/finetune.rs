@@ -84,11 +84,26 @@ pub(crate) fn setup(cfg: &DownstreamConfig) -> Result<tch::Device> {
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
-    let device = cfg.device.device()?;
+    let device = cfg.device.resolve("downstream.device")?;
     if device == tch::Device::Cpu {
-        crate::train::trainer::reuse_freed_memory();
+        crate::runtime::memory::reuse_freed_memory();
     }
     Ok(device)
+}
+
+/// A libtorch failure in a fine-tuning or evaluation step, with the
+/// settings that size it.
+pub(crate) fn out_of_memory(e: anyhow::Error, at: &str, cfg: &DownstreamConfig, device: tch::Device) -> anyhow::Error {
+    crate::runtime::guard::explain(
+        e,
+        at,
+        device,
+        &format!(
+            "The step holds downstream.batch_size {} patches of downstream.patch_size {:?} (sliding windows: downstream.sliding_window.sw_batch_size {}) through a backbone of feature_size {}",
+            cfg.batch_size, cfg.patch_size, cfg.sliding_window.sw_batch_size, cfg.backbone.feature_size
+        ),
+        "Lower downstream.batch_size or downstream.patch_size (evaluation: downstream.sliding_window.sw_batch_size), or backbone.feature_size",
+    )
 }
 
 pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
@@ -130,6 +145,8 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
     let mut metrics = Vec::new();
     let (mut first, mut last) = (None, None);
     for step in 0..cfg.steps {
+        let at = format!("finetune step {} of {}", step + 1, cfg.steps);
+        crate::runtime::guard::boundary(|| {
         tch::manual_seed(torch_seed(cfg.seed, 2, step));
         let b = data::batch(&cases, cfg, step)?;
         let (x, y) = (b.images.to_device(device), b.targets.to_device(device));
@@ -164,6 +181,9 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
         metrics.push(serde_json::to_string(&line)?);
         first.get_or_insert(value);
         last = Some(value);
+        Ok(())
+        })
+        .map_err(|e| out_of_memory(e, &at, cfg, device))?;
     }
 
     crate::model::state_dict::save_safetensors(&vs, &opts.out.join("model.safetensors"))?;

@@ -99,7 +99,7 @@ pub fn encode(a: &EncodeArgs) -> Result<EncodeReport> {
         "cuda" => crate::embed::DeviceChoice::Cuda,
         other => bail!("--device {other:?}: auto, cpu or cuda"),
     }
-    .device()?;
+    .resolve("--device")?;
     let items: Vec<String> =
         serde_json::from_slice(&std::fs::read(&a.input).with_context(|| format!("cannot read {}", a.input.display()))?)
             .with_context(|| format!("{}: expected a JSON array of strings", a.input.display()))?;

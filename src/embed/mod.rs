@@ -23,9 +23,8 @@ mod table;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use tch::Device;
 
 use crate::encoders::{Env, ImagePlan, ImageSpec, TextPlan, TextSpec};
 use crate::fsutil::{sha256_bytes, sweep_stale_tmp};
@@ -35,27 +34,7 @@ use table::{embed_table, Inputs, Plan};
 /// Bumped whenever the tables' layout or meaning changes.
 pub const EMBED_FORMAT: &str = "med3d-embeddings/1";
 
-/// Where the encoders run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceChoice {
-    /// The first CUDA device when there is one, else the CPU.
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl DeviceChoice {
-    pub fn device(self) -> Result<Device> {
-        match self {
-            DeviceChoice::Auto => Ok(Device::cuda_if_available()),
-            DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-            DeviceChoice::Cuda => bail!("embed.device is cuda, but libtorch sees no CUDA device"),
-        }
-    }
-}
+pub use crate::runtime::DeviceChoice;
 
 /// The experiment's `embed` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,7 +168,7 @@ pub fn run(cfg: &EmbedConfig, cache: &Path, opts: &RunOptions) -> Result<Summary
     std::fs::create_dir_all(&parts).with_context(|| format!("cannot create {}", parts.display()))?;
     sweep_stale_tmp(&out_dir)?;
     sweep_stale_tmp(&parts)?;
-    let device = cfg.device.device()?;
+    let device = cfg.device.resolve("embed.device")?;
     let env = cfg.env(cache);
     let index_sha = sha256_bytes(
         rows.iter()

@@ -5,31 +5,11 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::model::psat::PsatConfig;
+pub use crate::runtime::DeviceChoice;
 use crate::model::swin_unetr::SwinUnetrConfig;
 
 /// Bumped whenever a checkpoint's layout or the meaning of a setting changes.
 pub const PRETRAIN_FORMAT: &str = "med3d-pretrain/1";
-
-/// Where training runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceChoice {
-    /// The first CUDA device when libtorch sees one, else the CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl DeviceChoice {
-    pub fn device(self) -> Result<tch::Device> {
-        Ok(match self {
-            DeviceChoice::Auto => tch::Device::cuda_if_available(),
-            DeviceChoice::Cpu => tch::Device::Cpu,
-            DeviceChoice::Cuda if tch::Cuda::is_available() => tch::Device::Cuda(0),
-            DeviceChoice::Cuda => anyhow::bail!("pretrain.device is cuda, but libtorch sees no CUDA device"),
-        })
-    }
-}
 
 /// Which head turns the bottleneck into one embedding per target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -30,6 +30,7 @@ use super::model::{use_bf16_autocast, Pretrainer};
 use super::optim::{lr_at, Adam};
 use super::rng::{torch_seed, STREAM_INIT, STREAM_TORCH};
 use crate::dist::{grads, Dist, Launch};
+use crate::runtime::guard;
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -94,29 +95,6 @@ fn is_zero(v: &usize) -> bool {
 fn is_one(v: &usize) -> bool {
     *v == 1
 }
-
-/// On the CPU, glibc serves libtorch's large activation buffers (tens of
-/// MB) with fresh mappings and unmaps them when freed, so every step pays
-/// the kernel to fault them in again: ~45% of a demo step's CPU time.
-/// Serving them from the heap and never trimming it made a demo step 1.8x
-/// faster (14 s -> 7.5 s on 2 cores) at ~1.7x the peak resident memory.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn reuse_freed_memory() {
-    use std::os::raw::c_int;
-    extern "C" {
-        fn mallopt(param: c_int, value: c_int) -> c_int;
-    }
-    const M_TRIM_THRESHOLD: c_int = -1;
-    const M_MMAP_MAX: c_int = -4;
-    // SAFETY: mallopt only changes glibc allocator thresholds.
-    unsafe {
-        mallopt(M_MMAP_MAX, 0);
-        mallopt(M_TRIM_THRESHOLD, c_int::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn reuse_freed_memory() {}
 
 /// Optimiser steps of the whole run (single process).
 pub fn total_steps(cfg: &PretrainConfig, epoch_len: usize) -> u64 {
@@ -263,8 +241,9 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
-    let launch = Launch::from_env()?.filter(|l| l.world_size > 1);
-    let mut dev = cfg.device.device()?;
+    let forced_group = crate::dist::backend_override()?.is_some();
+    let launch = Launch::from_env()?.filter(|l| l.world_size > 1 || forced_group);
+    let mut dev = cfg.device.resolve("pretrain.device")?;
     if let (Some(l), tch::Device::Cuda(_)) = (&launch, dev) {
         let n = tch::Cuda::device_count() as usize;
         if l.local_rank >= n {
@@ -284,7 +263,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     let main = rank == 0;
     let autocast = dev.is_cuda() && matches!(cfg.precision, Precision::Auto | Precision::Bf16);
     if !dev.is_cuda() {
-        reuse_freed_memory();
+        crate::runtime::memory::reuse_freed_memory();
     }
     if autocast {
         use_bf16_autocast();
@@ -315,8 +294,8 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
 
     tch::manual_seed(torch_seed(cfg.seed, STREAM_INIT, 0));
     let vs = VarStore::new(dev);
-    let model = Pretrainer::new(&vs.root(), cfg, &targets)?;
-    let mut opt = Adam::new(&vs, &cfg.optimizer);
+    let (model, mut opt) = guard::boundary(|| Ok((Pretrainer::new(&vs.root(), cfg, &targets)?, Adam::new(&vs, &cfg.optimizer))))
+        .map_err(|e| torch_failure(e, "building the model", cfg, dev, autocast, &opts.out))?;
     let mut state = State {
         format: PRETRAIN_FORMAT.to_string(),
         step: 0,
@@ -457,6 +436,14 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         let mut wait = 0.0;
         let mut finite = true;
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        let mut allreduce_s = None;
+        let mut stop = false;
+        let mut grad_norm = f64::NAN;
+        let mut ok = false;
+        // One step inside one boundary: a libtorch exception anywhere in it
+        // (an out-of-memory above all) ends the run with a named error and
+        // the last checkpoint kept.
+        let stepped = guard::boundary(|| {
         for _ in 0..accum {
             let tw = Instant::now();
             let b = loader.next_batch()?;
@@ -486,8 +473,6 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
             }
         }
         state.data_position += accum * world as u64;
-        let mut allreduce_s = None;
-        let mut stop = false;
         if let Some(d) = &dist {
             // Every rank must skip, step or stop alike.
             let mut flags = [finite as u8 as f64, signals.raised() as u8 as f64];
@@ -506,8 +491,8 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
                 }
             }
         }
-        let grad_norm = if finite { opt.grad_norm() } else { f64::NAN };
-        let ok = finite && grad_norm.is_finite();
+        grad_norm = if finite { opt.grad_norm() } else { f64::NAN };
+        ok = finite && grad_norm.is_finite();
         if ok {
             if cfg.optimizer.clip_grad_norm > 0.0 {
                 opt.clip(cfg.optimizer.clip_grad_norm, grad_norm);
@@ -519,6 +504,12 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
             state.nonfinite_streak += 1;
         }
         opt.zero_grad();
+        Ok(())
+        });
+        if let Err(e) = stepped {
+            bar.abandon();
+            return Err(torch_failure(e, &format!("step {} of {total}", state.step + 1), cfg, dev, autocast, &opts.out));
+        }
         state.step += 1;
         state.optimizer_t = opt.t;
         state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
@@ -590,6 +581,29 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         finish(&mut summary)?;
     }
     Ok(summary)
+}
+
+/// A libtorch failure during pretraining as the user should read it: where,
+/// and for an out-of-memory, the settings that size the step and what to
+/// change; the run folder keeps its last checkpoint.
+fn torch_failure(e: anyhow::Error, at: &str, cfg: &PretrainConfig, dev: tch::Device, bf16: bool, out: &Path) -> anyhow::Error {
+    let last = checkpoint::latest(out)
+        .map(|p| format!("the last checkpoint, {}, is kept (resume with --resume)", p.display()))
+        .unwrap_or_else(|| "no checkpoint had been written yet".into());
+    if !guard::is_out_of_memory(&e) {
+        return e.context(format!("pretrain {at} on {dev:?} failed in libtorch; {last}"));
+    }
+    let size = cfg
+        .input_size
+        .map(|s| format!("{s:?}"))
+        .unwrap_or_else(|| "the cached grid (no input_size)".into());
+    anyhow::anyhow!(
+        "pretrain {at}: out of memory on {dev:?} ({e:#}). The step holds pretrain.batch_size {} volumes of pretrain.input_size {size} through a backbone of feature_size {} at {}. Lower pretrain.batch_size (raise pretrain.optimizer.accumulate to keep the global batch), or pretrain.input_size, or backbone.feature_size{}; {last}",
+        cfg.batch_size,
+        cfg.backbone.feature_size,
+        if bf16 { "bf16 autocast" } else { "float32 (pretrain.precision)" },
+        if dev.is_cuda() && !bf16 { "; on a GPU, pretrain.precision: bf16 halves activations" } else { "" }
+    )
 }
 
 /// Reads the whole log (first and last loss of the run), draws the loss

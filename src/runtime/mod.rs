@@ -1,0 +1,11 @@
+//! Shared runtime of the stages that run tensors (pretrain, embed,
+//! finetune, evaluate): which device and why (`device`), what libtorch and
+//! the GPU driver are (`torch`, read by `med3d doctor`), the boundary that
+//! turns libtorch exceptions into errors (`guard`), and the CPU allocator
+//! setting (`memory`).
+pub mod device;
+pub mod guard;
+pub mod memory;
+pub mod torch;
+
+pub use device::DeviceChoice;
