@@ -156,48 +156,105 @@ fn a_nccl_launch_without_a_gpu_is_a_named_error() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// Runs `med3d pretrain` (optionally resumed, optionally under an
+/// address-space limit in KiB), polling the child's VmPeak; returns the
+/// output and the largest VmPeak seen (KiB). `stop_at`: send SIGTERM once
+/// that checkpoint file exists.
+fn pretrain(
+    cfg: &Path,
+    cache: &Path,
+    out: &Path,
+    resume: bool,
+    limit_kb: Option<u64>,
+    stop_at: Option<PathBuf>,
+) -> (std::process::Output, u64) {
+    let mut c = Command::new("bash");
+    let lim = limit_kb.map(|kb| format!("ulimit -v {kb}; ")).unwrap_or_default();
+    c.arg("-c")
+        .arg(format!("{lim}exec \"$@\""))
+        .arg("med3d")
+        .arg(bin())
+        .args(["pretrain", "--config"])
+        .arg(cfg)
+        .arg("--cache")
+        .arg(cache)
+        .arg("--out")
+        .arg(out)
+        // Fewer malloc arenas: virtual size then tracks what the run uses.
+        .env("MALLOC_ARENA_MAX", "2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if resume {
+        c.arg("--resume");
+    }
+    let child = c.spawn().unwrap();
+    let pid = child.id();
+    let watch = std::thread::spawn(move || {
+        let mut termed = false;
+        let mut peak = 0;
+        while let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(kb) = s
+                .lines()
+                .find(|l| l.starts_with("VmPeak:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak = peak.max(kb);
+            }
+            if s.lines().any(|l| l.starts_with("State:") && l.contains("zombie")) {
+                break;
+            }
+            if let Some(p) = &stop_at {
+                if !termed && p.exists() {
+                    termed = true;
+                    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        peak
+    });
+    let out = child.wait_with_output().unwrap();
+    (out, watch.join().unwrap())
+}
+
 #[test]
 fn a_step_libtorch_cannot_allocate_is_a_named_error_and_the_checkpoint_stays() {
     let d = tempfile::tempdir().unwrap();
     let cache = Fixture::default().write(d.path());
+    // What a run needs before its first step: the tiny model at the cached grid.
+    let tiny = experiment(d.path(), &format!("{TINY}  max_steps: 1\n"));
+    let (o, small) = pretrain(&tiny, &cache, &d.path().join("tiny"), false, None, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The same model at 64^3: one checkpointed step, then SIGTERM (which
+    // writes a second checkpoint and stops).
+    let big = d.path().join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    let cfg = experiment(&big, &format!("{TINY}  max_steps: 6\n  checkpoint_every: 1\n  input_size: [64, 64, 64]\n"));
     let out = d.path().join("run");
-    let run = |body: &str, resume: bool, limit: Option<u64>| {
-        let cfg = experiment(d.path(), body);
-        let mut c = Command::new("bash");
-        let lim = limit.map(|kb| format!("ulimit -v {kb}; ")).unwrap_or_default();
-        c.arg("-c")
-            .arg(format!("{lim}exec \"$@\""))
-            .arg("med3d")
-            .arg(bin())
-            .args(["pretrain", "--config"])
-            .arg(&cfg)
-            .arg("--cache")
-            .arg(&cache)
-            .arg("--out")
-            .arg(&out);
-        if resume {
-            c.arg("--resume");
-        }
-        c.output().unwrap()
-    };
-    // Two steps that fit, checkpointed.
-    let ok = run(&format!("{TINY}  max_steps: 2\n  checkpoint_every: 1\n"), false, None);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let ckpt = out.join("checkpoints");
+    let (o, large) = pretrain(&cfg, &cache, &out, false, None, Some(ckpt.join("step-00000001")));
+    // 128 + SIGTERM when the signal stopped it, 0 when it finished first.
+    assert!(matches!(o.status.code(), Some(0 | 143)), "{:?} {}", o.status, String::from_utf8_lossy(&o.stderr));
     let before: Vec<_> = std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().file_name()).collect();
-    // The same run resumed at 256^3 under a 6 GiB address-space limit: the
-    // first activation libtorch asks for cannot be served.
-    let big = run(
-        &format!("{TINY}  max_steps: 4\n  checkpoint_every: 1\n  input_size: [256, 256, 256]\n"),
-        true,
-        Some(6 << 20),
-    );
-    let err = String::from_utf8_lossy(&big.stderr);
-    assert_eq!(big.status.code(), Some(1), "not a named error: {err}");
+    assert!(!before.is_empty() && before.len() < 6, "{before:?}");
+    assert!(large > small + 300_000, "64^3 should need far more memory: {large} vs {small} KiB");
+    // Resumed with room to start but not for a 64^3 step: libtorch's
+    // allocation is refused, the run stops with a named error.
+    let limit = (small + large) / 2;
+    let (o, _) = pretrain(&cfg, &cache, &out, true, Some(limit), None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "not a named error (limit {limit} KiB): {err}");
     assert!(err.contains("out of memory"), "{err}");
-    assert!(err.contains("pretrain.batch_size 2") && err.contains("pretrain.input_size [256, 256, 256]"), "{err}");
-    assert!(err.contains("is kept"), "{err}");
+    assert!(err.contains("pretrain.batch_size 2") && err.contains("pretrain.input_size [64, 64, 64]"), "{err}");
+    assert!(err.contains("is kept (resume with --resume)"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     let after: Vec<_> = std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(before, after, "the checkpoints changed");
+    // A fresh run whose first step cannot fit says there is no checkpoint yet.
+    let huge = experiment(&big, &format!("{TINY}  max_steps: 2\n  input_size: [256, 256, 256]\n"));
+    let (o, _) = pretrain(&huge, &cache, &d.path().join("fresh"), false, Some(limit), None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("out of memory") && err.contains("no checkpoint had been written yet"), "{err}");
 }

@@ -53,8 +53,18 @@ fn message(payload: &(dyn std::any::Any + Send)) -> String {
         (Some(a), Some(b)) if b > a + 7 => raw[a + 7..b].replace("\\n", "\n").replace("\\\"", "\"").replace("\\'", "'"),
         _ => raw,
     };
-    let cut = inner.find("\nException raised from").unwrap_or(inner.len());
-    inner[..cut].trim().to_string()
+    without_backtrace(&inner)
+}
+
+/// libtorch's message without the C++ backtrace it appends ("Exception
+/// raised from ...", "frame #0: ...").
+pub fn without_backtrace(text: &str) -> String {
+    let cut = ["\nException raised from", "\nframe #"]
+        .iter()
+        .filter_map(|m| text.find(m))
+        .min()
+        .unwrap_or(text.len());
+    text[..cut].trim().to_string()
 }
 
 /// Runs `f`; a panic inside it (a libtorch exception surfacing through one
@@ -87,7 +97,7 @@ pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
 /// `advice` which to change.
 pub fn explain(e: anyhow::Error, at: &str, device: tch::Device, sizing: &str, advice: &str) -> anyhow::Error {
     if is_out_of_memory(&e) {
-        anyhow::anyhow!("{at}: out of memory on {device:?} ({e:#}). {sizing}. {advice}")
+        anyhow::anyhow!("{at}: out of memory on {device:?} ({}). {sizing}. {advice}", without_backtrace(&format!("{e:#}")))
     } else {
         e.context(format!("{at} on {device:?} failed"))
     }
@@ -109,6 +119,7 @@ mod tests {
         let m = e.to_string();
         assert!(m.contains("cannot be multiplied"), "{m}");
         assert!(!m.contains("Exception raised from"), "{m}");
+        assert_eq!(without_backtrace("a\nb\nframe #0: x\nframe #1: y"), "a\nb");
         assert!(!is_out_of_memory(&e));
     }
 

@@ -587,7 +587,9 @@ fn worker(maker: &BatchMaker, first: u64, stride: u64, tx: &SyncSender<Result<Ba
     let mut perm = None;
     let mut k = first;
     while !stop.load(Ordering::Relaxed) {
-        let b = maker.batch(k, &mut perm);
+        // A libtorch exception while assembling a batch (an input_size
+        // whose resize cannot be allocated) reaches the trainer as an error.
+        let b = crate::runtime::guard::boundary(|| maker.batch(k, &mut perm));
         if tx.send(b).is_err() {
             break;
         }

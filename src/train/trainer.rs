@@ -598,7 +598,8 @@ fn torch_failure(e: anyhow::Error, at: &str, cfg: &PretrainConfig, dev: tch::Dev
         .map(|s| format!("{s:?}"))
         .unwrap_or_else(|| "the cached grid (no input_size)".into());
     anyhow::anyhow!(
-        "pretrain {at}: out of memory on {dev:?} ({e:#}). The step holds pretrain.batch_size {} volumes of pretrain.input_size {size} through a backbone of feature_size {} at {}. Lower pretrain.batch_size (raise pretrain.optimizer.accumulate to keep the global batch), or pretrain.input_size, or backbone.feature_size{}; {last}",
+        "pretrain {at}: out of memory on {dev:?} ({}). The step holds pretrain.batch_size {} volumes of pretrain.input_size {size} through a backbone of feature_size {} at {}. Lower pretrain.batch_size (raise pretrain.optimizer.accumulate to keep the global batch), or pretrain.input_size, or backbone.feature_size{}; {last}",
+        guard::without_backtrace(&format!("{e:#}")),
         cfg.batch_size,
         cfg.backbone.feature_size,
         if bf16 { "bf16 autocast" } else { "float32 (pretrain.precision)" },
