@@ -182,8 +182,15 @@ fn build_torch_info(lib: &Path, manifest_dir: &Path, cuda: bool) {
 }
 
 /// `git describe`-like identity of the source: short hash, "-dirty" when
-/// the work tree differs; "unknown" outside a git checkout.
+/// the work tree differs; MED3D_GIT_HASH when set; else "unknown".
 fn git_hash(manifest_dir: &Path) -> String {
+    println!("cargo:rerun-if-env-changed=MED3D_GIT_HASH");
+    // A build without .git (the Docker builder) is told its hash.
+    if let Ok(h) = std::env::var("MED3D_GIT_HASH") {
+        if !h.is_empty() {
+            return h;
+        }
+    }
     let git = |args: &[&str]| {
         Command::new("git")
             .args(args)

@@ -3,6 +3,11 @@ same model in PyTorch eager, on the same CPU threads, side by side.
 
     .venv/bin/python bench/train_step_bench.py [--config experiments/demo.yaml] [--threads 1,all]
         [--steps 3] [--warmup 1] [--size 64] [--batch 4] [--feature-size 12]
+        [--device cpu|cuda] [--bf16] [--json OUT]
+
+On CUDA (--device cuda; --bf16 for bf16 autocast on both sides, as
+`med3d pretrain` uses on a GPU) each step ends with a device synchronize,
+and both sides report the CUDA caching allocator's peak allocated bytes.
 
 The model is whatever the config's `pretrain` section says (med3d prints
 its settings and PyTorch builds from them): MONAI's SwinUNETR with the same
@@ -43,6 +48,8 @@ def torch_side(spec, steps, warmup, threads):
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    dev = torch.device("cuda" if spec.get("device", "Cpu").startswith("Cuda") else "cpu")
+    bf16 = bool(spec.get("bf16")) and dev.type == "cuda"
     bb, ps, al, op = spec["backbone"], spec["psat"], spec["align"], spec["optimizer"]
     if spec["head"] != "psat" or al["loss"] != "pot":
         raise SystemExit("this bench covers head: psat with align.loss: pot")
@@ -72,8 +79,9 @@ def torch_side(spec, steps, warmup, threads):
             out = self.decoder(q, memory + pse)
             return self.proj(out[:, 0])
 
-    psat = Psat()
-    metric = torch.nn.Parameter(torch.rand(spec["text_dim"]) + 1.0)
+    net = net.to(dev)
+    psat = Psat().to(dev)
+    metric = torch.nn.Parameter(torch.rand(spec["text_dim"], device=dev) + 1.0)
     params = list(net.parameters()) + list(psat.parameters()) + [metric]
     kind = torch.optim.AdamW if op["kind"] == "adamw" else torch.optim.Adam
     opt = kind(params, lr=op["lr"], betas=tuple(op["betas"]), eps=op["eps"], weight_decay=op["weight_decay"])
@@ -104,19 +112,24 @@ def torch_side(spec, steps, warmup, threads):
         return l0 + r + c + s
 
     b, side = spec["batch"], spec["side"]
-    x = torch.rand(b, 1, side, side, side)
-    planes = torch.randint(0, 3, (b,))
-    bins = torch.randint(0, ps["bins"], (b,))
-    y = torch.randn(b, spec["text_dim"])
+    x = torch.rand(b, 1, side, side, side, device=dev)
+    planes = torch.randint(0, 3, (b,), device=dev)
+    bins = torch.randint(0, ps["bins"], (b,), device=dev)
+    y = torch.randn(b, spec["text_dim"], device=dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     w = spec["weights"]
     net.train()
     psat.train()
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
-        logits, bott = forward(x)
-        mem = bott.flatten(2).transpose(1, 2)
-        e = psat(mem, planes, bins)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            logits, bott = forward(x)
+            mem = bott.flatten(2).transpose(1, 2)
+            e = psat(mem, planes, bins)
+        # the alignment in float32, as med3d's autocast leaves it
+        logits, e = logits.float(), e.float()
         xn = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         yn = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         mw = metric.clamp_min(0.0)
@@ -137,10 +150,13 @@ def torch_side(spec, steps, warmup, threads):
         else:
             torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         if i >= warmup:
             times.append((time.perf_counter() - t) * 1e3)
     return {"step_ms": times, "median_ms": statistics.median(times), "last_loss": loss.item(),
-            "parameters": sum(p.numel() for p in params)}
+            "parameters": sum(p.numel() for p in params),
+            "peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None}
 
 
 def main():
@@ -153,14 +169,19 @@ def main():
     ap.add_argument("--batch", type=int)
     ap.add_argument("--feature-size", type=int)
     ap.add_argument("--pytorch-malloc", default="both", choices=["default", "both"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--json", help="also write the rows as JSON to this file")
+    ap.add_argument("--example", default=str(EXAMPLE), help="the train_step_bench binary")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(torch_side(spec, args.steps, args.warmup, spec["threads"])))
         return
-    if not EXAMPLE.exists():
-        sys.exit(f"{EXAMPLE} is missing: run `cargo build --release --example train_step_bench` first")
+    example = Path(args.example)
+    if not example.exists():
+        sys.exit(f"{example} is missing: run `cargo build --release --example train_step_bench` first")
     extra = []
     for k in ("size", "batch", "feature_size"):
         if getattr(args, k) is not None:
@@ -169,13 +190,13 @@ def main():
     for t in args.threads.split(","):
         n = os.cpu_count() if t == "all" else int(t)
         ours = json.loads(subprocess.run(
-            [str(EXAMPLE), args.config, "--threads", str(n), "--steps", str(args.steps),
-             "--warmup", str(args.warmup), *extra],
+            [str(example), args.config, "--threads", str(n), "--steps", str(args.steps),
+             "--warmup", str(args.warmup), "--device", args.device, "--bf16", str(args.bf16).lower(), *extra],
             check=True, capture_output=True, text=True).stdout)
         print(json.dumps({k: ours[k] for k in ("threads", "batch", "side", "parameters", "step_ms", "median_ms")}),
               file=sys.stderr, flush=True)
         variants = [("default", {})]
-        if args.pytorch_malloc == "both":
+        if args.pytorch_malloc == "both" and args.device == "cpu":
             variants.append(("malloc", {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}))
         for label, env in variants:
             theirs = json.loads(subprocess.run(
@@ -184,6 +205,9 @@ def main():
                 check=True, capture_output=True, text=True, env={**os.environ, **env}).stdout)
             print(json.dumps({"pytorch": label, **theirs}), file=sys.stderr, flush=True)
             rows.append((n, ours, label, theirs))
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"threads": n, "pytorch_allocator": label, "med3d": ours, "pytorch": theirs}
+                                               for n, ours, label, theirs in rows], indent=1))
     bb = rows[0][1]["backbone"]
     print(f"\none training step, SwinUNETR(feature_size {bb['feature_size']}, depths {bb['depths']}, "
           f"downsample {bb['downsample']}, use_v2 {bb['use_v2']}) + PSAT + partial OT "

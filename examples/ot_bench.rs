@@ -2,7 +2,7 @@
 //! bench/ot_bench.py, which times POT on the same matrices and prints the
 //! side-by-side table.
 //!
-//! usage: ot_bench DIR [--threads N] [--reps R] [--eps E] [--mass M] [--max-iter K] [--tol T]
+//! usage: ot_bench DIR [--threads N] [--reps R] [--eps E] [--mass M] [--max-iter K] [--tol T] [--device cpu|cuda]
 //!
 //! DIR/cases.json lists `{"name", "cost": "<file.npy>"}` (a [B, B] cost, or
 //! a stack [S, B, B] solved as one batch); for each case this writes
@@ -12,7 +12,10 @@
 //! through every iteration back to the cost, as in training), for both
 //! implementations: `tch` (`ot::partial_wasserstein_log` under libtorch's
 //! autograd) and `fused` (`pot_fused::partial_plan_cross_entropy`, what
-//! training uses on the CPU).
+//! training uses on the CPU). `--device cuda` runs the `tch` solver on the
+//! GPU (fused stays on the CPU, as in training) and also writes both
+//! gradients of the loss with respect to the cost (<name>.{med3d,fused}.grad.npy),
+//! so the GPU check can compare the two.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -27,6 +30,7 @@ struct Args {
     reps: usize,
     solver: Solver,
     mass: f64,
+    device: tch::Device,
 }
 
 fn parse() -> Result<Args> {
@@ -42,6 +46,7 @@ fn parse() -> Result<Args> {
             tol: 0.0,
         },
         mass: 0.95,
+        device: tch::Device::Cpu,
     };
     while let Some(k) = it.next() {
         let v = it.next().with_context(|| format!("{k} needs a value"))?;
@@ -53,6 +58,13 @@ fn parse() -> Result<Args> {
             "--mass" => a.mass = v.parse().with_context(bad)?,
             "--max-iter" => a.solver.max_iter = v.parse().with_context(bad)?,
             "--tol" => a.solver.tol = v.parse().with_context(bad)?,
+            "--device" => {
+                a.device = match v.as_str() {
+                    "cpu" => tch::Device::Cpu,
+                    "cuda" => tch::Device::Cuda(0),
+                    _ => bail!("--device: cpu or cuda"),
+                }
+            }
             _ => bail!("unknown option {k}"),
         }
     }
@@ -81,18 +93,30 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     )
 }
 
+fn sync(d: tch::Device) {
+    if let tch::Device::Cuda(i) = d {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
 fn run_case(a: &Args, name: &str, file: &Path) -> Result<serde_json::Value> {
     let cost = Tensor::read_npy(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let on_dev = cost.to_device(a.device);
     let b = *cost.size().last().context("empty cost")?;
     let fwd = time(a.reps, || {
         let _g = tch::no_grad_guard();
-        let _ = partial_wasserstein_log(&cost, a.mass, &a.solver);
+        let _ = partial_wasserstein_log(&on_dev, a.mass, &a.solver);
+        sync(a.device);
     });
-    let fwd_bwd = time(a.reps, || {
-        let c = cost.detach().set_requires_grad(true);
+    let tch_grad = |c: &Tensor| {
+        let c = c.detach().set_requires_grad(true);
         let loss = plan_cross_entropy(&partial_wasserstein_log(&c, a.mass, &a.solver));
         loss.backward();
-        let _ = c.grad();
+        c.grad()
+    };
+    let fwd_bwd = time(a.reps, || {
+        let _ = tch_grad(&on_dev);
+        sync(a.device);
     });
     let mut failed = None;
     let fused_fwd = time(a.reps, || {
@@ -123,10 +147,24 @@ fn run_case(a: &Args, name: &str, file: &Path) -> Result<serde_json::Value> {
         .with_context(|| format!("cannot write {}", out.display()))?;
     let plan = {
         let _g = tch::no_grad_guard();
-        partial_wasserstein_log(&cost, a.mass, &a.solver)
+        partial_wasserstein_log(&on_dev, a.mass, &a.solver)
             .exp()
             .to_kind(Kind::Double)
+            .to_device(tch::Device::Cpu)
     };
+    if a.device.is_cuda() {
+        let write = |t: Tensor, what: &str| {
+            let out = a.dir.join(format!("{name}.{what}.grad.npy"));
+            t.to_kind(Kind::Double)
+                .to_device(tch::Device::Cpu)
+                .write_npy(&out)
+                .with_context(|| format!("cannot write {}", out.display()))
+        };
+        write(tch_grad(&on_dev), "med3d")?;
+        let c = cost.detach().set_requires_grad(true);
+        partial_plan_cross_entropy(&c, a.mass, &a.solver)?.loss.backward();
+        write(c.grad(), "fused")?;
+    }
     let out = a.dir.join(format!("{name}.med3d.plan.npy"));
     plan.write_npy(&out)
         .with_context(|| format!("cannot write {}", out.display()))?;
@@ -135,6 +173,7 @@ fn run_case(a: &Args, name: &str, file: &Path) -> Result<serde_json::Value> {
         "b": b,
         "dtype": format!("{:?}", cost.kind()),
         "threads": a.threads,
+        "device": format!("{:?}", a.device),
         "fwd_ms": fwd,
         "fwd_bwd_ms": fwd_bwd,
         "fused_fwd_ms": fused_fwd,

@@ -29,6 +29,8 @@ struct Args {
     feature_size: Option<i64>,
     text_dim: i64,
     seed: i64,
+    device: Device,
+    bf16: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -47,6 +49,8 @@ fn parse() -> Result<Args> {
         feature_size: None,
         text_dim: 384,
         seed: 0,
+        device: Device::Cpu,
+        bf16: false,
     };
     while let Some(k) = it.next() {
         let v = it.next().with_context(|| format!("{k} needs a value"))?;
@@ -60,6 +64,14 @@ fn parse() -> Result<Args> {
             "--feature-size" => a.feature_size = Some(v.parse().with_context(bad)?),
             "--text-dim" => a.text_dim = v.parse().with_context(bad)?,
             "--seed" => a.seed = v.parse().with_context(bad)?,
+            "--device" => {
+                a.device = match v.as_str() {
+                    "cpu" => Device::Cpu,
+                    "cuda" => Device::Cuda(0),
+                    _ => bail!("--device: cpu or cuda"),
+                }
+            }
+            "--bf16" => a.bf16 = v.parse().with_context(bad)?,
             _ => bail!("unknown option {k}"),
         }
     }
@@ -72,8 +84,16 @@ fn parse() -> Result<Args> {
 fn main() -> Result<()> {
     let a = parse()?;
     tch::set_num_threads(a.threads);
-    // as `med3d pretrain` does on the CPU
-    med3dinsight::runtime::memory::reuse_freed_memory();
+    let dev = a.device;
+    // as `med3d pretrain` does
+    if dev.is_cuda() {
+        if a.bf16 {
+            med3dinsight::train::model::use_bf16_autocast();
+        }
+    } else {
+        med3dinsight::runtime::memory::reuse_freed_memory();
+    }
+    let autocast = dev.is_cuda() && a.bf16;
     let mut cfg = Experiment::load(&a.config)?.pretrain;
     if let Some(b) = a.batch {
         cfg.batch_size = b;
@@ -85,24 +105,24 @@ fn main() -> Result<()> {
     cfg.input_size = Some([side; 3]);
     cfg.validate()?;
     tch::manual_seed(a.seed);
-    let vs = nn::VarStore::new(Device::Cpu);
+    let vs = nn::VarStore::new(dev);
     let targets = vec![("text".to_string(), a.text_dim)];
     let model = Pretrainer::new(&vs.root(), &cfg, &targets)?;
     let mut opt = Adam::new(&vs, &cfg.optimizer);
     let b = cfg.batch_size as i64;
-    let vols = Tensor::rand([b, 1, side, side, side], (Kind::Float, Device::Cpu));
-    let planes = Tensor::randint(3, [b], (Kind::Int64, Device::Cpu));
-    let bins = Tensor::randint(cfg.psat.bins, [b], (Kind::Int64, Device::Cpu));
-    let ys = vec![(
-        "text".to_string(),
-        Tensor::randn([b, a.text_dim], (Kind::Float, Device::Cpu)),
-    )];
+    let vols = Tensor::rand([b, 1, side, side, side], (Kind::Float, dev));
+    let planes = Tensor::randint(3, [b], (Kind::Int64, dev));
+    let bins = Tensor::randint(cfg.psat.bins, [b], (Kind::Int64, dev));
+    let ys = vec![("text".to_string(), Tensor::randn([b, a.text_dim], (Kind::Float, dev)))];
+    if dev.is_cuda() {
+        med3dinsight::runtime::torch::cuda_reset_peak_memory(0);
+    }
     let lr = cfg.optimizer.lr;
     let mut times = Vec::new();
     let mut loss = f64::NAN;
     for i in 0..a.warmup + a.steps {
         let t = Instant::now();
-        let l = model.losses(&vols, &planes, &bins, &ys, true, false, None)?;
+        let l = model.losses(&vols, &planes, &bins, &ys, true, autocast, None)?;
         loss = l.total.double_value(&[]);
         l.total.backward();
         let norm = opt.grad_norm();
@@ -111,6 +131,9 @@ fn main() -> Result<()> {
         }
         opt.step(lr);
         opt.zero_grad();
+        if let Device::Cuda(d) = dev {
+            tch::Cuda::synchronize(d as i64);
+        }
         if i >= a.warmup {
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
@@ -134,6 +157,9 @@ fn main() -> Result<()> {
             "last_loss": loss,
             "step_ms": times,
             "median_ms": sorted[sorted.len() / 2],
+            "device": format!("{dev:?}"),
+            "bf16": autocast,
+            "peak_cuda_allocated_bytes": med3dinsight::runtime::torch::cuda_peak_memory(0).filter(|_| dev.is_cuda()).map(|p| p.0),
         })
     );
     Ok(())

@@ -86,6 +86,12 @@ pub struct Summary {
     pub noisy_slices: usize,
     /// The signal (SIGINT 2, SIGTERM 15) that interrupted the run.
     pub signal: Option<i32>,
+    /// Peak resident memory of this process (bytes).
+    pub peak_rss_bytes: u64,
+    /// CUDA: the caching allocator's peak allocated / reserved bytes on
+    /// this rank's device during this invocation.
+    pub peak_cuda_allocated_bytes: Option<i64>,
+    pub peak_cuda_reserved_bytes: Option<i64>,
 }
 
 fn is_zero(v: &usize) -> bool {
@@ -405,7 +411,13 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         world_size: world,
         noisy_slices: ds.noisy_slices,
         signal: None,
+        peak_rss_bytes: 0,
+        peak_cuda_allocated_bytes: None,
+        peak_cuda_reserved_bytes: None,
     };
+    if let tch::Device::Cuda(i) = dev {
+        crate::runtime::torch::cuda_reset_peak_memory(i);
+    }
     if state.step >= total {
         summary.status = Status::UpToDate;
         if main {
@@ -577,6 +589,13 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     summary.nonfinite_total = state.nonfinite_total;
     summary.checkpoint = saved_at.or(summary.checkpoint);
     summary.volumes_per_s = volumes as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    summary.peak_rss_bytes = crate::runtime::memory::peak_rss_bytes();
+    if let tch::Device::Cuda(i) = dev {
+        if let Some((a, r)) = crate::runtime::torch::cuda_peak_memory(i) {
+            summary.peak_cuda_allocated_bytes = Some(a);
+            summary.peak_cuda_reserved_bytes = Some(r);
+        }
+    }
     if main {
         finish(&mut summary)?;
     }
