@@ -11,7 +11,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(BIN)
 
-.PHONY: setup build demo test test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain lint clean
+.PHONY: setup build demo test gpu-check gpu-bundle test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain lint clean
 
 setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched gloo-headers
 
@@ -58,9 +58,25 @@ build: setup
 demo: build
 	$(BIN) run --config experiments/demo.yaml
 
+# The benches' binaries are built first: the GPU check's --cpu run
+# (tests/python/test_gpu_check.py) uses them. Last, a build against a
+# libtorch without CUDA (scripts/check_cpu_libtorch.sh, ~3 min).
 test: build
+	cargo build --release --example ot_bench --example train_step_bench
 	cargo test --release
 	$(PY) -m pytest -q tests/python
+	bash scripts/check_cpu_libtorch.sh
+
+# The one-shot GPU check (README, "GPUs"): on a GPU machine, or --cpu here.
+gpu-check: build
+	cargo build --release --example ot_bench --example train_step_bench
+	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# What to carry to a GPU machine for the check (~40 MB): GPU_BUNDLE=dir.
+GPU_BUNDLE ?= work/gpu-bundle
+gpu-bundle: build
+	cargo build --release --example ot_bench --example train_step_bench
+	scripts/gpu_check.sh --prepare $(GPU_BUNDLE)
 
 bench: build
 	$(PY) bench/preprocess_bench.py

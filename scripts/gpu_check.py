@@ -22,12 +22,14 @@ not stop the others):
 --cpu runs every section on the CPU with the shapes shrunk to what 2 cores
 finish in a few minutes, so the script's first GPU run is not its first run.
 
-The bundle (--prepare, made on the machine that built med3d; ~40 MB, under
-the device's 64 MiB): stripped med3d, ot_bench and train_step_bench; a cache
+The bundle (--prepare DIR, made on the machine that built med3d: the folder
+and DIR.tar.xz, ~50 MiB, under the device's 64 MiB): stripped med3d,
+ot_bench and train_step_bench; a cache
 of the demo volumes preprocessed as the paper preset does (1.5 mm, 128^3)
 with descriptor captions and MiniLM text embeddings; MiniLM's weights in
 float16 (the embed section compares device and CPU on those same weights);
-MONAI's wheel when pip can give it. On the GPU machine:
+MONAI's wheel. On the GPU machine:
+    tar -xJf DIR.tar.xz && pip install --no-deps DIR/wheels/*.whl
     LD_LIBRARY_PATH=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib \\
         scripts/gpu_check.sh --bundle DIR --out $OUT/gpu_check.json
 """
@@ -310,19 +312,10 @@ SECTIONS = [("doctor", section_doctor), ("pretrain", section_pretrain), ("precis
 
 
 # ---------------------------------------------------------------- bundle
-def prepare(dest, args):
-    """What the GPU machine needs, made here: binaries, cache, MiniLM, MONAI."""
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
-    for name, src in [("med3d", target / "med3d"), ("ot_bench", target / "examples" / "ot_bench"),
-                      ("train_step_bench", target / "examples" / "train_step_bench")]:
-        if src.exists():
-            shutil.copy2(src, dest / name)
-            run(["strip", dest / name])
-    med3d = dest / "med3d"
-    work = dest / "prep"
-    work.mkdir(exist_ok=True)
+def make_cache(med3d, cache):
+    """The demo volumes preprocessed as the paper preset does (1.5 mm, 128^3),
+    descriptor captions, MiniLM text embeddings: every step a med3d command."""
+    work = Path(tempfile.mkdtemp(prefix="med3d-gpu-check-prep-"))
     exp = work / "exp.yaml"
     exp.write_text(
         f"name: gpu-check\nmanifest: {ROOT / 'data-manifests' / 'demo.yaml'}\nworkdir: {work}\n"
@@ -330,11 +323,27 @@ def prepare(dest, args):
         "  ct_window: [-1000.0, 1000.0]\n  mr_percentiles: [0.5, 99.5]\n  foreground_threshold: 0.0\n"
         "  slices_per_plane: 16\n  planes: [axial, coronal, sagittal]\n"
         "caption:\n  backend: descriptor\n  max_words: 60\n"
-        f"embed:\n  text:\n    model: minilm\n    weights: {ROOT / 'data' / 'models' / 'all-MiniLM-L6-v2'}\n  batch_size: 64\n  device: cpu\n")
-    cache = dest / "cache"
+        f"embed:\n  text:\n    model: minilm\n    weights: {ROOT / 'data' / 'models' / 'all-MiniLM-L6-v2'}\n"
+        "  batch_size: 64\n  device: cpu\n")
     for stage in (["preprocess", "--config", exp, "--out", cache], ["caption", "--config", exp, "--cache", cache],
                   ["embed", "--config", exp, "--cache", cache]):
         run([med3d, *stage], timeout=3600)
+    shutil.rmtree(work)
+
+
+def prepare(dest):
+    """What the GPU machine needs, made here: stripped binaries, the cache,
+    MiniLM in float16, MONAI's wheel."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
+    for name, src in [("med3d", target / "med3d"), ("ot_bench", target / "examples" / "ot_bench"),
+                      ("train_step_bench", target / "examples" / "train_step_bench")]:
+        if not src.exists():
+            sys.exit(f"{src} is missing: make gpu-bundle builds it")
+        shutil.copy2(src, dest / name)
+        run(["strip", dest / name])
+    make_cache(dest / "med3d", dest / "cache")
     # MiniLM in float16 (half the bytes); the check compares device and CPU on these same weights.
     import torch
     from safetensors.torch import load_file, save_file
@@ -350,10 +359,14 @@ def prepare(dest, args):
             shutil.copy2(f, mdst / f.name)
     wheels = dest / "wheels"
     wheels.mkdir(exist_ok=True)
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", wheels, "monai==1.6.1"], check=False)
-    shutil.rmtree(work)
+    run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", wheels, "monai==1.6.1"])
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
-    print(f"bundle {dest}: {size / 2**20:.1f} MiB")
+    # What travels to a device machine is capped at 64 MiB: the folder is
+    # ~80 MiB, xz brings it to ~50 (the binaries shrink ~3x, the weights hardly).
+    archive = dest.with_name(dest.name + ".tar.xz")
+    run(["tar", "-cJf", archive, "-C", dest.parent, dest.name], timeout=1800)
+    print(f"bundle {dest}: {size / 2**20:.1f} MiB; {archive}: {archive.stat().st_size / 2**20:.1f} MiB "
+          f"(carry the archive; unpack with tar -xJf)")
 
 
 # ---------------------------------------------------------------- main
@@ -373,7 +386,7 @@ def main():
     ap.add_argument("--prepare", metavar="DIR", help="make the bundle to carry to a GPU machine, then stop")
     args = ap.parse_args()
     if args.prepare:
-        prepare(args.prepare, args)
+        prepare(args.prepare)
         return
     bundle = Path(args.bundle) if args.bundle else None
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
@@ -397,10 +410,9 @@ def main():
     ctx.work = Path(tmp.name)
     cache = pick(args.cache, bundle and bundle / "cache")
     if cache is None:
-        print("no cache given: preparing one from the demo data (paper preprocessing)", file=sys.stderr)
-        prep = ctx.work / "bundle"
-        prepare(prep, args)
-        cache = prep / "cache"
+        print("no cache given: making one from the demo data (paper preprocessing)", file=sys.stderr)
+        cache = ctx.work / "cache"
+        make_cache(ctx.bin, cache)
     ctx.cache = cache
     only = set(args.only.split(",")) if args.only else None
     report = {"cpu": args.cpu, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sections": {}}
