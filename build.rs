@@ -139,7 +139,10 @@ fn cuda_include(site: &Path) -> Option<PathBuf> {
 /// site-packages of a torch package's lib folder (`.../torch/lib`): the
 /// nvidia wheels sit beside torch.
 fn site_packages(lib: &Path) -> PathBuf {
-    lib.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default()
+    lib.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Keeps libtorch_cuda (and c10_cuda) NEEDED when `lib` has them.
@@ -174,7 +177,9 @@ fn build_torch_info(lib: &Path, manifest_dir: &Path, cuda: bool) {
         .warnings(false);
     if cuda {
         if let Some(inc) = cuda_include(&site_packages(lib)) {
-            b.include(inc).define("MED3D_CUDA_HEADERS", None).define("USE_CUDA", None);
+            b.include(inc)
+                .define("MED3D_CUDA_HEADERS", None)
+                .define("USE_CUDA", None);
         }
     }
     b.compile("med3d_torch_info");

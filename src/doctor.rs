@@ -111,7 +111,12 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let t = &self.libtorch;
         writeln!(f, "med3d {} ({})", self.med3d.version, self.med3d.git_hash)?;
-        writeln!(f, "libtorch {} from {}", opt(&t.version), opt(&t.lib_dir.as_ref().map(|p| p.display())))?;
+        writeln!(
+            f,
+            "libtorch {} from {}",
+            opt(&t.version),
+            opt(&t.lib_dir.as_ref().map(|p| p.display()))
+        )?;
         writeln!(f, "  built against   {}", opt(&t.built_against))?;
         writeln!(
             f,
@@ -132,7 +137,11 @@ impl fmt::Display for Report {
             opt(&t.nccl_library),
             yes(t.libtorch_gloo)
         )?;
-        writeln!(f, "  threads         {} intra-op, {} inter-op, {} cores", t.threads, t.interop_threads, self.cpu_cores)?;
+        writeln!(
+            f,
+            "  threads         {} intra-op, {} inter-op, {} cores",
+            t.threads, t.interop_threads, self.cpu_cores
+        )?;
         match (&self.driver, &self.driver_error) {
             (Some(d), _) => {
                 writeln!(f, "driver          CUDA {} ({} GPUs)", d.version, d.devices.len())?;

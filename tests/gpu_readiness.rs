@@ -47,7 +47,11 @@ fn libtorch_cuda_is_needed_and_loaded_when_the_libtorch_has_it() {
     assert!(lib.join("libtorch_cpu.so").is_file(), "{}", lib.display());
     let has_cuda = lib.join("libtorch_cuda.so").is_file();
     let needed = needed();
-    assert_eq!(needed.iter().any(|n| n == "libtorch_cuda.so"), has_cuda, "NEEDED: {needed:?}");
+    assert_eq!(
+        needed.iter().any(|n| n == "libtorch_cuda.so"),
+        has_cuda,
+        "NEEDED: {needed:?}"
+    );
     let d = doctor();
     let loaded = d["libtorch"]["cuda_library"].as_str().map(PathBuf::from);
     if has_cuda {
@@ -61,7 +65,9 @@ fn libtorch_cuda_is_needed_and_loaded_when_the_libtorch_has_it() {
         assert!(loaded.is_none());
     }
     assert_eq!(
-        Path::new(d["libtorch"]["lib_dir"].as_str().unwrap()).canonicalize().unwrap(),
+        Path::new(d["libtorch"]["lib_dir"].as_str().unwrap())
+            .canonicalize()
+            .unwrap(),
         lib.canonicalize().unwrap()
     );
 }
@@ -84,7 +90,9 @@ fn doctor_reports_what_pytorch_reports_for_the_same_torch() {
     let t = &d["libtorch"];
     assert_eq!(t["version"], r["version"]);
     assert_eq!(t["cuda_runtime"], r["cuda"]);
-    let cudnn = r["cudnn"].as_i64().map(|v| format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100));
+    let cudnn = r["cudnn"]
+        .as_i64()
+        .map(|v| format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100));
     assert_eq!(t["cudnn"].as_str().map(String::from), cudnn);
     assert_eq!(t["cuda_available"], r["available"]);
     assert_eq!(t["cuda_device_count"], r["count"]);
@@ -109,7 +117,10 @@ fn doctor_reports_what_pytorch_reports_for_the_same_torch() {
     }
     let text = Command::new(bin()).arg("doctor").output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains(&format!("libtorch {}", r["version"].as_str().unwrap())), "{text}");
+    assert!(
+        text.contains(&format!("libtorch {}", r["version"].as_str().unwrap())),
+        "{text}"
+    );
 }
 
 #[test]
@@ -117,11 +128,19 @@ fn nccl_is_compiled_into_the_bridge() {
     if !torch_lib().join("libtorch_cuda.so").is_file() {
         return; // a CPU-only libtorch has no NCCL to compile
     }
-    assert_eq!(doctor()["bridge"]["nccl"], true, "build.rs did not compile ProcessGroupNCCL");
-    let out = Command::new("nm").args(["-D", "--undefined-only", "-C", bin()]).output().unwrap();
+    assert_eq!(
+        doctor()["bridge"]["nccl"],
+        true,
+        "build.rs did not compile ProcessGroupNCCL"
+    );
+    let out = Command::new("nm")
+        .args(["-D", "--undefined-only", "-C", bin()])
+        .output()
+        .unwrap();
     let syms = String::from_utf8_lossy(&out.stdout);
     assert!(
-        syms.lines().any(|l| l.contains("c10d::ProcessGroupNCCL::ProcessGroupNCCL(")),
+        syms.lines()
+            .any(|l| l.contains("c10d::ProcessGroupNCCL::ProcessGroupNCCL(")),
         "ProcessGroupNCCL's constructor is not imported by the binary"
     );
 }
@@ -134,7 +153,11 @@ fn a_nccl_launch_without_a_gpu_is_a_named_error() {
     let d = tempfile::tempdir().unwrap();
     let cache = Fixture::default().write(d.path());
     let cfg = experiment(d.path(), &format!("{TINY}  max_steps: 2\n"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let out = Command::new(bin())
         .args(["pretrain", "--config"])
         .arg(&cfg)
@@ -230,15 +253,29 @@ fn a_step_libtorch_cannot_allocate_is_a_named_error_and_the_checkpoint_stays() {
     // writes a second checkpoint and stops).
     let big = d.path().join("big");
     std::fs::create_dir_all(&big).unwrap();
-    let cfg = experiment(&big, &format!("{TINY}  max_steps: 6\n  checkpoint_every: 1\n  input_size: [64, 64, 64]\n"));
+    let cfg = experiment(
+        &big,
+        &format!("{TINY}  max_steps: 6\n  checkpoint_every: 1\n  input_size: [64, 64, 64]\n"),
+    );
     let out = d.path().join("run");
     let ckpt = out.join("checkpoints");
     let (o, large) = pretrain(&cfg, &cache, &out, false, None, Some(ckpt.join("step-00000001")));
     // 128 + SIGTERM when the signal stopped it, 0 when it finished first.
-    assert!(matches!(o.status.code(), Some(0 | 143)), "{:?} {}", o.status, String::from_utf8_lossy(&o.stderr));
-    let before: Vec<_> = std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(
+        matches!(o.status.code(), Some(0 | 143)),
+        "{:?} {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let before: Vec<_> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert!(!before.is_empty() && before.len() < 6, "{before:?}");
-    assert!(large > small + 300_000, "64^3 should need far more memory: {large} vs {small} KiB");
+    assert!(
+        large > small + 300_000,
+        "64^3 should need far more memory: {large} vs {small} KiB"
+    );
     // Resumed with room to start but not for a 64^3 step: libtorch's
     // allocation is refused, the run stops with a named error.
     let limit = (small + large) / 2;
@@ -246,15 +283,24 @@ fn a_step_libtorch_cannot_allocate_is_a_named_error_and_the_checkpoint_stays() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "not a named error (limit {limit} KiB): {err}");
     assert!(err.contains("out of memory"), "{err}");
-    assert!(err.contains("pretrain.batch_size 2") && err.contains("pretrain.input_size [64, 64, 64]"), "{err}");
+    assert!(
+        err.contains("pretrain.batch_size 2") && err.contains("pretrain.input_size [64, 64, 64]"),
+        "{err}"
+    );
     assert!(err.contains("is kept (resume with --resume)"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    let after: Vec<_> = std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let after: Vec<_> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(before, after, "the checkpoints changed");
     // A fresh run whose first step cannot fit says there is no checkpoint yet.
     let huge = experiment(&big, &format!("{TINY}  max_steps: 2\n  input_size: [256, 256, 256]\n"));
     let (o, _) = pretrain(&huge, &cache, &d.path().join("fresh"), false, Some(limit), None);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("out of memory") && err.contains("no checkpoint had been written yet"), "{err}");
+    assert!(
+        err.contains("out of memory") && err.contains("no checkpoint had been written yet"),
+        "{err}"
+    );
 }

@@ -147,41 +147,41 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
     for step in 0..cfg.steps {
         let at = format!("finetune step {} of {}", step + 1, cfg.steps);
         crate::runtime::guard::boundary(|| {
-        tch::manual_seed(torch_seed(cfg.seed, 2, step));
-        let b = data::batch(&cases, cfg, step)?;
-        let (x, y) = (b.images.to_device(device), b.targets.to_device(device));
-        let logits = net.forward_t(&x, true)?;
-        let mut line = serde_json::json!({"step": step + 1});
-        let total = match cfg.task {
-            Task::Segmentation => {
-                let l = loss::dice_ce(&logits, &y)?;
-                line["dice_loss"] = l.dice.double_value(&[]).into();
-                line["ce_loss"] = l.ce.double_value(&[]).into();
-                l.total
+            tch::manual_seed(torch_seed(cfg.seed, 2, step));
+            let b = data::batch(&cases, cfg, step)?;
+            let (x, y) = (b.images.to_device(device), b.targets.to_device(device));
+            let logits = net.forward_t(&x, true)?;
+            let mut line = serde_json::json!({"step": step + 1});
+            let total = match cfg.task {
+                Task::Segmentation => {
+                    let l = loss::dice_ce(&logits, &y)?;
+                    line["dice_loss"] = l.dice.double_value(&[]).into();
+                    line["ce_loss"] = l.ce.double_value(&[]).into();
+                    l.total
+                }
+                Task::Classification => loss::cross_entropy(&logits, &y),
+            };
+            let value = total.double_value(&[]);
+            ensure!(
+                value.is_finite(),
+                "step {}: the loss is {value} (lower downstream.optimizer.lr?)",
+                step + 1
+            );
+            opt.zero_grad();
+            total.backward();
+            let norm = opt.grad_norm();
+            if cfg.optimizer.clip_grad_norm > 0.0 {
+                opt.clip(cfg.optimizer.clip_grad_norm, norm);
             }
-            Task::Classification => loss::cross_entropy(&logits, &y),
-        };
-        let value = total.double_value(&[]);
-        ensure!(
-            value.is_finite(),
-            "step {}: the loss is {value} (lower downstream.optimizer.lr?)",
-            step + 1
-        );
-        opt.zero_grad();
-        total.backward();
-        let norm = opt.grad_norm();
-        if cfg.optimizer.clip_grad_norm > 0.0 {
-            opt.clip(cfg.optimizer.clip_grad_norm, norm);
-        }
-        let lr = lr_at(&cfg.optimizer, step, cfg.steps);
-        opt.step(lr);
-        line["loss"] = value.into();
-        line["lr"] = lr.into();
-        line["grad_norm"] = norm.into();
-        metrics.push(serde_json::to_string(&line)?);
-        first.get_or_insert(value);
-        last = Some(value);
-        Ok(())
+            let lr = lr_at(&cfg.optimizer, step, cfg.steps);
+            opt.step(lr);
+            line["loss"] = value.into();
+            line["lr"] = lr.into();
+            line["grad_norm"] = norm.into();
+            metrics.push(serde_json::to_string(&line)?);
+            first.get_or_insert(value);
+            last = Some(value);
+            Ok(())
         })
         .map_err(|e| out_of_memory(e, &at, cfg, device))?;
     }

@@ -173,17 +173,18 @@ pub(super) fn embed_table(
         }
         // Chunks already written stay; a libtorch failure (out of memory
         // above all) names the chunk and the setting that sizes it.
-        let (table, failures) =
-            crate::runtime::guard::boundary(|| compute_chunk(model.as_ref(), inputs, range.clone(), rows, cfg.batch_size, &bar))
-                .map_err(|e| {
-                    crate::runtime::guard::explain(
-                        e,
-                        &format!("embed {name}, rows {}..{} of {n}", range.start, range.end),
-                        device,
-                        &format!("Each forward pass holds embed.batch_size {} inputs", cfg.batch_size),
-                        "Lower embed.batch_size; the chunks already written are kept and a rerun resumes after them",
-                    )
-                })?;
+        let (table, failures) = crate::runtime::guard::boundary(|| {
+            compute_chunk(model.as_ref(), inputs, range.clone(), rows, cfg.batch_size, &bar)
+        })
+        .map_err(|e| {
+            crate::runtime::guard::explain(
+                e,
+                &format!("embed {name}, rows {}..{} of {n}", range.start, range.end),
+                device,
+                &format!("Each forward pass holds embed.batch_size {} inputs", cfg.batch_size),
+                "Lower embed.batch_size; the chunks already written are kept and a rerun resumes after them",
+            )
+        })?;
         summary.rows_computed += table.valid_rows();
         summary.chunks_computed += 1;
         let mut table = table;

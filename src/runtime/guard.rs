@@ -50,7 +50,10 @@ fn message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "a panic without a message".to_string());
     let inner = match (raw.find("Torch(\""), raw.rfind("\")")) {
-        (Some(a), Some(b)) if b > a + 7 => raw[a + 7..b].replace("\\n", "\n").replace("\\\"", "\"").replace("\\'", "'"),
+        (Some(a), Some(b)) if b > a + 7 => raw[a + 7..b]
+            .replace("\\n", "\n")
+            .replace("\\\"", "\"")
+            .replace("\\'", "'"),
         _ => raw,
     };
     without_backtrace(&inner)
@@ -87,9 +90,14 @@ pub fn boundary<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// to allocate: CUDA's caching allocator or the CPU allocator.
 pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
     let text = format!("{e:#}").to_ascii_lowercase();
-    ["out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory"]
-        .iter()
-        .any(|p| text.contains(p))
+    [
+        "out of memory",
+        "can't allocate memory",
+        "not enough memory",
+        "cannot allocate memory",
+    ]
+    .iter()
+    .any(|p| text.contains(p))
 }
 
 /// A failed step as the user should read it: `at` names the stage and step;
@@ -97,7 +105,10 @@ pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
 /// `advice` which to change.
 pub fn explain(e: anyhow::Error, at: &str, device: tch::Device, sizing: &str, advice: &str) -> anyhow::Error {
     if is_out_of_memory(&e) {
-        anyhow::anyhow!("{at}: out of memory on {device:?} ({}). {sizing}. {advice}", without_backtrace(&format!("{e:#}")))
+        anyhow::anyhow!(
+            "{at}: out of memory on {device:?} ({}). {sizing}. {advice}",
+            without_backtrace(&format!("{e:#}"))
+        )
     } else {
         e.context(format!("{at} on {device:?} failed"))
     }

@@ -84,7 +84,11 @@ fn build_setting(config: &str, key: &str) -> Option<String> {
     let line = config.lines().find(|l| l.contains("Build settings:"))?;
     line.split(", ")
         .chain(line.split("Build settings: ").skip(1))
-        .find_map(|kv| kv.trim().strip_prefix(&format!("{key}=")).map(|v| v.trim_end_matches(',').to_string()))
+        .find_map(|kv| {
+            kv.trim()
+                .strip_prefix(&format!("{key}="))
+                .map(|v| v.trim_end_matches(',').to_string())
+        })
 }
 
 /// 13000 -> "13.0"; 91900 -> "9.19.0".

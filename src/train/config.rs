@@ -5,8 +5,8 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::model::psat::PsatConfig;
-pub use crate::runtime::DeviceChoice;
 use crate::model::swin_unetr::SwinUnetrConfig;
+pub use crate::runtime::DeviceChoice;
 
 /// Bumped whenever a checkpoint's layout or the meaning of a setting changes.
 pub const PRETRAIN_FORMAT: &str = "med3d-pretrain/1";

@@ -300,8 +300,13 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
 
     tch::manual_seed(torch_seed(cfg.seed, STREAM_INIT, 0));
     let vs = VarStore::new(dev);
-    let (model, mut opt) = guard::boundary(|| Ok((Pretrainer::new(&vs.root(), cfg, &targets)?, Adam::new(&vs, &cfg.optimizer))))
-        .map_err(|e| torch_failure(e, "building the model", cfg, dev, autocast, &opts.out))?;
+    let (model, mut opt) = guard::boundary(|| {
+        Ok((
+            Pretrainer::new(&vs.root(), cfg, &targets)?,
+            Adam::new(&vs, &cfg.optimizer),
+        ))
+    })
+    .map_err(|e| torch_failure(e, "building the model", cfg, dev, autocast, &opts.out))?;
     let mut state = State {
         format: PRETRAIN_FORMAT.to_string(),
         step: 0,
@@ -456,71 +461,78 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         // (an out-of-memory above all) ends the run with a named error and
         // the last checkpoint kept.
         let stepped = guard::boundary(|| {
-        for _ in 0..accum {
-            let tw = Instant::now();
-            let b = loader.next_batch()?;
-            wait += tw.elapsed().as_secs_f64();
-            tch::manual_seed(torch_seed(cfg.seed, STREAM_TORCH, b.index));
-            let vols = b.volumes.to_device(dev);
-            let planes = Tensor::from_slice(&b.planes).to_device(dev);
-            let bins = Tensor::from_slice(&model.bins(&b.positions, &b.indices)).to_device(dev);
-            let ys: Vec<(String, Tensor)> = b.targets.iter().map(|(n, t)| (n.clone(), t.to_device(dev))).collect();
-            let gather = dist.as_ref().filter(|_| cfg.all_gather_embeddings);
-            let l = model.losses(&vols, &planes, &bins, &ys, true, autocast, gather)?;
-            let total_loss = l.total.double_value(&[]);
-            if !total_loss.is_finite() {
-                finite = false;
-                continue;
-            }
-            (&l.objective / accum as f64).backward();
-            *sums.entry("loss".into()).or_default() += total_loss / accum as f64;
-            let named = l
-                .terms
-                .iter()
-                .map(|(n, t)| (format!("loss_{n}"), t))
-                .chain(l.mass.iter().map(|(n, t)| (format!("mass_{n}"), t)))
-                .chain(l.matched.iter().map(|(n, t)| (format!("matched_{n}"), t)));
-            for (k, t) in named {
-                *sums.entry(k).or_default() += t.double_value(&[]) / accum as f64;
-            }
-        }
-        state.data_position += accum * world as u64;
-        if let Some(d) = &dist {
-            // Every rank must skip, step or stop alike.
-            let mut flags = [finite as u8 as f64, signals.raised() as u8 as f64];
-            sum_over_ranks(d, &mut flags)?;
-            finite = flags[0] == world as f64;
-            stop = flags[1] > 0.0;
-            if finite {
-                let ta = Instant::now();
-                grads::average_gradients(d, opt.params(), grads::BUCKET_BYTES)?;
-                allreduce_s = Some(ta.elapsed().as_secs_f64());
-                // The logged values: means over the ranks.
-                let mut vals: Vec<f64> = sums.values().copied().collect();
-                sum_over_ranks(d, &mut vals)?;
-                for (v, s) in sums.values_mut().zip(vals) {
-                    *v = s / world as f64;
+            for _ in 0..accum {
+                let tw = Instant::now();
+                let b = loader.next_batch()?;
+                wait += tw.elapsed().as_secs_f64();
+                tch::manual_seed(torch_seed(cfg.seed, STREAM_TORCH, b.index));
+                let vols = b.volumes.to_device(dev);
+                let planes = Tensor::from_slice(&b.planes).to_device(dev);
+                let bins = Tensor::from_slice(&model.bins(&b.positions, &b.indices)).to_device(dev);
+                let ys: Vec<(String, Tensor)> = b.targets.iter().map(|(n, t)| (n.clone(), t.to_device(dev))).collect();
+                let gather = dist.as_ref().filter(|_| cfg.all_gather_embeddings);
+                let l = model.losses(&vols, &planes, &bins, &ys, true, autocast, gather)?;
+                let total_loss = l.total.double_value(&[]);
+                if !total_loss.is_finite() {
+                    finite = false;
+                    continue;
+                }
+                (&l.objective / accum as f64).backward();
+                *sums.entry("loss".into()).or_default() += total_loss / accum as f64;
+                let named = l
+                    .terms
+                    .iter()
+                    .map(|(n, t)| (format!("loss_{n}"), t))
+                    .chain(l.mass.iter().map(|(n, t)| (format!("mass_{n}"), t)))
+                    .chain(l.matched.iter().map(|(n, t)| (format!("matched_{n}"), t)));
+                for (k, t) in named {
+                    *sums.entry(k).or_default() += t.double_value(&[]) / accum as f64;
                 }
             }
-        }
-        grad_norm = if finite { opt.grad_norm() } else { f64::NAN };
-        ok = finite && grad_norm.is_finite();
-        if ok {
-            if cfg.optimizer.clip_grad_norm > 0.0 {
-                opt.clip(cfg.optimizer.clip_grad_norm, grad_norm);
+            state.data_position += accum * world as u64;
+            if let Some(d) = &dist {
+                // Every rank must skip, step or stop alike.
+                let mut flags = [finite as u8 as f64, signals.raised() as u8 as f64];
+                sum_over_ranks(d, &mut flags)?;
+                finite = flags[0] == world as f64;
+                stop = flags[1] > 0.0;
+                if finite {
+                    let ta = Instant::now();
+                    grads::average_gradients(d, opt.params(), grads::BUCKET_BYTES)?;
+                    allreduce_s = Some(ta.elapsed().as_secs_f64());
+                    // The logged values: means over the ranks.
+                    let mut vals: Vec<f64> = sums.values().copied().collect();
+                    sum_over_ranks(d, &mut vals)?;
+                    for (v, s) in sums.values_mut().zip(vals) {
+                        *v = s / world as f64;
+                    }
+                }
             }
-            opt.step(lr);
-            state.nonfinite_streak = 0;
-        } else {
-            state.nonfinite_total += 1;
-            state.nonfinite_streak += 1;
-        }
-        opt.zero_grad();
-        Ok(())
+            grad_norm = if finite { opt.grad_norm() } else { f64::NAN };
+            ok = finite && grad_norm.is_finite();
+            if ok {
+                if cfg.optimizer.clip_grad_norm > 0.0 {
+                    opt.clip(cfg.optimizer.clip_grad_norm, grad_norm);
+                }
+                opt.step(lr);
+                state.nonfinite_streak = 0;
+            } else {
+                state.nonfinite_total += 1;
+                state.nonfinite_streak += 1;
+            }
+            opt.zero_grad();
+            Ok(())
         });
         if let Err(e) = stepped {
             bar.abandon();
-            return Err(torch_failure(e, &format!("step {} of {total}", state.step + 1), cfg, dev, autocast, &opts.out));
+            return Err(torch_failure(
+                e,
+                &format!("step {} of {total}", state.step + 1),
+                cfg,
+                dev,
+                autocast,
+                &opts.out,
+            ));
         }
         state.step += 1;
         state.optimizer_t = opt.t;
@@ -605,7 +617,14 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
 /// A libtorch failure during pretraining as the user should read it: where,
 /// and for an out-of-memory, the settings that size the step and what to
 /// change; the run folder keeps its last checkpoint.
-fn torch_failure(e: anyhow::Error, at: &str, cfg: &PretrainConfig, dev: tch::Device, bf16: bool, out: &Path) -> anyhow::Error {
+fn torch_failure(
+    e: anyhow::Error,
+    at: &str,
+    cfg: &PretrainConfig,
+    dev: tch::Device,
+    bf16: bool,
+    out: &Path,
+) -> anyhow::Error {
     let last = checkpoint::latest(out)
         .map(|p| format!("the last checkpoint, {}, is kept (resume with --resume)", p.display()))
         .unwrap_or_else(|| "no checkpoint had been written yet".into());
