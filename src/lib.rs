@@ -5,7 +5,12 @@
 
 // Affine and matrix code reads best as index loops over rows and columns.
 #![allow(clippy::needless_range_loop)]
+
+/// med3d's version, recorded in every artifact it writes.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 pub mod align;
+pub mod artifacts;
 pub mod caption;
 pub mod config;
 pub mod convert;

@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use med3dinsight::config::Experiment;
-use med3dinsight::embed::{self, store, DeviceChoice, EmbedConfig, RunOptions};
+use med3dinsight::artifacts::embeddings as store;
+use med3dinsight::embed::{self, DeviceChoice, EmbedConfig, RunOptions};
 use med3dinsight::encoders::{
     vit::{Vit, VitConfig},
     ImageModel, ImageSpec, TextEncoder, TextModel, TextPlan, TextSpec,

@@ -238,7 +238,7 @@ fn batches_are_a_function_of_their_number_and_flips_keep_positions_true() {
         .cases
         .iter()
         .map(|c| {
-            let (v, s) = med3dinsight::train::data::read_volume(&c.volume).unwrap();
+            let (v, s) = med3dinsight::artifacts::npy::read_volume(&c.volume).unwrap();
             Tensor::from_slice(&v).view([s[0] as i64, s[1] as i64, s[2] as i64])
         })
         .collect();
@@ -286,7 +286,7 @@ fn intensity_jitter_is_an_affine_map_within_its_bounds() {
     let mut scales = Vec::new();
     for i in 0..b.rows.len() {
         let c = &ds.cases[ds.row_case[b.rows[i]].unwrap()];
-        let (v, _) = med3dinsight::train::data::read_volume(&c.volume).unwrap();
+        let (v, _) = med3dinsight::artifacts::npy::read_volume(&c.volume).unwrap();
         let x = Tensor::from_slice(&v);
         let y = b.volumes.get(i as i64).flatten(0, -1);
         assert_eq!(b.positions[i], ds.rows[b.rows[i]].position);
@@ -321,9 +321,10 @@ fn stale_or_missing_embeddings_are_named() {
     let ids: Vec<&str> = rows.iter().map(|r| r.slice_id.as_str()).collect();
     let sha = med3dinsight::fsutil::sha256_bytes(ids.join("\n").as_bytes());
     pretrain_fixture::add_metadata(&text, &[("index_sha256", &sha), ("encoder", "minilm")]);
-    let t = med3dinsight::train::data::read_table(&text).unwrap();
+    assert_eq!(med3dinsight::artifacts::cache::index_sha256(&rows), sha);
+    let t = med3dinsight::artifacts::embeddings::read(&text).unwrap();
     assert_eq!(t.meta["encoder"], "minilm");
-    assert_eq!((t.rows, t.dim), (48, 16));
+    assert_eq!((t.rows(), t.dim), (48, 16));
     assert_eq!(Dataset::open(&cache, &exp.pretrain).unwrap().usable.len(), 41);
     // and refused when the index changed since
     pretrain_fixture::add_metadata(&text, &[("index_sha256", "0123")]);

@@ -21,8 +21,9 @@ use anyhow::{ensure, Context, Result};
 use ndarray::{Array3, ArrayView2, Axis};
 
 use super::prompt::axis_words;
-use crate::config::Plane;
-use crate::preprocess::{npy, CaseRecord};
+use crate::artifacts::cache::Plane;
+use crate::artifacts::cache::CaseRecord;
+use crate::artifacts::npy;
 use crate::volume::Modality;
 
 pub const MODEL: &str = "med3d-descriptor-v1";
@@ -32,17 +33,8 @@ const HU_EDGES: [f64; 3] = [-400.0, -30.0, 300.0];
 
 /// The stored volume of a case, as f32.
 pub fn load_volume(cache: &Path, case: &str) -> Result<Array3<f32>> {
-    let p = cache.join("cases").join(case).join("image.npy");
-    let (dtype, shape, data) = npy::read(&p)?;
-    ensure!(
-        dtype == npy::NpyDtype::F16 && shape.len() == 3,
-        "{}: expected a 3D float16 volume, found {dtype:?} {shape:?}",
-        p.display()
-    );
-    let vals: Vec<f32> = data
-        .chunks_exact(2)
-        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-        .collect();
+    let p = crate::artifacts::cache::image_npy(cache, case);
+    let (vals, shape) = npy::read_volume(&p)?;
     Array3::from_shape_vec((shape[0], shape[1], shape[2]), vals).with_context(|| format!("{}", p.display()))
 }
 

@@ -37,7 +37,7 @@ use sink::{Sink, Tally};
 use store::{CaptionRecord, Latest, Status, Store};
 
 use crate::fsutil::{atomic_write, sha256_bytes, sweep_stale_tmp};
-use crate::preprocess::{read_case_record, read_index, CaseRecord, Shard, SliceRow};
+use crate::artifacts::cache::{read_case_record, read_index, CaseRecord, Shard, SliceRow};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Summary {
@@ -156,15 +156,6 @@ fn failed(asker: &Asker, row: &SliceRow, e: &anyhow::Error) -> CaptionRecord {
     let mut r = asker.record(row, String::new(), String::new());
     r.error = Some(format!("{e:#}"));
     r
-}
-
-/// `cache.json`'s preprocess.foreground_threshold (what counts as foreground).
-fn foreground_threshold(cache: &Path) -> f32 {
-    std::fs::read(cache.join("cache.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["preprocess"]["foreground_threshold"].as_f64())
-        .unwrap_or(0.0) as f32
 }
 
 fn run_descriptor(
@@ -373,14 +364,6 @@ fn judge_repeated(r: &mut CaptionRecord, repeated: bool, action: Action) {
     }
 }
 
-fn shard_suffix(shard: Shard) -> String {
-    if shard.count == 1 {
-        String::new()
-    } else {
-        format!("-shard-{}-of-{}", shard.index, shard.count)
-    }
-}
-
 /// Captions this shard's slices of `cache` into `out`.
 pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Result<Summary> {
     cfg.validate()?;
@@ -397,7 +380,8 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
         }
     }
     let cases = Arc::new(cases);
-    let threshold = foreground_threshold(cache);
+    // what counts as foreground: the cache's own setting
+    let threshold = crate::artifacts::cache::CacheInfo::read(cache)?.preprocess.foreground_threshold;
     let backend = cfg.backend();
     let asker = Asker {
         cfg,
@@ -509,7 +493,7 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
     }
     let attempted = s.captioned + s.dropped + s.failed + s.skipped;
     s.not_attempted = s.total.saturating_sub(attempted);
-    let report = out.with_file_name(format!("caption-report{}.json", shard_suffix(shard)));
+    let report = crate::artifacts::cache::report_path(out.parent().unwrap_or(Path::new(".")), "caption", shard);
     atomic_write(&report, &serde_json::to_vec_pretty(&s)?)?;
     Ok(s)
 }
@@ -522,7 +506,7 @@ mod tests {
         CaptionRecord {
             slice_id: id.into(),
             case: "a".into(),
-            plane: crate::config::Plane::Axial,
+            plane: crate::artifacts::cache::Plane::Axial,
             index: id.len(),
             status,
             text: text.into(),

@@ -1,7 +1,7 @@
 //! Prompt templates: `{name}` variables filled per slice, `{{`/`}}` for
 //! literal braces, and an unknown variable is an error that names it (so a
 //! typo in the config is not sent to millions of requests).
-use crate::config::Plane;
+use crate::artifacts::cache::Plane;
 use crate::fsutil::sha256_bytes;
 
 pub const VARIABLES: [&str; 5] = ["plane", "modality", "position_pct", "axis", "max_words"];

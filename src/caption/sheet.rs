@@ -13,7 +13,7 @@ use base64::Engine as _;
 use super::quality::Flag;
 use super::store::{CaptionRecord, Slot, Status, Store};
 use crate::fsutil::atomic_write;
-use crate::preprocess::{read_index, SliceRow};
+use crate::artifacts::cache::{read_index, SliceRow};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SheetSummary {

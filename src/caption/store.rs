@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::quality::{self, Flag};
-use crate::config::Plane;
+use crate::artifacts::cache::Plane;
 use crate::fsutil::tmp_path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +51,38 @@ pub struct CaptionRecord {
     pub attempts: u32,
     pub flags: Vec<Flag>,
     pub error: Option<String>,
+}
+
+/// The fields of a record that say which caption a slice has.
+#[derive(Deserialize)]
+struct TextOf {
+    slice_id: String,
+    status: Status,
+    #[serde(default)]
+    text: String,
+}
+
+/// The usable caption of each slice, read-only: the last record per slice
+/// wins, and only status `ok` with non-blank text counts. Returns the
+/// captions and the number of unparsable lines (a torn last line after a
+/// kill is one). What the embed stage trains its text targets on.
+pub fn read_ok_captions(path: &Path) -> Result<(HashMap<String, String>, usize)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read captions {} (run `med3d caption` first)", path.display()))?;
+    let mut out = HashMap::new();
+    let mut bad = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str::<TextOf>(line) {
+            Ok(c) if c.status == Status::Ok && !c.text.trim().is_empty() => {
+                out.insert(c.slice_id, c.text);
+            }
+            Ok(c) => {
+                out.remove(&c.slice_id);
+            }
+            Err(_) => bad += 1,
+        }
+    }
+    Ok((out, bad))
 }
 
 pub struct Store {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::sliding::SlidingWindow;
 use crate::model::swin_unetr::SwinUnetrConfig;
 use crate::runtime::DeviceChoice;
-use crate::train::config::OptimConfig;
+use crate::runtime::optim::OptimConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

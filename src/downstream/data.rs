@@ -11,8 +11,8 @@ use anyhow::{bail, ensure, Context, Result};
 use tch::{Kind, Tensor};
 
 use super::config::{DownstreamConfig, Task};
-use crate::preprocess::{self, npy};
-use crate::train::rng::Rng;
+use crate::artifacts::{cache, npy};
+use crate::runtime::rng::Rng;
 
 /// One cached case, read into memory.
 #[derive(Debug)]
@@ -36,13 +36,13 @@ impl LabelledCase {
 
 /// Ids of the committed cases of `cache`, sorted.
 pub fn case_ids(cache: &Path) -> Result<Vec<String>> {
-    let dir = cache.join("cases");
+    let dir = cache::cases_dir(cache);
     let mut ids = Vec::new();
     for e in
         std::fs::read_dir(&dir).with_context(|| format!("cannot list {} (is it a preprocess cache?)", dir.display()))?
     {
         let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
-        if e.path().join("case.json").is_file() {
+        if e.path().join(cache::CASE_JSON).is_file() {
             ids.push(e.file_name().to_string_lossy().into_owned());
         }
     }
@@ -53,7 +53,7 @@ pub fn case_ids(cache: &Path) -> Result<Vec<String>> {
 /// Whether case `id` carries what `task` trains on (a label map, or a
 /// class); other cases of a mixed cache are left out, not failed.
 pub fn is_labelled(cache: &Path, id: &str, task: Task) -> bool {
-    match preprocess::read_case_record(cache, id) {
+    match cache::read_case_record(cache, id) {
         Some(rec) => match task {
             Task::Segmentation => rec.label.is_some(),
             Task::Classification => rec.class.is_some(),
@@ -76,25 +76,20 @@ pub fn labelled_ids(cache: &Path, task: Task) -> Result<(Vec<String>, usize)> {
 /// Reads case `id`, requiring what `task` needs (a label map, or a class
 /// in 0..num_classes).
 pub fn read_case(cache: &Path, id: &str, task: Task, num_classes: i64) -> Result<LabelledCase> {
-    let dir = cache.join("cases").join(id);
+    let dir = cache::case_dir(cache, id);
     let rec =
-        preprocess::read_case_record(cache, id).with_context(|| format!("{}: no readable case.json", dir.display()))?;
-    let (image, shape) = crate::train::data::read_volume(&dir.join("image.npy"))?;
+        cache::read_case_record(cache, id).with_context(|| format!("{}: no readable case.json", dir.display()))?;
+    let (image, shape) = npy::read_volume(&cache::image_npy(cache, id))?;
     let label = match task {
         Task::Classification => None,
         Task::Segmentation => {
-            let path = dir.join("label.npy");
+            let path = cache::label_npy(cache, id);
             ensure!(
                 path.is_file(),
                 "case {id}: no label.npy in {} (segmentation needs a `label:` in the manifest)",
                 dir.display()
             );
-            let (dtype, lshape, data) = npy::read(&path)?;
-            ensure!(
-                dtype == npy::NpyDtype::U8 && lshape == shape,
-                "{}: expected uint8 of shape {shape:?}, got {dtype:?} {lshape:?}",
-                path.display()
-            );
+            let data = npy::read_label(&path, shape)?;
             if let Some(&bad) = data.iter().find(|&&v| v as i64 >= num_classes) {
                 bail!(
                     "{}: label value {bad} is not below downstream.num_classes = {num_classes}",

@@ -14,8 +14,8 @@ use tch::nn::VarStore;
 
 use super::config::{DownstreamConfig, Task};
 use super::{data, loss, model};
-use crate::train::optim::{lr_at, Adam};
-use crate::train::rng::torch_seed;
+use crate::runtime::optim::{lr_at, Adam};
+use crate::runtime::rng::torch_seed;
 
 pub const FINETUNE_FORMAT: &str = "med3d-finetune/1";
 

@@ -13,15 +13,15 @@
 //! decoder an encoder-only export lacks, the classification head), and the
 //! card's backbone must equal the config's.
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use tch::nn::{self, Module, VarStore};
 use tch::{Kind, Tensor};
 
 use super::config::{DownstreamConfig, Task};
 use crate::model::swin::transformer::SwinTransformer;
+use crate::export::card::{card_path, read_card, InitCard as Card};
 use crate::model::swin_unetr::{SwinUnetr, SwinUnetrConfig};
 
 /// The encoder, pooled, and a linear read-out.
@@ -90,46 +90,6 @@ impl Net {
             Net::Segmentation(m) => Ok(m.forward_t(x, train)?.logits),
             Net::Classification(m) => m.forward_t(x, train),
         }
-    }
-}
-
-/// The parts of a model card this stage reads.
-#[derive(Debug, Deserialize)]
-pub struct Card {
-    pub variant: String,
-    pub backbone: serde_json::Value,
-}
-
-/// `model.safetensors` -> `model.card.json`.
-pub fn card_path(export: &Path) -> PathBuf {
-    export.with_extension("card.json")
-}
-
-pub fn read_card(export: &Path) -> Result<Card> {
-    let path = card_path(export);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read the model card {} of export {}",
-            path.display(),
-            export.display()
-        )
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-    // `med3d export` keeps the backbone with the pretraining config it
-    // records; hand-made cards (and MONAI-side ones) put it at the top.
-    let backbone = v
-        .get("backbone")
-        .or_else(|| v.pointer("/training/pretrain_config/backbone"))
-        .cloned();
-    match (v.get("variant").and_then(|x| x.as_str()), backbone) {
-        (Some(variant), Some(backbone)) => Ok(Card {
-            variant: variant.to_string(),
-            backbone,
-        }),
-        _ => bail!(
-            "{}: not a model card (needs `variant` and `backbone` or `training.pretrain_config.backbone`)",
-            path.display()
-        ),
     }
 }
 

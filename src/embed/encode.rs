@@ -11,7 +11,7 @@ use crate::encoders::{
     pixels, weights, Env, ImageEncoder, ImageModel, ImagePlan, ImageSpec, TextEncoder, TextModel, TextPlan, TextSpec,
     CLIP_MEAN, CLIP_STD,
 };
-use crate::preprocess::npy;
+use crate::artifacts::npy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EncodeKind {

@@ -17,18 +17,17 @@
 //! table whose encoder, index and inputs are unchanged is skipped without
 //! loading the model.
 pub mod encode;
-pub mod store;
+
 mod table;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::encoders::{Env, ImagePlan, ImageSpec, TextPlan, TextSpec};
-use crate::fsutil::{sha256_bytes, sweep_stale_tmp};
-use crate::preprocess::read_index;
+use crate::fsutil::sweep_stale_tmp;
+use crate::artifacts::cache::read_index;
 use table::{embed_table, Inputs, Plan};
 
 /// Bumped whenever the tables' layout or meaning changes.
@@ -77,7 +76,7 @@ impl EmbedConfig {
     pub fn env(&self, cache: &Path) -> Env {
         Env {
             hub_caches: crate::encoders::weights::hub_caches(self.hf_cache.as_deref()),
-            hash_memo: Some(cache.join("embeddings").join(".weights-sha256.json")),
+            hash_memo: Some(crate::artifacts::cache::embeddings_dir(cache).join(".weights-sha256.json")),
         }
     }
 }
@@ -123,35 +122,7 @@ impl Summary {
     }
 }
 
-#[derive(Deserialize)]
-struct CaptionLine {
-    slice_id: String,
-    status: String,
-    #[serde(default)]
-    text: String,
-}
-
-/// The usable caption of each slice: the last record per slice wins, and
-/// only status `ok` with non-blank text counts. Returns the captions and
-/// the number of unparsable lines (a torn last line after a kill is one).
-pub fn read_ok_captions(path: &Path) -> Result<(HashMap<String, String>, usize)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read captions {} (run `med3d caption` first)", path.display()))?;
-    let mut out = HashMap::new();
-    let mut bad = 0;
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        match serde_json::from_str::<CaptionLine>(line) {
-            Ok(c) if c.status == "ok" && !c.text.trim().is_empty() => {
-                out.insert(c.slice_id, c.text);
-            }
-            Ok(c) => {
-                out.remove(&c.slice_id);
-            }
-            Err(_) => bad += 1,
-        }
-    }
-    Ok((out, bad))
-}
+pub use crate::caption::store::read_ok_captions;
 /// Options of one run beyond the config.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -163,22 +134,19 @@ pub struct RunOptions {
 pub fn run(cfg: &EmbedConfig, cache: &Path, opts: &RunOptions) -> Result<Summary> {
     cfg.validate()?;
     let rows = read_index(cache)?;
-    let out_dir = cache.join("embeddings");
+    let out_dir = crate::artifacts::cache::embeddings_dir(cache);
     let parts = out_dir.join("parts");
     std::fs::create_dir_all(&parts).with_context(|| format!("cannot create {}", parts.display()))?;
     sweep_stale_tmp(&out_dir)?;
     sweep_stale_tmp(&parts)?;
     let device = cfg.device.resolve("embed.device")?;
     let env = cfg.env(cache);
-    let index_sha = sha256_bytes(
-        rows.iter()
-            .map(|r| r.slice_id.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-            .as_bytes(),
-    );
+    let index_sha = crate::artifacts::cache::index_sha256(&rows);
 
-    let captions_path = opts.captions.clone().unwrap_or_else(|| cache.join("captions.jsonl"));
+    let captions_path = opts
+        .captions
+        .clone()
+        .unwrap_or_else(|| crate::artifacts::cache::captions_path(cache));
     let (captions, bad_lines) = read_ok_captions(&captions_path)?;
     if bad_lines > 0 {
         tracing::warn!("{}: {bad_lines} unparsable lines skipped", captions_path.display());

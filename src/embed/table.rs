@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::store::{self, Table};
+use crate::artifacts::embeddings::{self as store, Table};
 use super::{EmbedConfig, RowFailure, TableSummary, EMBED_FORMAT};
 use crate::encoders::{ImageEncoder, ImagePlan, TextEncoder, TextPlan};
 use crate::fsutil::sha256_bytes;
-use crate::preprocess::SliceRow;
+use crate::artifacts::cache::SliceRow;
 
 /// One table's inputs, aligned with the index: None = no input (invalid row).
 pub(super) enum Inputs {
@@ -239,7 +239,7 @@ pub(super) fn embed_table(
     if name == "text" {
         put("captions_sha256", inputs_sha);
     }
-    put("med3d_version", crate::preprocess::VERSION.into());
+    put("med3d_version", crate::VERSION.into());
     let table = Table {
         dim,
         embeddings: emb,

@@ -116,7 +116,7 @@ impl Identity {
         let key = crate::fsutil::sha256_bytes(
             format!(
                 "{encoder}|{weights_sha}|{input_sha}|{input}|{l2}|{}",
-                crate::preprocess::VERSION
+                crate::VERSION
             )
             .as_bytes(),
         );

@@ -4,14 +4,59 @@
 //! intensities, from the run's preprocess config), the data and training
 //! that made them, and the checkpoint they came from.
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::PreprocessConfig;
+use crate::artifacts::cache::PreprocessConfig;
 use crate::model::swin_unetr::SwinUnetrConfig;
 use crate::train::PretrainConfig;
+
+/// The parts of a card that `med3d finetune --init` reads: the variant
+/// and the backbone. Lenient where cards made elsewhere differ: the
+/// backbone may sit at the top (hand-made and MONAI-side cards) or where
+/// `med3d export` records it (`training.pretrain_config.backbone`).
+#[derive(Debug, Deserialize)]
+pub struct InitCard {
+    pub variant: String,
+    pub backbone: serde_json::Value,
+}
+
+/// `model.safetensors` -> `model.card.json`.
+pub fn card_path(export: &Path) -> PathBuf {
+    export.with_extension("card.json")
+}
+
+pub fn read_card(export: &Path) -> Result<InitCard> {
+    let path = card_path(export);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read the model card {} of export {}",
+            path.display(),
+            export.display()
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    // `med3d export` keeps the backbone with the pretraining config it
+    // records; hand-made cards (and MONAI-side ones) put it at the top.
+    let backbone = v
+        .get("backbone")
+        .or_else(|| v.pointer("/training/pretrain_config/backbone"))
+        .cloned();
+    match (v.get("variant").and_then(|x| x.as_str()), backbone) {
+        (Some(variant), Some(backbone)) => Ok(InitCard {
+            variant: variant.to_string(),
+            backbone,
+        }),
+        _ => bail!(
+            "{}: not a model card (needs `variant` and `backbone` or `training.pretrain_config.backbone`)",
+            path.display()
+        ),
+    }
+}
 
 /// Bumped whenever the card's fields change meaning.
 pub const CARD_FORMAT: &str = "med3d-export-card/1";

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
-use crate::config::PreprocessConfig;
+use crate::artifacts::cache::PreprocessConfig;
 use crate::fsutil::{atomic_write, sha256_file, tmp_path};
 use crate::model::state_dict::{load_named, save_safetensors};
 use crate::model::swin_unetr::SwinUnetr;
@@ -65,10 +65,7 @@ pub struct Exported {
     pub up_to_date: bool,
 }
 
-/// The card beside an export: `swinunetr.safetensors` -> `swinunetr.card.json`.
-pub fn card_path(out: &Path) -> PathBuf {
-    out.with_extension("card.json")
-}
+pub use card::card_path;
 
 /// What `RUN/run.json` records (the fields export needs).
 #[derive(Debug, Deserialize)]
@@ -193,22 +190,10 @@ fn write_tensors(named: &mut [(String, Tensor)], out: &Path) -> Result<()> {
 }
 
 fn read_preprocess(cache: Option<&Path>) -> Option<PreprocessConfig> {
-    #[derive(Deserialize)]
-    struct CacheInfo {
-        preprocess: PreprocessConfig,
-    }
-    let p = cache?.join("cache.json");
-    match std::fs::read_to_string(&p).map_err(anyhow::Error::from).and_then(|t| {
-        serde_json::from_str::<CacheInfo>(&t)
-            .map_err(anyhow::Error::from)
-            .map(|c| c.preprocess)
-    }) {
-        Ok(c) => Some(c),
+    match crate::artifacts::cache::CacheInfo::read(cache?) {
+        Ok(c) => Some(c.preprocess),
         Err(e) => {
-            tracing::warn!(
-                "export: {}: {e}; the card will not name the preprocess settings",
-                p.display()
-            );
+            tracing::warn!("export: {e:#}; the card will not name the preprocess settings");
             None
         }
     }
@@ -307,7 +292,7 @@ pub fn run(req: &Request) -> Result<Exported> {
             model_sha256,
             trained_with: state.med3d_version.clone(),
         },
-        med3d_version: crate::preprocess::VERSION.into(),
+        med3d_version: crate::VERSION.into(),
     };
     atomic_write(&card_path(&req.out), &serde_json::to_vec_pretty(&card)?)?;
     Ok(Exported {

@@ -16,132 +16,24 @@
 //! cache/cases/<id>/case.json            provenance and geometry
 //! cache/preprocess-report[-shard-i-of-n].json
 //! ```
-pub mod npy;
 pub mod slices;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Plane, PreprocessConfig, RoiMode};
-use crate::fsutil::{atomic_write, atomic_write_if_changed, sha256_file, sweep_stale_tmp, tmp_path};
+use crate::artifacts::cache::{self, CacheInfo, PreprocessConfig, RoiMode};
+use crate::artifacts::npy;
+use crate::fsutil::{atomic_write, sha256_file, sweep_stale_tmp, tmp_path};
 use crate::manifest::{Case, Manifest};
 use crate::volume::{self, crop, intensity, orient, resample, Modality, Volume};
 
-/// Bumped whenever the cache's files change meaning.
-pub const CACHE_FORMAT: u32 = 1;
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// Which 1/n of the cases this process handles (`--shard i/n`, 1-based).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl Shard {
-    pub const ALL: Shard = Shard { index: 1, count: 1 };
-
-    pub fn parse(s: &str) -> Result<Shard> {
-        let (i, n) = s
-            .split_once('/')
-            .with_context(|| format!("--shard {s:?} must look like i/n, e.g. 2/8"))?;
-        let (index, count): (usize, usize) = (
-            i.trim()
-                .parse()
-                .with_context(|| format!("--shard {s:?}: {i:?} is not a number"))?,
-            n.trim()
-                .parse()
-                .with_context(|| format!("--shard {s:?}: {n:?} is not a number"))?,
-        );
-        if count == 0 || index == 0 || index > count {
-            bail!("--shard {s:?}: need 1 <= i <= n");
-        }
-        Ok(Shard { index, count })
-    }
-
-    /// Deterministic membership: by a hash of the case id, so adding cases
-    /// does not move the others between shards.
-    pub fn owns(&self, id: &str) -> bool {
-        if self.count == 1 {
-            return true;
-        }
-        let h = crate::fsutil::sha256_bytes(id.as_bytes());
-        let v = u64::from_str_radix(&h[..15], 16).unwrap_or(0);
-        (v % self.count as u64) as usize == self.index - 1
-    }
-
-    fn suffix(&self) -> String {
-        if self.count == 1 {
-            String::new()
-        } else {
-            format!("-shard-{}-of-{}", self.index, self.count)
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SourceFile {
-    pub path: PathBuf,
-    pub sha256: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Geometry {
-    pub shape: [usize; 3],
-    pub spacing: [f64; 3],
-    pub affine: [[f64; 4]; 4],
-    pub orientation: String,
-}
-
-impl Geometry {
-    fn of(v: &Volume) -> Geometry {
-        Geometry {
-            shape: v.shape(),
-            spacing: v.spacing(),
-            affine: v.affine,
-            orientation: v.orientation().unwrap_or_else(|| "???".into()),
-        }
-    }
-}
-
-/// `cases/<id>/case.json`: what was read, how it was processed, what was written.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CaseRecord {
-    pub id: String,
-    pub modality: Modality,
-    pub class: Option<i64>,
-    pub image: SourceFile,
-    pub label: Option<SourceFile>,
-    pub config_hash: String,
-    pub med3d_version: String,
-    pub source_geometry: Geometry,
-    pub geometry: Geometry,
-    /// The intensities mapped to 0 and 1.
-    pub intensity_window: [f64; 2],
-    pub foreground_bbox: [[usize; 2]; 3],
-    pub slices: usize,
-    /// For DICOM sources: transfer syntax, rescale applied, slice spacing
-    /// (geometry and decoding values only; nothing that identifies anyone).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dicom: Option<volume::dicom::Provenance>,
-}
-
-/// One row of the slice index.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SliceRow {
-    /// `<case>/<plane>/<index>`: the key captions and embeddings use.
-    pub slice_id: String,
-    pub case: String,
-    pub plane: Plane,
-    pub index: usize,
-    /// index / (n - 1) along the plane's axis of the processed volume.
-    pub position: f64,
-    /// Relative to the cache folder.
-    pub png: String,
-}
+pub use crate::artifacts::cache::{
+    read_case_record, read_index, rebuild_index, CaseRecord, Geometry, Shard, SliceRow, SourceFile, CACHE_FORMAT,
+};
+pub use crate::VERSION;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Summary {
@@ -157,14 +49,6 @@ pub struct Summary {
 pub struct Failure {
     pub case: String,
     pub error: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct CacheInfo {
-    format: u32,
-    med3d_version: String,
-    config_hash: String,
-    preprocess: PreprocessConfig,
 }
 
 /// Everything that comes out of processing one case, before it is written.
@@ -292,16 +176,6 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
     })
 }
 
-fn case_dir(cache: &Path, id: &str) -> PathBuf {
-    cache.join("cases").join(id)
-}
-
-/// Reads a committed case record, if there is one.
-pub fn read_case_record(cache: &Path, id: &str) -> Option<CaseRecord> {
-    let bytes = std::fs::read(case_dir(cache, id).join("case.json")).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
 fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Path) -> Result<bool> {
     let mut lap = Lap::start(&case.id);
     let image_src = SourceFile {
@@ -329,7 +203,7 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
     let p = process_volume(case, cfg)?;
     lap = Lap::start(&case.id);
 
-    let final_dir = case_dir(cache, &case.id);
+    let final_dir = cache::case_dir(cache, &case.id);
     let work = tmp_path(&final_dir);
     std::fs::create_dir_all(work.join("slices")).with_context(|| format!("cannot create {}", work.display()))?;
     let shape = p.image.shape();
@@ -338,13 +212,13 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
     let halfs: Vec<half::f16> = p.image.data.iter().map(|&v| half::f16::from_f32(v)).collect();
     let bytes: Vec<u8> = halfs.iter().flat_map(|h| h.to_le_bytes()).collect();
     std::fs::write(
-        work.join("image.npy"),
+        work.join(cache::IMAGE_NPY),
         npy::to_bytes(npy::NpyDtype::F16, &shape, &bytes),
     )?;
     let stored = ndarray::Array3::from_shape_vec(shape, halfs.iter().map(|h| h.to_f32()).collect())?;
     if let Some(l) = &p.label {
         let lb: Vec<u8> = l.data.iter().map(|&v| v.round().clamp(0.0, 255.0) as u8).collect();
-        std::fs::write(work.join("label.npy"), npy::to_bytes(npy::NpyDtype::U8, &shape, &lb))?;
+        std::fs::write(work.join(cache::LABEL_NPY), npy::to_bytes(npy::NpyDtype::U8, &shape, &lb))?;
     }
     let fg = crop::foreground_bbox(&stored, cfg.foreground_threshold).unwrap_or([
         (0, shape[0]),
@@ -376,7 +250,7 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
         jsonl.push_str(&serde_json::to_string(r)?);
         jsonl.push('\n');
     }
-    std::fs::write(work.join("slices.jsonl"), jsonl)?;
+    std::fs::write(work.join(cache::SLICES_JSONL), jsonl)?;
     let rec = CaseRecord {
         id: case.id.clone(),
         modality: case.modality,
@@ -392,7 +266,7 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
         slices: rows.len(),
         dicom: p.dicom,
     };
-    std::fs::write(work.join("case.json"), serde_json::to_vec_pretty(&rec)?)?;
+    std::fs::write(work.join(cache::CASE_JSON), serde_json::to_vec_pretty(&rec)?)?;
     lap.done("write");
     // Swap the finished folder into place: old -> aside, new -> in, drop old.
     // A kill in between leaves no committed case.json, so a rerun redoes it.
@@ -407,66 +281,21 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
     Ok(true)
 }
 
-/// Rebuilds `index.jsonl` from every committed case, under a lock so that
-/// shards finishing together do not interleave.
-pub fn rebuild_index(cache: &Path) -> Result<usize> {
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(cache.join(".index.lock"))
-        .with_context(|| format!("cannot open lock in {}", cache.display()))?;
-    lock.lock().context("cannot lock the cache index")?;
-    let mut ids: Vec<String> = match std::fs::read_dir(cache.join("cases")) {
-        Ok(rd) => rd
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.contains(".tmp-"))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    ids.sort();
-    let mut out = String::new();
-    let mut n = 0;
-    for id in ids {
-        if read_case_record(cache, &id).is_none() {
-            continue;
-        }
-        let rows = std::fs::read_to_string(case_dir(cache, &id).join("slices.jsonl"))?;
-        n += rows.lines().count();
-        out.push_str(&rows);
-    }
-    atomic_write_if_changed(&cache.join("index.jsonl"), out.as_bytes())?;
-    drop(lock);
-    Ok(n)
-}
-
-/// Reads the slice index of a cache.
-pub fn read_index(cache: &Path) -> Result<Vec<SliceRow>> {
-    let p = cache.join("index.jsonl");
-    let text = std::fs::read_to_string(&p)
-        .with_context(|| format!("cannot read {} (run `med3d preprocess` first)", p.display()))?;
-    text.lines()
-        .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: bad index row", p.display(), i + 1)))
-        .collect()
-}
-
 /// Runs the stage over a manifest's cases (this shard's share).
 pub fn run(manifest: &Manifest, cfg: &PreprocessConfig, cache: &Path, shard: Shard, workers: usize) -> Result<Summary> {
     cfg.validate()?;
-    std::fs::create_dir_all(cache.join("cases"))
+    std::fs::create_dir_all(cache::cases_dir(cache))
         .with_context(|| format!("cannot create cache folder {}", cache.display()))?;
     sweep_stale_tmp(cache)?;
-    sweep_stale_tmp(&cache.join("cases"))?;
+    sweep_stale_tmp(&cache::cases_dir(cache))?;
     let cfg_hash = cfg.hash();
-    let info = CacheInfo {
+    CacheInfo {
         format: CACHE_FORMAT,
         med3d_version: VERSION.into(),
         config_hash: cfg_hash.clone(),
         preprocess: cfg.clone(),
-    };
-    atomic_write_if_changed(&cache.join("cache.json"), &serde_json::to_vec_pretty(&info)?)?;
+    }
+    .write(cache)?;
 
     let cases: Vec<&Case> = manifest.cases.iter().filter(|c| shard.owns(&c.id)).collect();
     let bar = crate::progress::bar(cases.len() as u64, "preprocess");
@@ -506,9 +335,6 @@ pub fn run(manifest: &Manifest, cfg: &PreprocessConfig, cache: &Path, shard: Sha
         }
     }
     rebuild_index(cache)?;
-    atomic_write(
-        &cache.join(format!("preprocess-report{}.json", shard.suffix())),
-        &serde_json::to_vec_pretty(&s)?,
-    )?;
+    atomic_write(&cache::report_path(cache, "preprocess", shard), &serde_json::to_vec_pretty(&s)?)?;
     Ok(s)
 }

@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use ndarray::{Array2, Array3, Axis};
 
-use crate::config::Plane;
+use crate::artifacts::cache::Plane;
 
 /// Positions along an axis of length `n` for `count` slices spread evenly
 /// over [lo, hi) (the foreground extent): the centres of `count` equal bins,

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use super::optim::Adam;
+use crate::runtime::optim::Adam;
 use crate::fsutil::{atomic_write, tmp_path};
 
 /// Everything besides tensors that a resumed run needs.

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::psat::PsatConfig;
 use crate::model::swin_unetr::SwinUnetrConfig;
+pub use crate::runtime::optim::{OptimConfig, OptimizerKind, Schedule};
 pub use crate::runtime::DeviceChoice;
 
 /// Bumped whenever a checkpoint's layout or the meaning of a setting changes.
@@ -84,60 +85,6 @@ impl Default for LossWeights {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OptimizerKind {
-    /// Decoupled weight decay (torch.optim.AdamW).
-    Adamw,
-    /// L2 weight decay added to the gradient (torch.optim.Adam, the paper's).
-    Adam,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Schedule {
-    /// Linear warm-up, then cosine decay to `min_lr` at the last step.
-    Cosine,
-    /// Linear warm-up, then `lr` throughout.
-    Constant,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimConfig {
-    pub kind: OptimizerKind,
-    pub lr: f64,
-    pub min_lr: f64,
-    pub weight_decay: f64,
-    pub betas: [f64; 2],
-    pub eps: f64,
-    pub schedule: Schedule,
-    /// Optimiser steps of linear warm-up from lr/warmup_steps to lr.
-    pub warmup_steps: u64,
-    /// Clip the global gradient norm to this; 0 disables clipping.
-    pub clip_grad_norm: f64,
-    /// Micro-batches whose gradients are summed into one optimiser step.
-    pub accumulate: usize,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        OptimConfig {
-            kind: OptimizerKind::Adamw,
-            lr: 1e-5,
-            min_lr: 0.0,
-            weight_decay: 1e-5,
-            betas: [0.9, 0.999],
-            eps: 1e-8,
-            schedule: Schedule::Cosine,
-            warmup_steps: 0,
-            clip_grad_norm: 0.0,
-            accumulate: 1,
-        }
-    }
-}
-
-/// What one epoch visits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Sampling {

@@ -10,8 +10,7 @@
 //! a pure function of (seed, k): the loader can start at any k, and worker
 //! w builds the batches k = start + w + i * workers, so batches arrive in
 //! order with no reordering buffer and at most `workers * prefetch` held.
-use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -23,17 +22,11 @@ use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
 use super::config::{PretrainConfig, Sampling};
-use super::rng::{Rng, STREAM_AUGMENT, STREAM_ORDER, STREAM_SLICE};
-use crate::preprocess::{read_index, SliceRow};
+use crate::runtime::rng::{Rng, STREAM_AUGMENT, STREAM_ORDER, STREAM_SLICE};
+use crate::artifacts::cache::{self, read_index, SliceRow};
+use crate::artifacts::{embeddings, npy::read_volume, npy::volume_shape};
 
-/// One table of target embeddings, rows in index order.
-#[derive(Debug)]
-pub struct Target {
-    /// `text` or `image`.
-    pub name: String,
-    pub dim: usize,
-    pub data: Vec<f32>,
-}
+pub use super::targets::Target;
 
 #[derive(Debug, Clone)]
 pub struct CaseEntry {
@@ -64,169 +57,11 @@ pub struct Dataset {
     pub noisy_slices: usize,
 }
 
-/// Element type and shape of a `.npy` header, and where the data start.
-struct NpyHeader {
-    descr: String,
-    shape: Vec<usize>,
-    offset: usize,
-}
-
-fn parse_npy_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
-    if bytes.len() < 12 || &bytes[..6] != b"\x93NUMPY" {
-        bail!("{}: not a .npy file", path.display());
-    }
-    let (hlen, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-        v => bail!("{}: unsupported .npy version {v}", path.display()),
-    };
-    let dict = bytes
-        .get(start..start + hlen)
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .with_context(|| format!("{}: truncated .npy header", path.display()))?;
-    if dict.contains("'fortran_order': True") {
-        bail!("{}: Fortran-ordered arrays are not supported", path.display());
-    }
-    let field = |key: &str, open: char, close: char| -> Option<String> {
-        let rest = &dict[dict.find(key)? + key.len()..];
-        let rest = &rest[rest.find(open)? + 1..];
-        Some(rest[..rest.find(close)?].to_string())
-    };
-    let descr = field("'descr':", '\'', '\'').with_context(|| format!("{}: no descr in {dict}", path.display()))?;
-    let shape = field("'shape':", '(', ')').with_context(|| format!("{}: no shape in {dict}", path.display()))?;
-    let shape = shape
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(str::parse)
-        .collect::<Result<Vec<usize>, _>>()
-        .with_context(|| format!("{}: bad shape in {dict}", path.display()))?;
-    Ok(NpyHeader {
-        descr,
-        shape,
-        offset: start + hlen,
-    })
-}
-
-fn map(path: &Path) -> Result<memmap2::Mmap> {
-    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: the cache writes volumes under a temporary name and renames
-    // them into place, so a mapped file is never rewritten underneath us.
-    unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))
-}
-
-fn check_volume_header(h: &NpyHeader, len: usize, path: &Path) -> Result<[usize; 3]> {
-    if h.descr != "<f2" {
-        bail!(
-            "{}: expected float16 ('<f2') voxels, found '{}'; rerun `med3d preprocess`",
-            path.display(),
-            h.descr
-        );
-    }
-    let [x, y, z] = <[usize; 3]>::try_from(h.shape.as_slice())
-        .map_err(|_| anyhow::anyhow!("{}: expected a 3-D volume, shape {:?}", path.display(), h.shape))?;
-    if len != h.offset + x * y * z * 2 {
-        bail!(
-            "{}: {} bytes, expected {} for shape {:?}",
-            path.display(),
-            len,
-            h.offset + x * y * z * 2,
-            h.shape
-        );
-    }
-    Ok([x, y, z])
-}
-
-/// Shape of a cached volume, from its header.
-pub fn volume_shape(path: &Path) -> Result<[usize; 3]> {
-    let m = map(path)?;
-    let h = parse_npy_header(&m, path)?;
-    check_volume_header(&h, m.len(), path)
-}
-
-/// A cached float16 volume as float32 (C order, shape X, Y, Z).
-pub fn read_volume(path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
-    let m = map(path)?;
-    let h = parse_npy_header(&m, path)?;
-    let shape = check_volume_header(&h, m.len(), path)?;
-    let data = m[h.offset..]
-        .chunks_exact(2)
-        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect();
-    Ok((data, shape))
-}
-
-/// An embedding table as the embed stage writes it.
-#[derive(Debug)]
-pub struct Table {
-    pub rows: usize,
-    pub dim: usize,
-    /// Row-major [rows, dim].
-    pub embeddings: Vec<f32>,
-    pub valid: Vec<u8>,
-    /// The safetensors header's `__metadata__`.
-    pub meta: BTreeMap<String, String>,
-}
-
-/// Reads `embeddings` (f32 [N, D]) and `valid` (u8 [N]) of a safetensors
-/// table, and its metadata.
-pub fn read_table(path: &Path) -> Result<Table> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let n = bytes
-        .get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let header: serde_json::Value = bytes
-        .get(8..8 + n)
-        .and_then(|h| serde_json::from_slice(h).ok())
-        .with_context(|| format!("{}: not a safetensors file (bad header)", path.display()))?;
-    let meta = header
-        .get("__metadata__")
-        .and_then(|m| m.as_object())
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
-    let tensors = Tensor::read_safetensors(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let get = |name: &str| {
-        tensors
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, t)| t)
-            .with_context(|| format!("{}: no `{name}` tensor", path.display()))
-    };
-    let (emb, valid) = (get("embeddings")?, get("valid")?);
-    let size = emb.size();
-    if emb.kind() != Kind::Float || size.len() != 2 || valid.kind() != Kind::Uint8 || valid.size() != [size[0]] {
-        bail!(
-            "{}: expected f32 embeddings [N, D] and u8 valid [N], found {:?} {:?} and {:?} {:?}",
-            path.display(),
-            emb.kind(),
-            size,
-            valid.kind(),
-            valid.size()
-        );
-    }
-    Ok(Table {
-        rows: size[0] as usize,
-        dim: size[1] as usize,
-        embeddings: Vec::<f32>::try_from(emb.flatten(0, -1))?,
-        valid: Vec::<u8>::try_from(valid)?,
-        meta,
-    })
-}
-
 impl Dataset {
     /// Reads the index, the embedding tables (`text` required, `image`
     /// when present) and every case's volume header.
     pub fn open(cache: &Path, cfg: &PretrainConfig) -> Result<Dataset> {
         let rows = read_index(cache)?;
-        let emb = cache.join("embeddings");
         let mut targets = Vec::new();
         let mut valid = vec![true; rows.len()];
         let mut h = Sha256::new();
@@ -235,36 +70,29 @@ impl Dataset {
             h.update(b"\n");
         }
         for name in ["text", "image"] {
-            let p = emb.join(format!("{name}.safetensors"));
+            let p = cache::table_path(cache, name);
             if !p.exists() {
                 if name == "text" {
                     bail!("{}: no text embeddings (run `med3d embed` first)", p.display());
                 }
                 continue;
             }
-            let t = read_table(&p)?;
-            if t.rows != rows.len() {
+            let t = embeddings::read(&p)?;
+            if t.rows() != rows.len() {
                 bail!(
                     "{}: {} rows, but {} has {}: the embeddings are stale, rerun `med3d embed`",
                     p.display(),
-                    t.rows,
-                    cache.join("index.jsonl").display(),
+                    t.rows(),
+                    cache::index_path(cache).display(),
                     rows.len()
                 );
             }
             if let Some(sha) = t.meta.get("index_sha256") {
-                let ours = crate::fsutil::sha256_bytes(
-                    rows.iter()
-                        .map(|r| r.slice_id.as_str())
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                        .as_bytes(),
-                );
-                if *sha != ours {
+                if *sha != cache::index_sha256(&rows) {
                     bail!(
                         "{}: made for another slice index than {}: rerun `med3d embed`",
                         p.display(),
-                        cache.join("index.jsonl").display()
+                        cache::index_path(cache).display()
                     );
                 }
             }
@@ -307,7 +135,7 @@ impl Dataset {
                 skipped_cases.push((id, "no slice with valid target embeddings".to_string()));
                 continue;
             }
-            let volume = cache.join("cases").join(&id).join("image.npy");
+            let volume = cache::image_npy(cache, &id);
             match volume_shape(&volume) {
                 Ok(shape) => {
                     for &r in &case_rows {
@@ -605,39 +433,5 @@ impl Drop for Loader {
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn npy_header_v1_and_v2() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("v.npy");
-        let vals: Vec<u8> = [0.0f32, 0.25, 1.0, 0.5, 0.125, 0.75]
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect();
-        std::fs::write(
-            &p,
-            crate::preprocess::npy::to_bytes(crate::preprocess::npy::NpyDtype::F16, &[1, 2, 3], &vals),
-        )
-        .unwrap();
-        let (data, shape) = read_volume(&p).unwrap();
-        assert_eq!(shape, [1, 2, 3]);
-        assert_eq!(data, vec![0.0, 0.25, 1.0, 0.5, 0.125, 0.75]);
-        // version 2: 4-byte header length
-        let dict = b"{'descr': '<f2', 'fortran_order': False, 'shape': (1, 1, 2), }   \n";
-        let mut v2 = b"\x93NUMPY\x02\x00".to_vec();
-        v2.extend_from_slice(&(dict.len() as u32).to_le_bytes());
-        v2.extend_from_slice(dict);
-        v2.extend_from_slice(&vals[..4]);
-        std::fs::write(&p, &v2).unwrap();
-        assert_eq!(read_volume(&p).unwrap(), (vec![0.0, 0.25], [1, 1, 2]));
-        v2.pop();
-        std::fs::write(&p, &v2).unwrap();
-        assert!(format!("{:#}", read_volume(&p).unwrap_err()).contains("bytes, expected"));
     }
 }

@@ -9,18 +9,21 @@
 //! RUN/summary.json      how the last invocation ended
 //! ```
 //! Pieces: `config` (the `pretrain` section), `data` (dataset, sampling,
-//! loader threads), `model` (backbone + head + losses), `optim` (Adam/AdamW,
-//! schedule, clipping), `checkpoint`, `metrics` and `plot`, `noise` (swapped
-//! targets for the noise experiment), and the loop in `trainer`. `rng` makes every random draw a function of (seed, step).
+//! loader threads), `model` (backbone + head + losses), `checkpoint`,
+//! `metrics` and `plot`, `noise` (swapped targets for the noise
+//! experiment), and the loop in `trainer`. The optimiser, schedule and
+//! seeded random streams are shared with fine-tuning (`crate::runtime`).
+//!
+//! Named `train` for what the code does; users call the stage `pretrain`
+//! (`med3d pretrain`), and fine-tuning lives in `downstream`.
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod metrics;
 pub mod model;
 pub mod noise;
-pub mod optim;
 pub mod plot;
-pub mod rng;
+pub mod targets;
 pub mod trainer;
 
 pub use config::PretrainConfig;

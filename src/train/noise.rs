@@ -9,8 +9,8 @@
 //! clean tables, so a noisy slice never passes on another one's noise.
 use anyhow::{bail, Result};
 
-use super::data::Target;
-use super::rng::{Rng, STREAM_NOISE};
+use super::targets::Target;
+use crate::runtime::rng::{Rng, STREAM_NOISE};
 
 /// One replaced slice: index row `row` now carries the targets of `source`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

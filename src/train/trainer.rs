@@ -27,8 +27,8 @@ use super::config::{Precision, PretrainConfig, PRETRAIN_FORMAT};
 use super::data::{BatchMaker, Dataset, Loader};
 use super::metrics::{self, MetricsLog, StepMetrics};
 use super::model::{use_bf16_autocast, Pretrainer};
-use super::optim::{lr_at, Adam};
-use super::rng::{torch_seed, STREAM_INIT, STREAM_TORCH};
+use crate::runtime::optim::{lr_at, Adam};
+use crate::runtime::rng::{torch_seed, STREAM_INIT, STREAM_TORCH};
 use crate::dist::{grads, Dist, Launch};
 use crate::runtime::guard;
 
@@ -320,7 +320,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         config_hash: config_hash.clone(),
         data_hash: ds.data_hash.clone(),
         elapsed_s: 0.0,
-        med3d_version: crate::preprocess::VERSION.to_string(),
+        med3d_version: crate::VERSION.to_string(),
         world_size: 1,
     };
     if let Some(ckpt) = &existing {
@@ -374,7 +374,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     let plot_path = opts.out.join("loss.png");
     let record = RunRecord {
         format: PRETRAIN_FORMAT,
-        med3d_version: crate::preprocess::VERSION,
+        med3d_version: crate::VERSION,
         cache: &opts.cache,
         config: cfg,
         config_hash: config_hash.clone(),

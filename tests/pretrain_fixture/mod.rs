@@ -8,8 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use med3dinsight::config::Plane;
-use med3dinsight::preprocess::npy::{to_bytes, NpyDtype};
+use med3dinsight::artifacts::cache::Plane;
+use med3dinsight::artifacts::npy::{to_bytes, NpyDtype};
 use med3dinsight::preprocess::SliceRow;
 
 pub fn bin() -> &'static str {

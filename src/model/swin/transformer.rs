@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::layers::{drop_path, dropout, Conv3d, LayerNorm, Linear};
 use super::unetr_blocks::UnetrBasicBlock;
-use crate::model::swin_unetr::{Downsample, SwinUnetrConfig};
+use super::config::{Downsample, SwinUnetrConfig};
 
 pub type Dims3 = [i64; 3];
 

@@ -8,7 +8,63 @@ use anyhow::{bail, Result};
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
-use super::config::{OptimConfig, OptimizerKind, Schedule};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// Decoupled weight decay (torch.optim.AdamW).
+    Adamw,
+    /// L2 weight decay added to the gradient (torch.optim.Adam, the paper's).
+    Adam,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Linear warm-up, then cosine decay to `min_lr` at the last step.
+    Cosine,
+    /// Linear warm-up, then `lr` throughout.
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub kind: OptimizerKind,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub schedule: Schedule,
+    /// Optimiser steps of linear warm-up from lr/warmup_steps to lr.
+    pub warmup_steps: u64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub clip_grad_norm: f64,
+    /// Micro-batches whose gradients are summed into one optimiser step.
+    pub accumulate: usize,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            kind: OptimizerKind::Adamw,
+            lr: 1e-5,
+            min_lr: 0.0,
+            weight_decay: 1e-5,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            schedule: Schedule::Cosine,
+            warmup_steps: 0,
+            clip_grad_norm: 0.0,
+            accumulate: 1,
+        }
+    }
+}
+
+/// What one epoch visits.
+
 
 /// Learning rate of optimiser step `step` (0-based) of `total`.
 pub fn lr_at(cfg: &OptimConfig, step: u64, total: u64) -> f64 {

@@ -1,0 +1,100 @@
+//! From bytes to a parsed DICOM object: the length guard first, then
+//! dicom-rs, with a second try that stops before the pixel data so a file
+//! truncated there still yields its header; then the scan's verdict on it.
+use std::io::Read;
+use std::path::Path;
+
+use dicom_dictionary_std::tags;
+use dicom_object::file::ReadPreamble;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+
+use super::{header_of, ScanOutcome};
+use crate::volume::dicom::guard::{self, Lengths};
+use crate::volume::dicom::DicomError;
+
+pub fn has_dicm_marker(path: &Path) -> bool {
+    let mut buf = [0u8; 132];
+    match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut buf)) {
+        Ok(()) => &buf[128..132] == b"DICM",
+        Err(_) => false,
+    }
+}
+
+/// Opens a whole file (pixel data included).
+pub fn open_full(path: &Path) -> Result<DefaultDicomObject, DicomError> {
+    let trunc = |detail: String| DicomError::Truncated {
+        label: path.display().to_string(),
+        detail,
+    };
+    let bytes = std::fs::read(path).map_err(|e| trunc(e.to_string()))?;
+    parse_bytes(&bytes, None).map_err(trunc)
+}
+
+/// An error with its causes, "a: b: c".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Parses a DICOM Part 10 byte stream (with or without the 128-byte
+/// preamble), up to `until` when given, after checking that no declared
+/// length runs past the end (see `guard`).
+pub fn parse_bytes(bytes: &[u8], until: Option<dicom_core::Tag>) -> Result<DefaultDicomObject, String> {
+    match guard::check_lengths(bytes) {
+        Lengths::Fit => {}
+        Lengths::PixelDataTruncated(_) if until == Some(tags::PIXEL_DATA) => {}
+        Lengths::PixelDataTruncated(m) | Lengths::Corrupt(m) => return Err(m),
+    }
+    let off = if bytes.get(128..132) == Some(b"DICM") { 128 } else { 0 };
+    let opts = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
+    let opts = match until {
+        Some(t) => opts.read_until(t),
+        None => opts,
+    };
+    opts.from_reader(&bytes[off..]).map_err(|e| error_chain(&e))
+}
+
+/// Reads a file's header; never panics on any input.
+pub fn scan_file(path: &Path) -> ScanOutcome {
+    match std::fs::read(path) {
+        Ok(bytes) => scan_bytes(path, &bytes),
+        Err(e) => ScanOutcome::Skip(format!("unreadable ({e})")),
+    }
+}
+
+/// `scan_file` on bytes already read; `path` only names them.
+pub fn scan_bytes(path: &Path, bytes: &[u8]) -> ScanOutcome {
+    let (obj, truncated) = match parse_bytes(bytes, None) {
+        Ok(o) => (o, None),
+        Err(e_full) => match parse_bytes(bytes, Some(tags::PIXEL_DATA)) {
+            Ok(o) => (o, Some(e_full)),
+            Err(e) => {
+                return if bytes.get(128..132) == Some(b"DICM") {
+                    ScanOutcome::Broken(e)
+                } else {
+                    ScanOutcome::Skip(format!("not a DICOM Part 10 file ({e})"))
+                };
+            }
+        },
+    };
+    let ts = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']).to_string();
+    match header_of(path, &obj, ts) {
+        Ok(Some(mut h)) => {
+            if truncated.is_some() {
+                h.truncated = truncated;
+                h.has_pixel_data = true;
+            }
+            ScanOutcome::Image(Box::new(h))
+        }
+        Ok(None) => ScanOutcome::Skip(
+            "DICOM object without an image (no Rows/Columns: a DICOMDIR, report, RT plan or similar)".into(),
+        ),
+        Err(e) => ScanOutcome::Broken(e.to_string()),
+    }
+}
