@@ -64,6 +64,27 @@ impl Experiment {
     pub fn run_dir(&self) -> PathBuf {
         self.workdir.join("runs").join(&self.name)
     }
+
+    /// Where `med3d run` exports the run's weights: the whole SwinUNETR
+    /// (`<run>/export/swinunetr.safetensors`, what finetune starts from) or
+    /// its encoder (`<run>/export/encoder.safetensors`).
+    pub fn export_path(&self, encoder_only: bool) -> PathBuf {
+        if encoder_only {
+            self.run_dir().join("export").join("encoder.safetensors")
+        } else {
+            self.run_dir().join(crate::downstream::RUN_EXPORT)
+        }
+    }
+
+    /// `med3d run`'s fine-tuning run, `<workdir>/finetune/<name>`.
+    pub fn finetune_dir(&self) -> PathBuf {
+        self.workdir.join("finetune").join(&self.name)
+    }
+
+    /// The cache of `downstream.test_manifest`, `<workdir>/cache_test`.
+    pub fn test_cache_dir(&self) -> PathBuf {
+        self.workdir.join("cache_test")
+    }
 }
 
 #[cfg(test)]

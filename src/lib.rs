@@ -24,6 +24,7 @@ pub mod fsutil;
 pub mod info;
 pub mod manifest;
 pub mod model;
+pub mod pipeline;
 pub mod preprocess;
 pub mod progress;
 pub mod runtime;

@@ -34,6 +34,8 @@ pub struct Report {
     pub json: Value,
     /// One line for the terminal.
     pub line: String,
+    /// Cases that could not be evaluated (listed in the JSON).
+    pub failed_cases: usize,
 }
 
 /// A number for JSON: null for NaN, "inf" for infinities.
@@ -110,7 +112,11 @@ pub fn run(opts: &Options) -> Result<Report> {
         },
         opts.out.display()
     );
-    Ok(Report { json, line })
+    Ok(Report {
+        json,
+        line,
+        failed_cases: failed.len(),
+    })
 }
 
 /// Arg-max label map of one case by sliding-window inference.

@@ -80,6 +80,14 @@ pub fn read_summary(run: &Path) -> Result<Summary> {
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not a finetune summary", path.display()))
 }
 
+/// Whether `dir` already holds the fine-tuning `med3d run` would do: same
+/// config, same initialisation, same cache, and its weights written.
+pub fn is_up_to_date(dir: &Path, cfg: &DownstreamConfig, init: &Init, cache: &Path) -> bool {
+    read_summary(dir).is_ok_and(|s| {
+        s.config == *cfg && s.init == init.describe() && s.cache == cache && dir.join("model.safetensors").is_file()
+    })
+}
+
 pub(crate) fn setup(cfg: &DownstreamConfig) -> Result<tch::Device> {
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);

@@ -73,7 +73,7 @@ pub fn no_cuda_reason() -> String {
                 d.devices.len(),
                 facts.cuda_runtime.as_deref().unwrap_or("?")
             ),
-            Err(e) => format!("libtorch has CUDA, but {e}"),
+            Err(e) => format!("{e}"),
         },
     }
 }
