@@ -117,10 +117,7 @@ impl Asker<'_> {
                 };
                 let text =
                     prompt::render(&self.cfg.prompt, &vars).map_err(|e| anyhow::anyhow!("caption.prompt: {e}"))?;
-                let h = prompt::hash(&serde_json::json!({
-                    "backend": "openai", "model": o.model, "prompt": text,
-                    "max_tokens": o.max_tokens, "temperature": o.temperature,
-                }));
+                let h = openai::Request::new(o, &text).identity();
                 Ok((text, h))
             }
             _ => Ok((

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::config::{Action, FlagPolicy, OpenAiConfig};
 use super::quality::{self, Flag};
@@ -106,24 +106,69 @@ pub struct Client {
     refused_in_a_row: AtomicU32,
 }
 
+/// What one slice's request asks, image aside: the settings that shape
+/// the answer. The request body and the caption's identity (its prompt
+/// hash, what "already captioned" compares) are both made from this one
+/// struct, so a setting added to the request changes the identity too.
+#[derive(Debug, Clone, Serialize)]
+pub struct Request<'a> {
+    pub model: &'a str,
+    pub prompt: &'a str,
+    pub max_tokens: u32,
+    pub temperature: f64,
+}
+
+impl<'a> Request<'a> {
+    pub fn new(cfg: &'a OpenAiConfig, prompt: &'a str) -> Request<'a> {
+        Request {
+            model: &cfg.model,
+            prompt,
+            max_tokens: cfg.max_tokens,
+            temperature: cfg.temperature,
+        }
+    }
+
+    /// The prompt hash recorded with each caption.
+    pub fn identity(&self) -> String {
+        #[derive(Serialize)]
+        struct Identity<'b> {
+            backend: &'static str,
+            #[serde(flatten)]
+            request: &'b Request<'b>,
+        }
+        // Through a JSON value: keys sorted, as every earlier hash was made.
+        let v = serde_json::to_value(Identity {
+            backend: "openai",
+            request: self,
+        })
+        .unwrap_or_default();
+        super::prompt::hash(&v)
+    }
+
+    /// The chat-completions body, with the slice's PNG as a data URL.
+    pub fn body(&self, png: &[u8]) -> Vec<u8> {
+        let mut url = String::with_capacity(22 + png.len() * 4 / 3 + 4);
+        url.push_str("data:image/png;base64,");
+        base64::engine::general_purpose::STANDARD.encode_string(png, &mut url);
+        let v = serde_json::json!({
+            "model": self.model,
+            "messages": [{
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": self.prompt},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ],
+            }],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        });
+        serde_json::to_vec(&v).unwrap_or_default()
+    }
+}
+
 /// The request body for one slice.
 pub fn body(cfg: &OpenAiConfig, prompt: &str, png: &[u8]) -> Vec<u8> {
-    let mut url = String::with_capacity(22 + png.len() * 4 / 3 + 4);
-    url.push_str("data:image/png;base64,");
-    base64::engine::general_purpose::STANDARD.encode_string(png, &mut url);
-    let v = serde_json::json!({
-        "model": cfg.model,
-        "messages": [{
-            "role": "user",
-            "content": [
-                {"type": "text", "text": prompt},
-                {"type": "image_url", "image_url": {"url": url}},
-            ],
-        }],
-        "max_tokens": cfg.max_tokens,
-        "temperature": cfg.temperature,
-    });
-    serde_json::to_vec(&v).unwrap_or_default()
+    Request::new(cfg, prompt).body(png)
 }
 
 #[derive(Deserialize)]
@@ -439,6 +484,22 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_identity_hash_is_the_one_every_earlier_caption_recorded() {
+        let cfg = OpenAiConfig {
+            model: "qwen".into(),
+            ..Default::default()
+        };
+        let old = crate::caption::prompt::hash(&serde_json::json!({
+            "backend": "openai", "model": cfg.model, "prompt": "describe",
+            "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
+        }));
+        assert_eq!(Request::new(&cfg, "describe").identity(), old);
+        let mut hotter = cfg.clone();
+        hotter.temperature = 0.7;
+        assert_ne!(Request::new(&hotter, "describe").identity(), old);
+    }
 
     #[test]
     fn body_carries_prompt_and_png_as_data_url() {

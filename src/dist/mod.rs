@@ -133,15 +133,6 @@ impl std::fmt::Debug for Dist {
 }
 
 impl Dist {
-    /// Joins the group the launcher's environment describes; `None` when
-    /// there is none or it has a single rank (plain single-process run).
-    pub fn from_env(timeout: Duration, device: Device) -> Result<Option<Dist>> {
-        match Launch::from_env()? {
-            Some(l) if l.world_size > 1 => Dist::connect(&l, timeout, device).map(Some),
-            _ => Ok(None),
-        }
-    }
-
     /// Rendezvous at the launch's store and builds the process group for
     /// tensors on `device` (Gloo on the CPU, NCCL on CUDA).
     #[cfg(med3d_c10d)]

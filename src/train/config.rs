@@ -53,14 +53,35 @@ pub struct AlignConfig {
 
 impl Default for AlignConfig {
     fn default() -> Self {
+        let s = crate::align::ot::Solver::default();
         AlignConfig {
             loss: AlignLoss::Pot,
-            eps: 0.03,
-            mass: 0.95,
-            max_iter: 1000,
-            tol: 0.0,
+            eps: s.reg,
+            mass: crate::align::DEFAULT_MASS,
+            max_iter: s.max_iter,
+            tol: s.tol,
             temperature: 0.07,
         }
+    }
+}
+
+impl AlignConfig {
+    /// The transport objective of an OT loss; None for InfoNCE.
+    pub fn transport(&self) -> Option<crate::align::Transport> {
+        use crate::align::{ot::Solver, Plan, Transport};
+        let plan = match self.loss {
+            AlignLoss::Pot => Plan::Partial { mass: self.mass },
+            AlignLoss::Ot => Plan::Balanced,
+            AlignLoss::Infonce => return None,
+        };
+        Some(Transport {
+            plan,
+            solver: Solver {
+                reg: self.eps,
+                max_iter: self.max_iter,
+                tol: self.tol,
+            },
+        })
     }
 }
 

@@ -23,6 +23,8 @@ pub mod metrics;
 pub mod model;
 pub mod noise;
 pub mod plot;
+mod signals;
+pub mod steps;
 pub mod targets;
 pub mod trainer;
 

@@ -9,7 +9,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use super::config::{AlignLoss, HeadKind, PretrainConfig};
-use crate::align::{ot, pot_fused};
+use crate::align::ot;
 use crate::dist::Dist;
 use crate::model::psat::{l2_normalize, BinMode, Psat, PsatConfig};
 use crate::model::swin_unetr::SwinUnetr;
@@ -176,11 +176,7 @@ impl Pretrainer {
             matched: Vec::new(),
         };
         let a = &self.cfg.align;
-        let solver = ot::Solver {
-            reg: a.eps,
-            max_iter: a.max_iter,
-            tol: a.tol,
-        };
+        let transport = a.transport();
         for (name, e) in &emb {
             let Some((_, y)) = targets.iter().find(|(n, _)| n == name) else {
                 anyhow::bail!("no target rows named {name} in the batch");
@@ -194,6 +190,7 @@ impl Pretrainer {
             let term = match a.loss {
                 AlignLoss::Infonce => ot::info_nce(&x, &y, a.temperature),
                 AlignLoss::Pot | AlignLoss::Ot => {
+                    let transport = transport.ok_or_else(|| anyhow::anyhow!("an OT loss without a transport plan"))?;
                     let m = self
                         .metric
                         .iter()
@@ -206,22 +203,7 @@ impl Pretrainer {
                         _ => m.shallow_clone(),
                     };
                     let cost = ot::mahalanobis_cost(&x, &y, &m_rank);
-                    // On the CPU the partial-OT loss runs fused (plain loops
-                    // and a hand-written reverse pass): forward + backward
-                    // 6-300x faster than 1000 iterations of recorded
-                    // libtorch ops at B = 256..10 (bench/ot_bench.py).
-                    let (log_plan, term) = if a.loss == AlignLoss::Pot && cost.device() == tch::Device::Cpu {
-                        let f = pot_fused::partial_plan_cross_entropy(&cost, a.mass, &solver)?;
-                        (f.log_plan, f.loss)
-                    } else {
-                        let lp = if a.loss == AlignLoss::Pot {
-                            ot::partial_wasserstein_log(&cost, a.mass, &solver)
-                        } else {
-                            ot::sinkhorn_log(&cost, &solver)
-                        };
-                        let t = ot::plan_cross_entropy(&lp);
-                        (lp, t)
-                    };
+                    let (log_plan, term) = transport.plan_loss(&cost)?;
                     let plan = log_plan.detach().exp();
                     let mass = plan.sum(Kind::Float);
                     out.matched

@@ -13,7 +13,6 @@
 //! rank alike. Only rank 0 writes the run folder.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,6 +22,9 @@ use tch::nn::VarStore;
 use tch::Tensor;
 
 use super::checkpoint::{self, State};
+use super::signals::Signals;
+pub use super::steps::{total_steps, total_steps_for, GlobalBatch};
+use super::steps::total_steps_resumed;
 use super::config::{Precision, PretrainConfig, PRETRAIN_FORMAT};
 use super::data::{BatchMaker, Dataset, Loader};
 use super::metrics::{self, MetricsLog, StepMetrics};
@@ -102,31 +104,6 @@ fn is_one(v: &usize) -> bool {
     *v == 1
 }
 
-/// Optimiser steps of the whole run (single process).
-pub fn total_steps(cfg: &PretrainConfig, epoch_len: usize) -> u64 {
-    total_steps_for(cfg, epoch_len, 1)
-}
-
-/// Optimiser steps of the whole run on `world` ranks: `epochs` count
-/// passes over the data, so a larger global batch takes fewer steps.
-pub fn total_steps_for(cfg: &PretrainConfig, epoch_len: usize, world: usize) -> u64 {
-    cfg.max_steps.unwrap_or_else(|| {
-        let per_step = (cfg.batch_size * cfg.optimizer.accumulate * world) as f64;
-        ((cfg.epochs * epoch_len as f64) / per_step).ceil().max(1.0) as u64
-    })
-}
-
-/// Steps of a run resumed under another world size: those done, plus
-/// those the remaining samples take at the new global batch.
-fn total_steps_resumed(cfg: &PretrainConfig, epoch_len: usize, world: usize, state: &State) -> u64 {
-    if cfg.max_steps.is_some() {
-        return total_steps_for(cfg, epoch_len, world);
-    }
-    let left = cfg.epochs * epoch_len as f64 - (state.data_position * cfg.batch_size as u64) as f64;
-    let per_step = (cfg.batch_size * cfg.optimizer.accumulate * world) as f64;
-    state.step + (left / per_step).ceil().max(0.0) as u64
-}
-
 /// The step's scalar state, as rank 0 has it, on every rank.
 fn broadcast_state(d: &Dist, state: &mut State) -> Result<()> {
     let v = Tensor::from_slice(&[
@@ -157,57 +134,6 @@ fn sum_over_ranks(d: &Dist, values: &mut [f64]) -> Result<()> {
     d.all_reduce_sum(&t)?;
     values.copy_from_slice(&Vec::<f64>::try_from(&t.to_device(tch::Device::Cpu))?);
     Ok(())
-}
-
-/// Signal flag (and which signal came), unregistered on drop.
-struct Signals {
-    flag: Arc<AtomicBool>,
-    which: Arc<AtomicUsize>,
-    ids: Vec<signal_hook::SigId>,
-}
-
-impl Signals {
-    fn new(enabled: bool) -> Result<Signals> {
-        let flag = Arc::new(AtomicBool::new(false));
-        let which = Arc::new(AtomicUsize::new(0));
-        let mut ids = Vec::new();
-        if enabled {
-            use signal_hook::consts::{SIGINT, SIGTERM};
-            // Registered first, so it sees the flag before this signal sets it:
-            // a second Ctrl-C exits at once.
-            ids.push(signal_hook::flag::register_conditional_shutdown(
-                SIGINT,
-                130,
-                flag.clone(),
-            )?);
-            ids.push(signal_hook::flag::register(SIGINT, flag.clone())?);
-            ids.push(signal_hook::flag::register(SIGTERM, flag.clone())?);
-            for sig in [SIGINT, SIGTERM] {
-                ids.push(signal_hook::flag::register_usize(sig, which.clone(), sig as usize)?);
-            }
-        }
-        Ok(Signals { flag, which, ids })
-    }
-
-    fn raised(&self) -> bool {
-        self.flag.load(Ordering::Relaxed)
-    }
-
-    /// The signal that stopped the run (the last one received).
-    fn signal(&self) -> Option<i32> {
-        match self.which.load(Ordering::Relaxed) {
-            0 => None,
-            s => Some(s as i32),
-        }
-    }
-}
-
-impl Drop for Signals {
-    fn drop(&mut self) {
-        for id in self.ids.drain(..) {
-            signal_hook::low_level::unregister(id);
-        }
-    }
 }
 
 fn progress(total: u64, at: u64) -> indicatif::ProgressBar {
@@ -282,6 +208,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     let epoch_len = maker.sampler.epoch_len();
     let mut total = total_steps_for(cfg, epoch_len, world);
     let accum = cfg.optimizer.accumulate as u64;
+    let global = GlobalBatch::of(cfg, world);
     let targets = ds.target_dims();
     let config_hash = cfg.hash();
 
@@ -355,9 +282,8 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         total = total_steps_resumed(cfg, epoch_len, world, &state);
         if main {
             tracing::warn!(
-                "resuming a run of {} ranks on {world}: the global batch is now {} ({} steps in all{})",
+                "resuming a run of {} ranks on {world}: the global batch is now {global} ({} steps in all{})",
                 state.world_size,
-                world * cfg.batch_size,
                 total,
                 if before == total {
                     String::new()
@@ -489,7 +415,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
                     *sums.entry(k).or_default() += t.double_value(&[]) / accum as f64;
                 }
             }
-            state.data_position += accum * world as u64;
+            state.data_position += global.micro_batches();
             if let Some(d) = &dist {
                 // Every rank must skip, step or stop alike.
                 let mut flags = [finite as u8 as f64, signals.raised() as u8 as f64];
@@ -538,7 +464,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         state.optimizer_t = opt.t;
         state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         summary.steps_run += 1;
-        let step_volumes = accum * cfg.batch_size as u64 * world as u64;
+        let step_volumes = global.volumes() as u64;
         volumes += step_volumes;
         let loss = sums.remove("loss").filter(|_| ok);
         let m = StepMetrics {
