@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use med3dinsight::config::Experiment;
-use med3dinsight::train::model::Pretrainer;
 use med3dinsight::runtime::optim::Adam;
+use med3dinsight::train::model::Pretrainer;
 use tch::{nn, Device, Kind, Tensor};
 
 struct Args {

@@ -182,4 +182,3 @@ pub enum Cmd {
         workers: Option<usize>,
     },
 }
-

@@ -6,8 +6,8 @@
 //! parity with the Python references is in tests/python/test_embed_parity.py.
 use std::path::{Path, PathBuf};
 
-use med3dinsight::config::Experiment;
 use med3dinsight::artifacts::embeddings as store;
+use med3dinsight::config::Experiment;
 use med3dinsight::embed::{self, DeviceChoice, EmbedConfig, RunOptions};
 use med3dinsight::encoders::{
     vit::{Vit, VitConfig},

@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use med3dinsight::train::config::{OptimConfig, OptimizerKind};
 use med3dinsight::runtime::optim::Adam;
+use med3dinsight::train::config::{OptimConfig, OptimizerKind};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 

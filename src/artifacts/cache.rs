@@ -342,8 +342,8 @@ impl CacheInfo {
     /// Reads `cache.json`; an unreadable file or field is an error naming it.
     pub fn read(cache: &Path) -> Result<CacheInfo> {
         let p = cache_json(cache);
-        let bytes = std::fs::read(&p)
-            .with_context(|| format!("cannot read {} (run `med3d preprocess` first)", p.display()))?;
+        let bytes =
+            std::fs::read(&p).with_context(|| format!("cannot read {} (run `med3d preprocess` first)", p.display()))?;
         serde_json::from_slice(&bytes).with_context(|| format!("{}: not a med3d cache.json", p.display()))
     }
 
@@ -353,8 +353,6 @@ impl CacheInfo {
         Ok(())
     }
 }
-
-
 
 /// Reads a committed case record, if there is one.
 pub fn read_case_record(cache: &Path, id: &str) -> Option<CaseRecord> {
@@ -406,4 +404,3 @@ pub fn read_index(cache: &Path) -> Result<Vec<SliceRow>> {
         .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: bad index row", p.display(), i + 1)))
         .collect()
 }
-

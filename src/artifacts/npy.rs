@@ -104,7 +104,8 @@ impl Npy {
                 "{}: {} bytes, expected {} for shape {:?}",
                 path.display(),
                 map.len(),
-                want.map(|w| w.to_string()).unwrap_or_else(|| "more than fits in memory".into()),
+                want.map(|w| w.to_string())
+                    .unwrap_or_else(|| "more than fits in memory".into()),
                 shape
             );
         }
@@ -248,11 +249,7 @@ mod tests {
             .iter()
             .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
             .collect();
-        std::fs::write(
-            &p,
-            to_bytes(NpyDtype::F16, &[1, 2, 3], &vals),
-        )
-        .unwrap();
+        std::fs::write(&p, to_bytes(NpyDtype::F16, &[1, 2, 3], &vals)).unwrap();
         let (data, shape) = read_volume(&p).unwrap();
         assert_eq!(shape, [1, 2, 3]);
         assert_eq!(data, vec![0.0, 0.25, 1.0, 0.5, 0.125, 0.75]);

@@ -21,8 +21,8 @@ use anyhow::{ensure, Context, Result};
 use ndarray::{Array3, ArrayView2, Axis};
 
 use super::prompt::axis_words;
-use crate::artifacts::cache::Plane;
 use crate::artifacts::cache::CaseRecord;
+use crate::artifacts::cache::Plane;
 use crate::artifacts::npy;
 use crate::volume::Modality;
 

@@ -36,8 +36,8 @@ use quality::Flag;
 use sink::{Sink, Tally};
 use store::{CaptionRecord, Latest, Status, Store};
 
-use crate::fsutil::{atomic_write, sha256_bytes, sweep_stale_tmp};
 use crate::artifacts::cache::{read_case_record, read_index, CaseRecord, Shard, SliceRow};
+use crate::fsutil::{atomic_write, sha256_bytes, sweep_stale_tmp};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Summary {
@@ -378,7 +378,9 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
     }
     let cases = Arc::new(cases);
     // what counts as foreground: the cache's own setting
-    let threshold = crate::artifacts::cache::CacheInfo::read(cache)?.preprocess.foreground_threshold;
+    let threshold = crate::artifacts::cache::CacheInfo::read(cache)?
+        .preprocess
+        .foreground_threshold;
     let backend = cfg.backend();
     let asker = Asker {
         cfg,

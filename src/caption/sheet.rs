@@ -12,8 +12,8 @@ use base64::Engine as _;
 
 use super::quality::Flag;
 use super::store::{CaptionRecord, Slot, Status, Store};
-use crate::fsutil::atomic_write;
 use crate::artifacts::cache::{read_index, SliceRow};
+use crate::fsutil::atomic_write;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SheetSummary {

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::sliding::SlidingWindow;
 use crate::model::swin_unetr::SwinUnetrConfig;
-use crate::runtime::DeviceChoice;
 use crate::runtime::optim::OptimConfig;
+use crate::runtime::DeviceChoice;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

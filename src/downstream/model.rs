@@ -20,8 +20,8 @@ use tch::nn::{self, Module, VarStore};
 use tch::{Kind, Tensor};
 
 use super::config::{DownstreamConfig, Task};
-use crate::model::swin::transformer::SwinTransformer;
 use crate::export::card::{card_path, read_card, InitCard as Card};
+use crate::model::swin::transformer::SwinTransformer;
 use crate::model::swin_unetr::{SwinUnetr, SwinUnetrConfig};
 
 /// The encoder, pooled, and a linear read-out.

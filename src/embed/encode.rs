@@ -7,11 +7,11 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
+use crate::artifacts::npy;
 use crate::encoders::{
     pixels, weights, Env, ImageEncoder, ImageModel, ImagePlan, ImageSpec, TextEncoder, TextModel, TextPlan, TextSpec,
     CLIP_MEAN, CLIP_STD,
 };
-use crate::artifacts::npy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EncodeKind {

@@ -25,9 +25,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::artifacts::cache::read_index;
 use crate::encoders::{Env, ImagePlan, ImageSpec, TextPlan, TextSpec};
 use crate::fsutil::sweep_stale_tmp;
-use crate::artifacts::cache::read_index;
 use table::{embed_table, Inputs, Plan};
 
 /// Bumped whenever the tables' layout or meaning changes.

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::artifacts::embeddings::{self as store, Table};
 use super::{EmbedConfig, RowFailure, TableSummary, EMBED_FORMAT};
+use crate::artifacts::cache::SliceRow;
+use crate::artifacts::embeddings::{self as store, Table};
 use crate::encoders::{ImageEncoder, ImagePlan, TextEncoder, TextPlan};
 use crate::fsutil::sha256_bytes;
-use crate::artifacts::cache::SliceRow;
 
 /// One table's inputs, aligned with the index: None = no input (invalid row).
 pub(super) enum Inputs {

@@ -114,11 +114,7 @@ pub struct Identity {
 impl Identity {
     fn new(encoder: &str, weights: &Path, weights_sha: String, input: String, input_sha: String, l2: bool) -> Identity {
         let key = crate::fsutil::sha256_bytes(
-            format!(
-                "{encoder}|{weights_sha}|{input_sha}|{input}|{l2}|{}",
-                crate::VERSION
-            )
-            .as_bytes(),
+            format!("{encoder}|{weights_sha}|{input_sha}|{input}|{l2}|{}", crate::VERSION).as_bytes(),
         );
         Identity {
             encoder: encoder.to_string(),

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use serde::Deserialize;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
@@ -27,7 +26,6 @@ use crate::model::state_dict::{load_named, save_safetensors};
 use crate::model::swin_unetr::SwinUnetr;
 use crate::train::checkpoint;
 use crate::train::model::Pretrainer;
-use crate::train::PretrainConfig;
 use card::{Card, DataProvenance, InputSpec, Source, Training, Variant, CARD_FORMAT};
 
 /// Key prefixes of the variable store that are not the backbone.
@@ -67,25 +65,10 @@ pub struct Exported {
 
 pub use card::card_path;
 
-/// What `RUN/run.json` records (the fields export needs).
-#[derive(Debug, Deserialize)]
-struct RunRecord {
-    config: PretrainConfig,
-    #[serde(default)]
-    cache: Option<PathBuf>,
-    #[serde(default)]
-    cases: Option<usize>,
-    #[serde(default)]
-    usable_slices: Option<usize>,
-    #[serde(default)]
-    targets: Vec<(String, i64)>,
-}
+use crate::train::run_dir::RunRecord;
 
 fn read_run(run: &Path) -> Result<RunRecord> {
-    let p = run.join("run.json");
-    let text = std::fs::read_to_string(&p)
-        .with_context(|| format!("cannot read {} (the run's pretrain config)", p.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a pretrain run record", p.display()))
+    RunRecord::read(run)
 }
 
 /// The checkpoint folder of `step` (default: the latest) with a clear
@@ -201,7 +184,7 @@ fn read_preprocess(cache: Option<&Path>) -> Option<PreprocessConfig> {
 
 /// The metrics line of `step`, or the last one before it.
 fn metrics_at(run: &Path, step: u64) -> Result<Option<BTreeMap<String, serde_json::Value>>> {
-    let all = crate::train::metrics::read(&run.join("metrics.jsonl"))?;
+    let all = crate::train::metrics::read(&crate::train::run_dir::metrics_jsonl(run))?;
     let Some(m) = all.into_iter().rev().find(|m| m.step <= step) else {
         return Ok(None);
     };
@@ -218,7 +201,7 @@ pub fn run(req: &Request) -> Result<Exported> {
         state.config_hash == hash,
         "{}: written with another pretrain config than {} records (hash {} vs {})",
         ckpt.display(),
-        req.run.join("run.json").display(),
+        crate::train::run_dir::run_json(&req.run).display(),
         &state.config_hash[..12.min(state.config_hash.len())],
         &hash[..12]
     );

@@ -78,10 +78,19 @@ pub fn caption(exp: &Experiment, cache: &Path, out: &Path, shard: Shard) -> Resu
 
 pub fn embed(exp: &Experiment, cache: &Path, captions: Option<PathBuf>) -> Result<bool> {
     let s = embed::run(&exp.embed, cache, &embed::RunOptions { captions })?;
-    println!("{}", Done { summary: &s, out: cache });
+    println!(
+        "{}",
+        Done {
+            summary: &s,
+            out: cache
+        }
+    );
     for t in std::iter::once(&s.text).chain(s.image.as_ref()) {
         eprint_failures(
-            t.failures.iter().take(20).map(|f| (f.slice_id.as_str(), f.error.as_str())),
+            t.failures
+                .iter()
+                .take(20)
+                .map(|f| (f.slice_id.as_str(), f.error.as_str())),
             "FAILED",
         );
     }
@@ -98,7 +107,10 @@ pub fn pretrain(exp: &Experiment, cache: &Path, out: &Path, resume: bool) -> Res
     };
     let s = train::run(&exp.pretrain, &opts)?;
     if s.rank == 0 {
-        eprint_failures(s.skipped_cases.iter().map(|(c, w)| (c.as_str(), w.as_str())), "SKIPPED case");
+        eprint_failures(
+            s.skipped_cases.iter().map(|(c, w)| (c.as_str(), w.as_str())),
+            "SKIPPED case",
+        );
     }
     println!("{}", Done { summary: &s, out });
     Ok(match (s.status, s.signal) {
@@ -133,7 +145,10 @@ pub fn finetune(d: &DownstreamConfig, init: finetune::Init, cache: &Path, out: &
         config_name: config.display().to_string(),
     };
     let s = finetune::run(d, &opts)?;
-    eprint_failures(s.skipped_cases.iter().map(|(c, w)| (c.as_str(), w.as_str())), "SKIPPED case");
+    eprint_failures(
+        s.skipped_cases.iter().map(|(c, w)| (c.as_str(), w.as_str())),
+        "SKIPPED case",
+    );
     println!("{}", Done { summary: &s, out });
     Ok(s.skipped_cases.is_empty())
 }
@@ -163,8 +178,13 @@ pub fn run(config: &Path, w: Option<usize>) -> Result<End> {
     let manifest = Manifest::load(&exp.manifest)?;
     let cache = exp.cache_dir();
     let ok = preprocess(&manifest, &exp, &cache, Shard::ALL, workers(w)).with_context(|| at("preprocess"))?;
-    let captioned = caption(&exp, &cache, &crate::artifacts::cache::captions_path(&cache), Shard::ALL)
-        .with_context(|| at("caption"))?;
+    let captioned = caption(
+        &exp,
+        &cache,
+        &crate::artifacts::cache::captions_path(&cache),
+        Shard::ALL,
+    )
+    .with_context(|| at("caption"))?;
     let embedded = embed(&exp, &cache, None).with_context(|| at("embed"))?;
     let pretrained = pretrain(&exp, &cache, &exp.run_dir(), true).with_context(|| at("pretrain"))?;
     // Weights for downstream networks, from the finished run only.

@@ -88,10 +88,17 @@ impl fmt::Display for Done<'_, embed::Summary> {
             )?;
         }
         if s.uncaptioned > 0 {
-            write!(f, "\nembed: {} slices have no ok caption (invalid text rows)", s.uncaptioned)?;
+            write!(
+                f,
+                "\nembed: {} slices have no ok caption (invalid text rows)",
+                s.uncaptioned
+            )?;
         }
         if s.image.is_none() {
-            write!(f, "\nembed: no image encoder configured; pretraining will use the text term alone")?;
+            write!(
+                f,
+                "\nembed: no image encoder configured; pretraining will use the text term alone"
+            )?;
         }
         Ok(())
     }

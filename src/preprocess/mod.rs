@@ -218,7 +218,10 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
     let stored = ndarray::Array3::from_shape_vec(shape, halfs.iter().map(|h| h.to_f32()).collect())?;
     if let Some(l) = &p.label {
         let lb: Vec<u8> = l.data.iter().map(|&v| v.round().clamp(0.0, 255.0) as u8).collect();
-        std::fs::write(work.join(cache::LABEL_NPY), npy::to_bytes(npy::NpyDtype::U8, &shape, &lb))?;
+        std::fs::write(
+            work.join(cache::LABEL_NPY),
+            npy::to_bytes(npy::NpyDtype::U8, &shape, &lb),
+        )?;
     }
     let fg = crop::foreground_bbox(&stored, cfg.foreground_threshold).unwrap_or([
         (0, shape[0]),
@@ -335,6 +338,9 @@ pub fn run(manifest: &Manifest, cfg: &PreprocessConfig, cache: &Path, shard: Sha
         }
     }
     rebuild_index(cache)?;
-    atomic_write(&cache::report_path(cache, "preprocess", shard), &serde_json::to_vec_pretty(&s)?)?;
+    atomic_write(
+        &cache::report_path(cache, "preprocess", shard),
+        &serde_json::to_vec_pretty(&s)?,
+    )?;
     Ok(s)
 }

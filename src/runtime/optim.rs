@@ -65,7 +65,6 @@ impl Default for OptimConfig {
 
 /// What one epoch visits.
 
-
 /// Learning rate of optimiser step `step` (0-based) of `total`.
 pub fn lr_at(cfg: &OptimConfig, step: u64, total: u64) -> f64 {
     if step < cfg.warmup_steps {

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use crate::runtime::optim::Adam;
 use crate::fsutil::{atomic_write, tmp_path};
+use crate::runtime::optim::Adam;
 
 /// Everything besides tensors that a resumed run needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -22,9 +22,9 @@ use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
 use super::config::{PretrainConfig, Sampling};
-use crate::runtime::rng::{Rng, STREAM_AUGMENT, STREAM_ORDER, STREAM_SLICE};
 use crate::artifacts::cache::{self, read_index, SliceRow};
 use crate::artifacts::{embeddings, npy::read_volume, npy::volume_shape};
+use crate::runtime::rng::{Rng, STREAM_AUGMENT, STREAM_ORDER, STREAM_SLICE};
 
 pub use super::targets::Target;
 

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod model;
 pub mod noise;
 pub mod plot;
+pub mod run_dir;
 mod signals;
 pub mod steps;
 pub mod targets;

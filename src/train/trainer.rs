@@ -22,17 +22,18 @@ use tch::nn::VarStore;
 use tch::Tensor;
 
 use super::checkpoint::{self, State};
-use super::signals::Signals;
-pub use super::steps::{total_steps, total_steps_for, GlobalBatch};
-use super::steps::total_steps_resumed;
 use super::config::{Precision, PretrainConfig, PRETRAIN_FORMAT};
 use super::data::{BatchMaker, Dataset, Loader};
 use super::metrics::{self, MetricsLog, StepMetrics};
 use super::model::{use_bf16_autocast, Pretrainer};
-use crate::runtime::optim::{lr_at, Adam};
-use crate::runtime::rng::{torch_seed, STREAM_INIT, STREAM_TORCH};
+use super::run_dir::{self, RunRecord};
+use super::signals::Signals;
+use super::steps::total_steps_resumed;
+pub use super::steps::{total_steps, total_steps_for, GlobalBatch};
 use crate::dist::{grads, Dist, Launch};
 use crate::runtime::guard;
+use crate::runtime::optim::{lr_at, Adam};
+use crate::runtime::rng::{torch_seed, STREAM_INIT, STREAM_TORCH};
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -146,25 +147,6 @@ fn progress(total: u64, at: u64) -> indicatif::ProgressBar {
     b.set_prefix("pretrain");
     b.set_position(at);
     b
-}
-
-#[derive(Serialize)]
-struct RunRecord<'a> {
-    format: &'a str,
-    med3d_version: &'a str,
-    cache: &'a Path,
-    config: &'a PretrainConfig,
-    config_hash: String,
-    data_hash: &'a str,
-    device: String,
-    autocast_bf16: bool,
-    parameters: i64,
-    total_steps: u64,
-    targets: Vec<(String, i64)>,
-    usable_slices: usize,
-    noisy_slices: usize,
-    cases: usize,
-    skipped_cases: &'a [(String, String)],
 }
 
 /// Runs (or resumes) pretraining.
@@ -296,27 +278,27 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     state.world_size = world as u64;
     state.total_steps = total;
 
-    let metrics_path = opts.out.join("metrics.jsonl");
-    let plot_path = opts.out.join("loss.png");
+    let metrics_path = run_dir::metrics_jsonl(&opts.out);
+    let plot_path = run_dir::loss_png(&opts.out);
     let record = RunRecord {
-        format: PRETRAIN_FORMAT,
-        med3d_version: crate::VERSION,
-        cache: &opts.cache,
-        config: cfg,
+        format: PRETRAIN_FORMAT.to_string(),
+        med3d_version: crate::VERSION.to_string(),
+        cache: Some(opts.cache.clone()),
+        config: cfg.clone(),
         config_hash: config_hash.clone(),
-        data_hash: &ds.data_hash,
+        data_hash: ds.data_hash.clone(),
         device: format!("{dev:?}"),
         autocast_bf16: autocast,
         parameters: opt.numel(),
         total_steps: total,
         targets: targets.clone(),
-        usable_slices: ds.usable.len(),
+        usable_slices: Some(ds.usable.len()),
         noisy_slices: ds.noisy_slices,
-        cases: ds.cases.len(),
-        skipped_cases: &ds.skipped_cases,
+        cases: Some(ds.cases.len()),
+        skipped_cases: ds.skipped_cases.clone(),
     };
     if main {
-        crate::fsutil::atomic_write(&opts.out.join("run.json"), &serde_json::to_vec_pretty(&record)?)?;
+        record.write(&opts.out)?;
     }
 
     let mut summary = Summary {
@@ -579,5 +561,5 @@ fn finish(summary: &mut Summary) -> Result<()> {
     summary.last_loss = all.iter().rev().find_map(|m| m.loss);
     super::plot::write(&all, &summary.plot)?;
     let dir = summary.metrics.parent().unwrap_or(Path::new("."));
-    crate::fsutil::atomic_write(&dir.join("summary.json"), &serde_json::to_vec_pretty(summary)?)
+    crate::fsutil::atomic_write(&run_dir::summary_json(dir), &serde_json::to_vec_pretty(summary)?)
 }

@@ -9,9 +9,9 @@
 use tch::nn::{Init, Path};
 use tch::{Device, Kind, Tensor};
 
+use super::config::{Downsample, SwinUnetrConfig};
 use super::layers::{drop_path, dropout, Conv3d, LayerNorm, Linear};
 use super::unetr_blocks::UnetrBasicBlock;
-use super::config::{Downsample, SwinUnetrConfig};
 
 pub type Dims3 = [i64; 3];
 
