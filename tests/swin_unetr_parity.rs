@@ -67,28 +67,6 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// MONAI's constructor arguments for our config.
-fn monai_kwargs(c: &SwinUnetrConfig) -> serde_json::Value {
-    serde_json::json!({
-        "in_channels": c.in_channels,
-        "out_channels": c.out_channels,
-        "feature_size": c.feature_size,
-        "depths": c.depths,
-        "num_heads": c.num_heads,
-        "window_size": c.window_size,
-        "patch_size": c.patch_size,
-        "mlp_ratio": c.mlp_ratio,
-        "qkv_bias": c.qkv_bias,
-        "normalize": c.normalize,
-        "patch_norm": c.patch_norm,
-        "downsample": c.downsample,
-        "use_v2": c.use_v2,
-        "drop_rate": 0.0,
-        "attn_drop_rate": 0.0,
-        "dropout_path_rate": 0.0,
-    })
-}
-
 fn read(path: &Path) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
@@ -161,7 +139,8 @@ fn swin_unetr_matches_monai_both_ways() {
             "name": case.name,
             "seed": case.seed,
             "input_shape": case.input_shape,
-            "kwargs": monai_kwargs(&case.config),
+            // the kwargs a user reads off the export card: production code, not a copy
+            "kwargs": med3dinsight::export::card::swin_unetr_kwargs(&case.config),
             "float64": case.float64,
             "ours": file,
         }));

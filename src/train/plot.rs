@@ -1,7 +1,10 @@
 //! The loss-curve PNG: one panel per loss series (total, then each term),
 //! each with its own y range, the raw per-step values in a light colour and
 //! an exponential moving average over them in a strong one. Drawn pixel by
-//! pixel with a built-in 5x7 bitmap font, so it needs no system fonts.
+//! pixel with a built-in 5x7 bitmap font, so it needs no system fonts: the
+//! `plotters` crate was weighed, but its text needs a TrueType font at run
+//! time (fontconfig's system fonts, or one bundled into the binary), which
+//! the CUDA runtime image and batch nodes do not have.
 use std::path::Path;
 
 use anyhow::{Context, Result};
