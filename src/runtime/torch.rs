@@ -82,13 +82,12 @@ fn show_config() -> String {
 /// `KEY=value` from show_config's "Build settings" line.
 fn build_setting(config: &str, key: &str) -> Option<String> {
     let line = config.lines().find(|l| l.contains("Build settings:"))?;
-    line.split(", ")
-        .chain(line.split("Build settings: ").skip(1))
-        .find_map(|kv| {
-            kv.trim()
-                .strip_prefix(&format!("{key}="))
-                .map(|v| v.trim_end_matches(',').to_string())
-        })
+    let settings = &line[line.find("Build settings:")? + "Build settings:".len()..];
+    settings.split(", ").find_map(|kv| {
+        kv.trim()
+            .strip_prefix(&format!("{key}="))
+            .map(|v| v.trim_end_matches(',').trim().to_string())
+    })
 }
 
 /// 13000 -> "13.0"; 91900 -> "9.19.0".
