@@ -1,6 +1,8 @@
-//! File-system habits every stage shares: write to a temporary name and
-//! rename into place (so a kill leaves the old file or the new one, never a
-//! torn one), hash sources, and sweep temporaries left by dead processes.
+//! File-system habits every stage shares: write to a temporary name,
+//! fsync it, rename it into place and fsync the folder (so a kill leaves
+//! the old file or the new one, never a torn one, and so does a crash of
+//! the machine once the call has returned), hash sources, and sweep
+//! temporaries left by dead processes.
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -21,14 +23,48 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!("{name}{TMP_MARK}{}-{n}", std::process::id()))
 }
 
-/// Writes `bytes` to `path` atomically (temporary file + rename).
+/// Writes `bytes` to `path` atomically and durably: a temporary file,
+/// fsynced, renamed into place, then the folder fsynced. On any failure
+/// (a full disk above all) the temporary is removed and `path` keeps its
+/// previous content.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+    let written = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {} ({} bytes)", tmp.display(), bytes.len()))?;
+        f.sync_all()
+            .with_context(|| format!("cannot flush {} to disk", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    sync_parent(path)
+}
+
+/// fsyncs the folder holding `path`, so a rename into it survives a crash.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    sync_dir(dir)
+}
+
+/// fsyncs a folder (its entries: files renamed in or out).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot flush folder {} to disk", dir.display()))
+}
+
+/// fsyncs a file's data.
+pub fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot flush {} to disk", path.display()))
 }
 
 /// Like `atomic_write`, but leaves the file (and its mtime) alone when it

@@ -164,3 +164,109 @@ fn killed_and_terminated_runs_resume_on_the_same_losses() {
         }
     }
 }
+
+/// A crash can leave the newest checkpoint damaged: each kind is reported
+/// and the one before it used, and the resumed run replays the same losses;
+/// when every checkpoint is damaged the run stops with an error instead of
+/// starting again from step 0.
+#[test]
+fn a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = Fixture::default().write(d.path());
+    let cfg = experiment(
+        d.path(),
+        &format!("{TINY}  max_steps: 3\n  checkpoint_every: 1\n  keep_checkpoints: 3\n"),
+    );
+    let clean = d.path().join("clean");
+    let (code, log) = finish(start(&cfg, &cache, &clean, false));
+    assert_eq!(code, 0, "{log}");
+    let reference = trajectory(&clean);
+    type Damage = fn(&Path);
+    let kinds: [(&str, Damage); 3] = [
+        ("truncated model", |c| {
+            let p = c.join("model.safetensors");
+            let n = std::fs::metadata(&p).unwrap().len();
+            std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(n / 2).unwrap();
+        }),
+        ("empty state", |c| std::fs::write(c.join("state.json"), b"").unwrap()),
+        ("flipped byte", |c| {
+            let p = c.join("optimizer.safetensors");
+            let mut b = std::fs::read(&p).unwrap();
+            let i = b.len() - 7;
+            b[i] ^= 0x40;
+            std::fs::write(&p, b).unwrap();
+        }),
+    ];
+    for (what, damage) in kinds {
+        let out = d.path().join(what.replace(' ', "-"));
+        let (code, log) = finish(start(&cfg, &cache, &out, false));
+        assert_eq!(code, 0, "{log}");
+        damage(&checkpoint::dir(&out).join("step-00000003"));
+        let (code, log) = finish(start(&cfg, &cache, &out, true));
+        assert_eq!(code, 0, "{what}: {log}");
+        assert!(log.contains("step-00000003") && log.contains("damaged"), "{what}: {log}");
+        assert!(log.contains("step 3/3") && log.contains("1 steps run"), "{what}: {log}");
+        assert_eq!(trajectory(&out), reference, "{what}: the resumed run left the trajectory");
+        assert_eq!(latest_step(&out), Some(3));
+    }
+    // every checkpoint damaged: an error, nothing trained, nothing removed
+    let out = d.path().join("all");
+    let (code, log) = finish(start(&cfg, &cache, &out, false));
+    assert_eq!(code, 0, "{log}");
+    for s in 1..=3 {
+        std::fs::write(checkpoint::dir(&out).join(format!("step-{s:08}")).join("state.json"), b"{").unwrap();
+    }
+    let (code, log) = finish(start(&cfg, &cache, &out, true));
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("every checkpoint") && log.contains("damaged"), "{log}");
+    assert_eq!(checkpoint::list(&out).len(), 3);
+}
+
+/// A full disk while a checkpoint is written: a named error, the partial
+/// folder removed, the previous checkpoint whole (it resumes). Needs a
+/// small filesystem: a tmpfs mounted for the test (root only; skipped,
+/// saying so, where mounting is not allowed).
+#[test]
+fn a_full_disk_while_checkpointing_keeps_the_previous_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = Fixture::default().write(d.path());
+    let mnt = d.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    // one checkpoint of the tiny model is ~52 MB (weights + Adam moments)
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=80m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (not root?)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&mnt);
+    let cfg = experiment(d.path(), &format!("{TINY}  max_steps: 3\n  checkpoint_every: 1\n  keep_checkpoints: 1\n"));
+    let out = mnt.join("run");
+    let (code, log) = finish(start(&cfg, &cache, &out, false));
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("checkpoint of step 2 not written") && log.contains("No space left"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(latest_step(&out), Some(1));
+    let leftovers: Vec<_> = std::fs::read_dir(checkpoint::dir(&out))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // the kept checkpoint reads back whole: resuming reaches step 2 again
+    // before the disk fills once more
+    let (code, log) = finish(start(&cfg, &cache, &out, true));
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("resuming") || log.contains("step 2 not written"), "{log}");
+    assert!(!log.contains("damaged"), "{log}");
+}

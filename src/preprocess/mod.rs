@@ -307,7 +307,10 @@ pub fn run(manifest: &Manifest, cfg: &PreprocessConfig, cache: &Path, shard: Sha
         cases
             .par_iter()
             .map(|c| {
-                let r = process_case(c, cfg, &cfg_hash, cache).with_context(|| format!("case {}", c.id));
+                // Last line of defence: a panic anywhere in one case (a
+                // reader's bug on a damaged file) fails that case only.
+                let r = crate::runtime::guard::boundary(|| process_case(c, cfg, &cfg_hash, cache))
+                    .with_context(|| format!("case {} ({})", c.id, c.image.display()));
                 match &r {
                     Ok(true) => tracing::info!(case = %c.id, "processed"),
                     Ok(false) => tracing::info!(case = %c.id, "unchanged, skipped"),

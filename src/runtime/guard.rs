@@ -71,7 +71,8 @@ pub fn without_backtrace(text: &str) -> String {
 }
 
 /// Runs `f`; a panic inside it (a libtorch exception surfacing through one
-/// of tch's infallible ops) comes back as an error.
+/// of tch's infallible ops, or a bug meeting a damaged input) comes back
+/// as an error.
 pub fn boundary<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     quiet_hook();
     DEPTH.with(|d| d.set(d.get() + 1));

@@ -6,9 +6,15 @@
 //! RUN/checkpoints/step-00001000/state.json             step, data position, optimiser step, counters, hashes
 //! RUN/checkpoints/latest                               the newest complete checkpoint's folder name
 //! ```
-//! A checkpoint is written into a temporary folder and renamed into place,
-//! then `latest` is replaced atomically, so a kill at any instant leaves
-//! the previous checkpoint or the new one, never a torn one.
+//! A checkpoint is written into a temporary folder, every file fsynced
+//! (their sha256 recorded in state.json), the folder renamed into place and
+//! its parent fsynced, then `latest` is replaced the same way: a kill at
+//! any instant, or a crash of the machine after `save` returned, leaves the
+//! previous checkpoint or the new one, never a torn one. On resume a
+//! checkpoint that does not read back whole (truncated, empty, a file
+//! whose hash is not the recorded one) is reported and the one before it
+//! used; when none is whole the run stops with an error, never restarts
+//! from step 0 unasked.
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use crate::fsutil::{atomic_write, tmp_path};
+use crate::fsutil::{atomic_write, sha256_file, sync_dir, sync_file, tmp_path};
 use crate::runtime::optim::Adam;
 
 /// Everything besides tensors that a resumed run needs.
@@ -48,6 +54,10 @@ pub struct State {
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub world_size: u64,
     pub med3d_version: String,
+    /// sha256 of model.safetensors and optimizer.safetensors as written
+    /// (absent in checkpoints of older versions: not checked then).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub files: std::collections::BTreeMap<String, String>,
 }
 
 fn one() -> u64 {
@@ -66,8 +76,29 @@ fn name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
+/// The tensor files of a checkpoint, hashed into its state.json.
+const FILES: [&str; 2] = ["model.safetensors", "optimizer.safetensors"];
+
 /// Writes a checkpoint of `step` and deletes all but the newest `keep`.
+/// A failure (a full disk above all) removes the partial folder and
+/// leaves the previous checkpoints as they were.
 pub fn save(run: &Path, vs: &VarStore, opt: &Adam, state: &State, keep: usize) -> Result<PathBuf> {
+    let root = dir(run);
+    let r = save_inner(run, vs, opt, state, keep);
+    if r.is_err() {
+        if let Ok(rd) = std::fs::read_dir(&root) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&name(state.step)) && n.contains(&format!(".tmp-{}-", std::process::id())) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+    r.with_context(|| format!("checkpoint of step {} not written; the previous ones in {} are kept", state.step, root.display()))
+}
+
+fn save_inner(run: &Path, vs: &VarStore, opt: &Adam, state: &State, keep: usize) -> Result<PathBuf> {
     let root = dir(run);
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     let final_dir = root.join(name(state.step));
@@ -78,13 +109,15 @@ pub fn save(run: &Path, vs: &VarStore, opt: &Adam, state: &State, keep: usize) -
     let opt_state = opt.state_tensors();
     Tensor::write_safetensors(&opt_state, tmp.join("optimizer.safetensors"))
         .with_context(|| format!("cannot write {}", tmp.join("optimizer.safetensors").display()))?;
-    std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(state)?)
-        .with_context(|| format!("cannot write {}", tmp.join("state.json").display()))?;
-    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
-        if let Ok(h) = std::fs::File::open(tmp.join(f)) {
-            let _ = h.sync_all();
-        }
+    let mut state = state.clone();
+    for f in FILES {
+        sync_file(&tmp.join(f))?;
+        state.files.insert(f.to_string(), sha256_file(&tmp.join(f))?);
     }
+    std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state)?)
+        .with_context(|| format!("cannot write {}", tmp.join("state.json").display()))?;
+    sync_file(&tmp.join("state.json"))?;
+    sync_dir(&tmp)?;
     if final_dir.exists() {
         // The same step written again (a rerun from an older checkpoint).
         let old = tmp_path(&final_dir);
@@ -92,6 +125,7 @@ pub fn save(run: &Path, vs: &VarStore, opt: &Adam, state: &State, keep: usize) -
         let _ = std::fs::remove_dir_all(&old);
     }
     std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move {} into place", final_dir.display()))?;
+    sync_dir(&root)?;
     atomic_write(&root.join("latest"), name(state.step).as_bytes())?;
     prune(&root, keep, state.step)?;
     Ok(final_dir)
@@ -167,6 +201,73 @@ pub fn read_state(ckpt: &Path) -> Result<State> {
         );
     }
     Ok(s)
+}
+
+/// Loads the newest checkpoint of `run` that reads back whole, newest
+/// first, after `accept` has seen its state (an `accept` error, e.g. a
+/// config that changed since, is the caller's answer and ends the search).
+/// A damaged checkpoint is logged and the one before it tried; `None`: the
+/// run has no checkpoint; an error when every checkpoint is damaged.
+pub fn load_newest(
+    run: &Path,
+    vs: &VarStore,
+    opt: &mut Adam,
+    accept: impl Fn(&Path, &State) -> Result<()>,
+) -> Result<Option<(PathBuf, State)>> {
+    let mut candidates: Vec<PathBuf> = list(run).into_iter().rev().map(|(_, p)| p).collect();
+    if let Some(l) = latest(run) {
+        candidates.retain(|p| *p != l);
+        candidates.insert(0, l);
+    }
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let mut damaged = Vec::new();
+    for ckpt in &candidates {
+        let state = match read_state(ckpt) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("checkpoint {} is damaged ({e:#}); trying the one before it", ckpt.display());
+                damaged.push(format!("{}: {e:#}", ckpt.display()));
+                continue;
+            }
+        };
+        accept(ckpt, &state)?;
+        match verify(ckpt, &state).and_then(|_| load(ckpt, vs, opt)) {
+            Ok(s) => {
+                if !damaged.is_empty() {
+                    tracing::warn!(
+                        "resuming from {} (step {}): the newer checkpoint(s) could not be read back: {}",
+                        ckpt.display(),
+                        s.step,
+                        damaged.join("; ")
+                    );
+                }
+                return Ok(Some((ckpt.clone(), s)));
+            }
+            Err(e) => {
+                tracing::warn!("checkpoint {} is damaged ({e:#}); trying the one before it", ckpt.display());
+                damaged.push(format!("{}: {e:#}", ckpt.display()));
+            }
+        }
+    }
+    bail!(
+        "every checkpoint of {} is damaged, so the run cannot resume (remove them to start again from step 0, or choose another --out): {}",
+        run.display(),
+        damaged.join("; ")
+    )
+}
+
+/// The recorded hashes of a checkpoint's files match what is on disk.
+fn verify(ckpt: &Path, state: &State) -> Result<()> {
+    for (f, want) in &state.files {
+        let p = ckpt.join(f);
+        let got = sha256_file(&p)?;
+        if &got != want {
+            bail!("{}: sha256 {} is not the {} recorded when it was written", p.display(), &got[..12], &want[..12.min(want.len())]);
+        }
+    }
+    Ok(())
 }
 
 /// Loads the model and optimiser of a checkpoint; returns its state.

@@ -231,26 +231,33 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         elapsed_s: 0.0,
         med3d_version: crate::VERSION.to_string(),
         world_size: 1,
+        files: Default::default(),
     };
-    if let Some(ckpt) = &existing {
-        let s = checkpoint::read_state(ckpt)?;
-        if s.config_hash != config_hash {
-            bail!(
-                "{}: written with another pretrain config (hash {} vs {}): resume only with the settings the run started with, or start a new --out",
-                ckpt.display(),
-                &s.config_hash[..12.min(s.config_hash.len())],
-                &config_hash[..12]
-            );
+    let mut existing = existing;
+    if existing.is_some() {
+        let accept = |ckpt: &Path, s: &State| -> Result<()> {
+            if s.config_hash != config_hash {
+                bail!(
+                    "{}: written with another pretrain config (hash {} vs {}): resume only with the settings the run started with, or start a new --out",
+                    ckpt.display(),
+                    &s.config_hash[..12.min(s.config_hash.len())],
+                    &config_hash[..12]
+                );
+            }
+            if s.data_hash != ds.data_hash {
+                bail!(
+                    "{}: written for other data (the slice index or embeddings of {} changed since); start a new --out",
+                    ckpt.display(),
+                    opts.cache.display()
+                );
+            }
+            Ok(())
+        };
+        if let Some((ckpt, s)) = checkpoint::load_newest(&opts.out, &vs, &mut opt, accept)? {
+            tracing::info!("resuming {} at step {}", ckpt.display(), s.step);
+            state = s;
+            existing = Some(ckpt);
         }
-        if s.data_hash != ds.data_hash {
-            bail!(
-                "{}: written for other data (the slice index or embeddings of {} changed since); start a new --out",
-                ckpt.display(),
-                opts.cache.display()
-            );
-        }
-        state = checkpoint::load(ckpt, &vs, &mut opt)?;
-        tracing::info!("resuming {} at step {}", ckpt.display(), state.step);
     }
     if let Some(d) = &dist {
         broadcast_state(d, &mut state)?;
