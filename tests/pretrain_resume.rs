@@ -186,7 +186,12 @@ fn a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
         ("truncated model", |c| {
             let p = c.join("model.safetensors");
             let n = std::fs::metadata(&p).unwrap().len();
-            std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(n / 2).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(n / 2)
+                .unwrap();
         }),
         ("empty state", |c| std::fs::write(c.join("state.json"), b"").unwrap()),
         ("flipped byte", |c| {
@@ -204,9 +209,16 @@ fn a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
         damage(&checkpoint::dir(&out).join("step-00000003"));
         let (code, log) = finish(start(&cfg, &cache, &out, true));
         assert_eq!(code, 0, "{what}: {log}");
-        assert!(log.contains("step-00000003") && log.contains("damaged"), "{what}: {log}");
+        assert!(
+            log.contains("step-00000003") && log.contains("damaged"),
+            "{what}: {log}"
+        );
         assert!(log.contains("step 3/3") && log.contains("1 steps run"), "{what}: {log}");
-        assert_eq!(trajectory(&out), reference, "{what}: the resumed run left the trajectory");
+        assert_eq!(
+            trajectory(&out),
+            reference,
+            "{what}: the resumed run left the trajectory"
+        );
         assert_eq!(latest_step(&out), Some(3));
     }
     // every checkpoint damaged: an error, nothing trained, nothing removed
@@ -214,7 +226,11 @@ fn a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
     let (code, log) = finish(start(&cfg, &cache, &out, false));
     assert_eq!(code, 0, "{log}");
     for s in 1..=3 {
-        std::fs::write(checkpoint::dir(&out).join(format!("step-{s:08}")).join("state.json"), b"{").unwrap();
+        std::fs::write(
+            checkpoint::dir(&out).join(format!("step-{s:08}")).join("state.json"),
+            b"{",
+        )
+        .unwrap();
     }
     let (code, log) = finish(start(&cfg, &cache, &out, true));
     assert_eq!(code, 1, "{log}");
@@ -249,11 +265,17 @@ fn a_full_disk_while_checkpointing_keeps_the_previous_checkpoint() {
         }
     }
     let _guard = Unmount(&mnt);
-    let cfg = experiment(d.path(), &format!("{TINY}  max_steps: 3\n  checkpoint_every: 1\n  keep_checkpoints: 1\n"));
+    let cfg = experiment(
+        d.path(),
+        &format!("{TINY}  max_steps: 3\n  checkpoint_every: 1\n  keep_checkpoints: 1\n"),
+    );
     let out = mnt.join("run");
     let (code, log) = finish(start(&cfg, &cache, &out, false));
     assert_eq!(code, 1, "{log}");
-    assert!(log.contains("checkpoint of step 2 not written") && log.contains("No space left"), "{log}");
+    assert!(
+        log.contains("checkpoint of step 2 not written") && log.contains("No space left"),
+        "{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
     assert_eq!(latest_step(&out), Some(1));
     let leftovers: Vec<_> = std::fs::read_dir(checkpoint::dir(&out))

@@ -95,7 +95,13 @@ pub fn save(run: &Path, vs: &VarStore, opt: &Adam, state: &State, keep: usize) -
             }
         }
     }
-    r.with_context(|| format!("checkpoint of step {} not written; the previous ones in {} are kept", state.step, root.display()))
+    r.with_context(|| {
+        format!(
+            "checkpoint of step {} not written; the previous ones in {} are kept",
+            state.step,
+            root.display()
+        )
+    })
 }
 
 fn save_inner(run: &Path, vs: &VarStore, opt: &Adam, state: &State, keep: usize) -> Result<PathBuf> {
@@ -227,7 +233,10 @@ pub fn load_newest(
         let state = match read_state(ckpt) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!("checkpoint {} is damaged ({e:#}); trying the one before it", ckpt.display());
+                tracing::warn!(
+                    "checkpoint {} is damaged ({e:#}); trying the one before it",
+                    ckpt.display()
+                );
                 damaged.push(format!("{}: {e:#}", ckpt.display()));
                 continue;
             }
@@ -246,7 +255,10 @@ pub fn load_newest(
                 return Ok(Some((ckpt.clone(), s)));
             }
             Err(e) => {
-                tracing::warn!("checkpoint {} is damaged ({e:#}); trying the one before it", ckpt.display());
+                tracing::warn!(
+                    "checkpoint {} is damaged ({e:#}); trying the one before it",
+                    ckpt.display()
+                );
                 damaged.push(format!("{}: {e:#}", ckpt.display()));
             }
         }
@@ -264,7 +276,12 @@ fn verify(ckpt: &Path, state: &State) -> Result<()> {
         let p = ckpt.join(f);
         let got = sha256_file(&p)?;
         if &got != want {
-            bail!("{}: sha256 {} is not the {} recorded when it was written", p.display(), &got[..12], &want[..12.min(want.len())]);
+            bail!(
+                "{}: sha256 {} is not the {} recorded when it was written",
+                p.display(),
+                &got[..12],
+                &want[..12.min(want.len())]
+            );
         }
     }
     Ok(())
