@@ -60,6 +60,29 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot flush folder {} to disk", dir.display()))
 }
 
+/// Moves a finished temporary file into place durably: its data fsynced,
+/// the rename, then the folder fsynced.
+pub fn commit_file(tmp: &Path, path: &Path) -> Result<()> {
+    sync_file(tmp)?;
+    std::fs::rename(tmp, path).with_context(|| format!("cannot move {} into place", path.display()))?;
+    sync_parent(path)
+}
+
+/// fsyncs every file of a folder written by this process (and its
+/// sub-folders), then the folder itself: before the folder is renamed
+/// into place as one commit.
+pub fn sync_tree(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let p = e.with_context(|| format!("cannot list {}", dir.display()))?.path();
+        if p.is_dir() {
+            sync_tree(&p)?;
+        } else {
+            sync_file(&p)?;
+        }
+    }
+    sync_dir(dir)
+}
+
 /// fsyncs a file's data.
 pub fn sync_file(path: &Path) -> Result<()> {
     std::fs::File::open(path)

@@ -383,7 +383,7 @@ impl Store {
         w.flush().with_context(|| format!("cannot write {}", tmp.display()))?;
         drop(w);
         let file = File::open(&tmp).with_context(|| format!("cannot reopen {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("cannot move {} into place", self.path.display()))?;
+        crate::fsutil::commit_file(&tmp, &self.path)?;
         Ok(Latest {
             file: Some(file),
             map,

@@ -169,7 +169,7 @@ fn write_tensors(named: &mut [(String, Tensor)], out: &Path) -> Result<()> {
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let tmp = tmp_path(out);
     Tensor::write_safetensors(named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot move {} into place", out.display()))
+    crate::fsutil::commit_file(&tmp, out)
 }
 
 fn read_preprocess(cache: Option<&Path>) -> Option<PreprocessConfig> {

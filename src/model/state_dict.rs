@@ -87,7 +87,7 @@ pub fn save_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
     let mut named: Vec<(&String, Tensor)> = vars.iter().map(|(k, v)| (k, v.to_device(tch::Device::Cpu))).collect();
     named.sort_by(|a, b| a.0.cmp(b.0));
     Tensor::write_safetensors(&named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+    crate::fsutil::commit_file(&tmp, path)
 }
 
 #[cfg(test)]

@@ -273,6 +273,9 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
     lap.done("write");
     // Swap the finished folder into place: old -> aside, new -> in, drop old.
     // A kill in between leaves no committed case.json, so a rerun redoes it.
+    // Durable before it is visible: a crash after the rename finds the
+    // whole case, never a committed case.json over missing data.
+    crate::fsutil::sync_tree(&work)?;
     if final_dir.exists() {
         let aside = tmp_path(&final_dir);
         std::fs::rename(&final_dir, &aside)?;
@@ -281,6 +284,7 @@ fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Pat
     } else {
         std::fs::rename(&work, &final_dir)?;
     }
+    crate::fsutil::sync_parent(&final_dir)?;
     Ok(true)
 }
 
