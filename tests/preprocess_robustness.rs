@@ -162,6 +162,35 @@ fn header_dims_larger_than_the_data_are_reported() {
     );
 }
 
+/// A header that declares terabytes over a few kB of data (plain and
+/// gzipped): the case fails with its file named, nothing is allocated for
+/// the declared size (this used to abort the whole run), the other case
+/// finishes.
+#[test]
+fn header_dims_far_beyond_the_data_fail_the_case_without_allocating() {
+    for gz in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let mut n = anatomical();
+        for axis in 1..=3 {
+            n.set_i16(DIM + 2 * axis, 30000); // 30000^3 int16: 54 TB
+        }
+        let plain = n.write(&d.path().join("huge.nii"));
+        let bad = if gz {
+            let p = d.path().join("huge.nii.gz");
+            std::fs::write(&p, gzip(&std::fs::read(&plain).unwrap())).unwrap();
+            p
+        } else {
+            plain
+        };
+        check_bad_case(
+            d.path(),
+            case("bad", &bad, None),
+            &bad,
+            &["header dims [30000, 30000, 30000]"],
+        );
+    }
+}
+
 #[test]
 fn nan_and_inf_voxels_are_reported_with_their_count() {
     let d = tempfile::tempdir().unwrap();

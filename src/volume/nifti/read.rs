@@ -139,6 +139,12 @@ fn read_c_order_streamed(path: &Path) -> Option<NiftiImage> {
     if per == 0 {
         return None;
     }
+    // Nothing is allocated for more voxels than the file holds: a header
+    // that declares more goes the general way, which reads what is there
+    // and names the shortfall.
+    if !holds(path, gz, offset, need)? {
+        return None;
+    }
     let mut data = vec![0f32; need / size];
     let mut slab = vec![0u8; SLAB * plane * size];
     for volume in data.chunks_exact_mut(per) {
@@ -159,6 +165,26 @@ fn read_c_order_streamed(path: &Path) -> Option<NiftiImage> {
         data,
         layout: Layout::CPerVolume,
     })
+}
+
+/// Whether `path` can hold `offset + need` bytes of (inflated) image: for a
+/// plain file its length says; for gzip the trailer's ISIZE (the inflated
+/// size mod 2^32 of the last member) must match, which a single-member
+/// file of that size always does. None: the file cannot be read.
+fn holds(path: &Path, gz: bool, offset: usize, need: usize) -> Option<bool> {
+    let total = (offset as u64).checked_add(need as u64)?;
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    if !gz {
+        return Some(len >= total);
+    }
+    if len < 18 {
+        return Some(false);
+    }
+    f.seek(std::io::SeekFrom::End(-4)).ok()?;
+    let mut isize = [0u8; 4];
+    f.read_exact(&mut isize).ok()?;
+    Some(u32::from_le_bytes(isize) as u64 == total & 0xffff_ffff)
 }
 
 /// Reads and decodes a whole NIfTI image, voxels in file order.
