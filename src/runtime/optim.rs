@@ -5,10 +5,9 @@
 //! torch.optim.AdamW / Adam (foreach=False) and
 //! torch.nn.utils.clip_grad_norm_.
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
-
-use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -62,8 +61,6 @@ impl Default for OptimConfig {
         }
     }
 }
-
-/// What one epoch visits.
 
 /// Learning rate of optimiser step `step` (0-based) of `total`.
 pub fn lr_at(cfg: &OptimConfig, step: u64, total: u64) -> f64 {

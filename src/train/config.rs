@@ -106,6 +106,7 @@ impl Default for LossWeights {
     }
 }
 
+/// What one epoch visits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Sampling {
