@@ -344,6 +344,11 @@ def prepare(dest):
         shutil.copy2(src, dest / name)
         run(["strip", dest / name])
     make_cache(dest / "med3d", dest / "cache")
+    # pretraining reads the volumes, the index and the embeddings; the slice
+    # PNGs (captioned already) and the label maps stay behind, for the cap
+    for case in (dest / "cache" / "cases").iterdir():
+        shutil.rmtree(case / "slices", ignore_errors=True)
+        (case / "label.npy").unlink(missing_ok=True)
     # MiniLM in float16 (half the bytes); the check compares device and CPU on these same weights.
     import torch
     from safetensors.torch import load_file, save_file

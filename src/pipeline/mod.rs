@@ -5,6 +5,10 @@
 //! their stages (preprocess and embed skip unchanged cases and chunks,
 //! pretrain resumes, `export::run_if_stale`, `finetune::is_up_to_date`);
 //! the paths of a run come from the experiment (`Experiment::*_dir`).
+//! Each stage runs inside the libtorch error boundary (`runtime::guard`),
+//! so anything its per-step boundaries do not cover (a model that cannot
+//! be built, weights that cannot be loaded) is still an error naming the
+//! stage, never a panic's exit code 101.
 pub mod report;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +20,7 @@ use crate::downstream::{self, finetune, DownstreamConfig};
 use crate::export;
 use crate::manifest::Manifest;
 use crate::preprocess::{self, Shard};
+use crate::runtime::guard;
 use crate::{caption, embed, train};
 use report::{eprint_failures, Done};
 
@@ -42,20 +47,36 @@ impl From<bool> for End {
     }
 }
 
+/// Runs a stage inside the libtorch error boundary; a panic caught there
+/// is named with its stage (errors the stage returns name themselves).
+fn guarded<T>(stage: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    guard::boundary(f).map_err(|e| {
+        if e.is::<guard::Caught>() {
+            e.context(format!(
+                "{stage} failed inside libtorch (or on a bug); what was done before is kept"
+            ))
+        } else {
+            e
+        }
+    })
+}
+
 /// Worker threads: the given number, else every core.
 pub fn workers(w: Option<usize>) -> usize {
     w.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 pub fn preprocess(manifest: &Manifest, exp: &Experiment, out: &Path, shard: Shard, w: usize) -> Result<bool> {
-    let s = preprocess::run(manifest, &exp.preprocess, out, shard, w)?;
+    let s = guarded("preprocess", || {
+        preprocess::run(manifest, &exp.preprocess, out, shard, w)
+    })?;
     println!("{}", Done { summary: &s, out });
     eprint_failures(s.failures.iter().map(|f| (f.case.as_str(), f.error.as_str())), "FAILED");
     Ok(s.failed == 0)
 }
 
 pub fn caption(exp: &Experiment, cache: &Path, out: &Path, shard: Shard) -> Result<bool> {
-    let s = caption::run(&exp.caption, cache, out, shard)?;
+    let s = guarded("caption", || caption::run(&exp.caption, cache, out, shard))?;
     println!("{}", Done { summary: &s, out });
     eprint_failures(
         s.failures.iter().map(|f| (f.slice_id.as_str(), f.error.as_str())),
@@ -77,7 +98,9 @@ pub fn caption(exp: &Experiment, cache: &Path, out: &Path, shard: Shard) -> Resu
 }
 
 pub fn embed(exp: &Experiment, cache: &Path, captions: Option<PathBuf>) -> Result<bool> {
-    let s = embed::run(&exp.embed, cache, &embed::RunOptions { captions })?;
+    let s = guarded("embed", || {
+        embed::run(&exp.embed, cache, &embed::RunOptions { captions })
+    })?;
     println!(
         "{}",
         Done {
@@ -105,7 +128,7 @@ pub fn pretrain(exp: &Experiment, cache: &Path, out: &Path, resume: bool) -> Res
         resume,
         handle_signals: true,
     };
-    let s = train::run(&exp.pretrain, &opts)?;
+    let s = guarded("pretrain", || train::run(&exp.pretrain, &opts))?;
     if s.rank == 0 {
         eprint_failures(
             s.skipped_cases.iter().map(|(c, w)| (c.as_str(), w.as_str())),
@@ -122,11 +145,13 @@ pub fn pretrain(exp: &Experiment, cache: &Path, out: &Path, resume: bool) -> Res
 
 /// `run_mode`: skip an export newer than its checkpoint (`med3d run`).
 pub fn export(req: &export::Request, run_mode: bool) -> Result<bool> {
-    let e = if run_mode {
-        export::run_if_stale(req)?
-    } else {
-        export::run(req)?
-    };
+    let e = guarded("export", || {
+        if run_mode {
+            export::run_if_stale(req)
+        } else {
+            export::run(req)
+        }
+    })?;
     println!("{e}");
     Ok(true)
 }
@@ -144,7 +169,7 @@ pub fn finetune(d: &DownstreamConfig, init: finetune::Init, cache: &Path, out: &
         init,
         config_name: config.display().to_string(),
     };
-    let s = finetune::run(d, &opts)?;
+    let s = guarded("finetune", || finetune::run(d, &opts))?;
     eprint_failures(
         s.skipped_cases.iter().map(|(c, w)| (c.as_str(), w.as_str())),
         "SKIPPED case",
@@ -166,7 +191,7 @@ pub fn evaluate(
         sliding_window: sw,
         out: out.unwrap_or_else(|| run.join("evaluate.json")),
     };
-    let r = evaluate::run(&opts)?;
+    let r = guarded("evaluate", || evaluate::run(&opts))?;
     println!("{}", r.line);
     Ok(r.failed_cases == 0)
 }
