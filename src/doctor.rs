@@ -51,12 +51,6 @@ pub fn report() -> Report {
         )),
         None => mismatches.push("libtorch's version cannot be read from its build settings".into()),
     }
-    if let (Some(used), Some(built)) = (&libtorch.lib_dir, &libtorch.built_against) {
-        if used != std::path::Path::new(built) {
-            // Not an error (LD_LIBRARY_PATH on a carried binary), but worth a line.
-            tracing::debug!("libtorch loaded from {} (built against {built})", used.display());
-        }
-    }
     if libtorch.cuda_compiled && libtorch.cuda_library.is_none() {
         mismatches.push(
             "this libtorch has CUDA but libtorch_cuda.so is not loaded: the binary was linked without it, so no GPU can be used (rebuild with this version's build.rs)".into(),

@@ -309,7 +309,10 @@ fn run_openai(
                 if !again && latest.is_done(&row.slice_id, &hash, &sha) {
                     return sink.skip();
                 }
-                let body = openai::body(cfg.openai.as_ref().unwrap_or(&OpenAiConfig::default()), &text, &png);
+                let body = match cfg.openai.as_ref() {
+                    Some(o) => openai::Request::new(o, &text).body(&png),
+                    None => openai::Request::new(&OpenAiConfig::default(), &text).body(&png),
+                };
                 drop(png);
                 let Some(out) = client.caption(&body, &cfg.policy, &sink.stop).await else {
                     return;

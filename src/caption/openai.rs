@@ -166,11 +166,6 @@ impl<'a> Request<'a> {
     }
 }
 
-/// The request body for one slice.
-pub fn body(cfg: &OpenAiConfig, prompt: &str, png: &[u8]) -> Vec<u8> {
-    Request::new(cfg, prompt).body(png)
-}
-
 #[derive(Deserialize)]
 struct Completion {
     choices: Vec<Choice>,
@@ -508,7 +503,7 @@ mod tests {
             ..Default::default()
         };
         let png = [0x89u8, b'P', b'N', b'G', 0, 1, 2, 255];
-        let v: serde_json::Value = serde_json::from_slice(&body(&cfg, "describe", &png)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&Request::new(&cfg, "describe").body(&png)).unwrap();
         assert_eq!(v["model"], "qwen");
         assert_eq!(v["max_tokens"], 256);
         let parts = &v["messages"][0]["content"];

@@ -67,10 +67,6 @@ pub use card::card_path;
 
 use crate::train::run_dir::RunRecord;
 
-fn read_run(run: &Path) -> Result<RunRecord> {
-    RunRecord::read(run)
-}
-
 /// The checkpoint folder of `step` (default: the latest) with a clear
 /// error naming the run when it is missing.
 pub fn find_checkpoint(run: &Path, step: Option<u64>) -> Result<PathBuf> {
@@ -195,7 +191,7 @@ fn metrics_at(run: &Path, step: u64) -> Result<Option<BTreeMap<String, serde_jso
 pub fn run(req: &Request) -> Result<Exported> {
     let ckpt = find_checkpoint(&req.run, req.step)?;
     let state = checkpoint::read_state(&ckpt)?;
-    let rec = read_run(&req.run)?;
+    let rec = RunRecord::read(&req.run)?;
     let hash = rec.config.hash();
     ensure!(
         state.config_hash == hash,

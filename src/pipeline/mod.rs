@@ -51,7 +51,8 @@ impl From<bool> for End {
 /// is named with its stage (errors the stage returns name themselves).
 fn guarded<T>(stage: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     guard::boundary(f).map_err(|e| {
-        if e.is::<guard::Caught>() {
+        // Caught here, not by a step's boundary (those name their step).
+        if e.chain().count() == 1 && e.is::<guard::Caught>() {
             e.context(format!(
                 "{stage} failed inside libtorch (or on a bug); what was done before is kept"
             ))

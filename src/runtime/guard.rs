@@ -91,11 +91,14 @@ pub fn boundary<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// to allocate: CUDA's caching allocator or the CPU allocator.
 pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
     let text = format!("{e:#}").to_ascii_lowercase();
+    // oneDNN reports a scratchpad it could not allocate as a primitive it
+    // could not create: under memory pressure that is the same failure.
     [
         "out of memory",
         "can't allocate memory",
         "not enough memory",
         "cannot allocate memory",
+        "could not create a primitive",
     ]
     .iter()
     .any(|p| text.contains(p))
