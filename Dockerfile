@@ -34,6 +34,7 @@ ENV PATH=/root/.cargo/bin:/opt/venv/bin:$PATH \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs rustfmt.toml ./
 COPY src ./src
+COPY vendor ./vendor
 RUN cargo build --release --locked \
  && readelf -d target/release/med3d | grep -q 'libtorch_cuda.so' \
  && nm -DC --undefined-only target/release/med3d | grep -q 'c10d::ProcessGroupNCCL::ProcessGroupNCCL(' \

@@ -27,6 +27,10 @@ pub enum Cmd {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Cap, in MiB, on what compressed input (gzip, JPEG/RLE/JPEG 2000
+        /// frames) may decompress to; plain data are bounded by the file.
+        #[arg(long, default_value_t = med3dinsight::volume::ReadLimits::DEFAULT_MIB)]
+        max_decompressed_mib: u64,
     },
     /// Write an image (DICOM folder or file, or NIfTI) as the float32 NIfTI
     /// med3d sees: the voxels and RAS+ affine every stage works from.
@@ -40,6 +44,10 @@ pub enum Cmd {
         /// 4D NIfTI: the volume to take.
         #[arg(long)]
         volume_index: Option<usize>,
+        /// Cap, in MiB, on what compressed input (gzip, JPEG/RLE/JPEG 2000
+        /// frames) may decompress to; plain data are bounded by the file.
+        #[arg(long, default_value_t = med3dinsight::volume::ReadLimits::DEFAULT_MIB)]
+        max_decompressed_mib: u64,
     },
     /// Turn the volumes of a manifest into a slice cache.
     Preprocess {

@@ -28,8 +28,14 @@ pub fn nifti_bytes(vol: &Volume) -> Vec<u8> {
 
 /// Loads `input` (one series of it, for DICOM) and writes `output` (.nii or
 /// .nii.gz), atomically.
-pub fn convert(input: &Path, series_uid: Option<&str>, volume_index: Option<usize>, output: &Path) -> Result<Volume> {
-    let loaded = volume::load_image(input, series_uid, volume_index)?;
+pub fn convert(
+    input: &Path,
+    series_uid: Option<&str>,
+    volume_index: Option<usize>,
+    limits: &volume::ReadLimits,
+    output: &Path,
+) -> Result<Volume> {
+    let loaded = volume::load_image(input, series_uid, volume_index, limits)?;
     let bytes = nifti_bytes(&loaded.volume);
     let gz = output.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
     let bytes = if gz {
@@ -68,7 +74,7 @@ mod tests {
                 bytes
             };
             std::fs::write(&p, bytes).unwrap();
-            let back = volume::load(&p, None).unwrap();
+            let back = volume::load(&p, None, &volume::ReadLimits::default()).unwrap();
             assert_eq!(back, vol);
         }
     }

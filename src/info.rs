@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::volume::{affine, dicom, nifti};
+use crate::volume::{affine, dicom, nifti, ReadLimits};
 
 #[derive(Debug, Serialize)]
 pub struct Info {
@@ -54,12 +54,12 @@ pub enum Described {
 
 /// Describes a NIfTI file, a DICOM file, or one series of a DICOM folder
 /// (`series`, or the only one; with several and none picked, lists them).
-pub fn describe(path: &Path, series: Option<&str>) -> Result<Described> {
+pub fn describe(path: &Path, series: Option<&str>, limits: &ReadLimits) -> Result<Described> {
     if !dicom::is_dicom_path(path) {
         if series.is_some() {
             anyhow::bail!("{}: --series is for DICOM inputs", path.display());
         }
-        return Ok(Described::Image(Box::new(info(path)?)));
+        return Ok(Described::Image(Box::new(info(path, limits)?)));
     }
     let scan = dicom::scan(path)?;
     let skipped: Vec<String> = scan
@@ -76,7 +76,7 @@ pub fn describe(path: &Path, series: Option<&str>) -> Result<Described> {
             skipped,
         });
     }
-    let d = dicom::load_from_scan(&scan, series).with_context(|| format!("DICOM input {}", path.display()))?;
+    let d = dicom::load_from_scan(&scan, series, limits).with_context(|| format!("DICOM input {}", path.display()))?;
     let v = &d.volume;
     let flat: Vec<f32> = v.data.iter().copied().collect();
     let s = stats(&flat);
@@ -156,8 +156,8 @@ pub fn stats(values: &[f32]) -> Stats {
     }
 }
 
-pub fn info(path: &Path) -> Result<Info> {
-    let img = nifti::read(path)?;
+pub fn info(path: &Path, limits: &ReadLimits) -> Result<Info> {
+    let img = nifti::read(path, limits)?;
     let h = &img.header;
     let aff = h.affine();
     let s = stats(&img.data);

@@ -24,8 +24,10 @@ fn real_main() -> Result<End> {
             output,
             series,
             volume_index,
+            max_decompressed_mib,
         } => {
-            let v = med3dinsight::convert::convert(&input, series.as_deref(), volume_index, &output)?;
+            let limits = med3dinsight::volume::ReadLimits::mib(max_decompressed_mib);
+            let v = med3dinsight::convert::convert(&input, series.as_deref(), volume_index, &limits, &output)?;
             println!(
                 "{} -> {} {:?} {}",
                 input.display(),
@@ -44,8 +46,14 @@ fn real_main() -> Result<End> {
             }
             Ok(End::Ok)
         }
-        Cmd::Info { path, series, json } => {
-            let info = med3dinsight::info::describe(&path, series.as_deref())?;
+        Cmd::Info {
+            path,
+            series,
+            json,
+            max_decompressed_mib,
+        } => {
+            let limits = med3dinsight::volume::ReadLimits::mib(max_decompressed_mib);
+            let info = med3dinsight::info::describe(&path, series.as_deref(), &limits)?;
             if json {
                 println!("{}", serde_json::to_string(&info)?);
             } else {

@@ -69,10 +69,20 @@ fn assert_good_case(cache: &Path, id: &str, source: &Path) -> usize {
 /// exit status 2, "1 done ... 1 failed", the failure named with the bad
 /// file's path and each of `reasons`, the good case complete, the report.
 fn check_bad_case(dir: &Path, bad: CaseSpec, bad_path: &Path, reasons: &[&str]) {
+    check_bad_case_with(dir, bad, bad_path, reasons, "")
+}
+
+/// `check_bad_case` with `extra` (YAML lines) added to the preprocess section.
+fn check_bad_case_with(dir: &Path, bad: CaseSpec, bad_path: &Path, reasons: &[&str], extra: &str) {
     let good = dir.join("good.nii");
     std::fs::copy(demo("nibabel_anatomical.nii"), &good).unwrap();
     let manifest = write_manifest(dir, "manifest.yaml", &[case("good", &good, None), bad]);
     let config = write_experiment(dir, "experiment.yaml", 4);
+    if !extra.is_empty() {
+        let mut y = std::fs::read_to_string(&config).unwrap();
+        y.push_str(extra);
+        std::fs::write(&config, y).unwrap();
+    }
     let cache = dir.join("cache");
     let r = preprocess(&config, &manifest, &cache, &[]);
     let ctx = format!("stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
@@ -189,6 +199,120 @@ fn header_dims_far_beyond_the_data_fail_the_case_without_allocating() {
             &["header dims [30000, 30000, 30000]"],
         );
     }
+}
+
+/// The largest resident set of any child this test process has waited for,
+/// in bytes (getrusage RUSAGE_CHILDREN).
+fn children_peak_rss() -> u64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) }, 0);
+    ru.ru_maxrss as u64 * 1024
+}
+
+/// Peak RSS no child may reach: med3d with libtorch loaded is ~0.5 GB; the
+/// inputs below would have made it reserve 8 GB or more.
+const CHILD_RSS_LIMIT: u64 = 2 << 30;
+
+/// Compressed voxels that inflate past the cap on decompressed data (here
+/// lowered to 4 MiB through the config key): the case fails naming the key,
+/// inflating stops at the cap, the other case finishes. 8 MiB of zeros
+/// gzip to well under 1 MiB, with a consistent gzip trailer, so only the
+/// cap stops it.
+#[test]
+fn gzip_that_inflates_past_the_cap_fails_the_case_naming_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    let mut n = anatomical();
+    let off = n.vox_offset();
+    n.bytes.truncate(off);
+    for (axis, v) in [(1, 256), (2, 256), (3, 64)] {
+        n.set_i16(DIM + 2 * axis, v);
+    }
+    n.bytes.resize(off + 256 * 256 * 64 * 2, 0);
+    let bad = n.write(&d.path().join("bomb.nii.gz"));
+    assert!(std::fs::metadata(&bad).unwrap().len() < 1 << 20);
+    check_bad_case_with(
+        d.path(),
+        case("bad", &bad, None),
+        &bad,
+        &["decompresses to more than 4 MiB", "preprocess.max_decompressed_mib"],
+        "  max_decompressed_mib: 4\n",
+    );
+    assert!(
+        children_peak_rss() < CHILD_RSS_LIMIT,
+        "a child peaked at {} bytes",
+        children_peak_rss()
+    );
+}
+
+/// A pydicom test file, when the venv has pydicom.
+fn pydicom_file(name: &str) -> Option<PathBuf> {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    std::fs::read_dir(lib).ok()?.flatten().find_map(|py| {
+        let p = py.path().join("site-packages/pydicom/data/test_files").join(name);
+        p.exists().then_some(p)
+    })
+}
+
+/// Sets Rows (0028,0010) and Columns (0028,0011) of a little-endian file,
+/// explicit or implicit VR.
+fn set_matrix(bytes: &mut [u8], rows: u16, cols: u16) {
+    for (elem, v) in [(0x10u8, rows), (0x11u8, cols)] {
+        let explicit = [0x28, 0x00, elem, 0x00, b'U', b'S', 0x02, 0x00];
+        let implicit = [0x28, 0x00, elem, 0x00, 0x02, 0x00, 0x00, 0x00];
+        let at = bytes
+            .windows(8)
+            .position(|w| w == explicit || w == implicit)
+            .expect("no Rows/Columns element");
+        bytes[at + 8..at + 10].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// DICOM headers that declare far more pixels than the file holds: native
+/// (too few bytes), RLE (a fragment that cannot expand that far), JPEG 2000
+/// over the cap, and a JPEG 2000 stream of another size than Rows/Columns
+/// (its decoder would size its buffers from the stream). Each fails its case
+/// with the file named; the good case finishes; no child grows past 2 GB.
+#[test]
+fn dicom_headers_that_declare_far_more_than_the_file_holds_fail_the_case_only() {
+    let cases: [(&str, u16, &[&str]); 4] = [
+        (
+            "MR_small.dcm",
+            65535,
+            &["truncated or corrupt file", "too few for frame 1"],
+        ),
+        (
+            "MR_small_RLE.dcm",
+            4000,
+            &["cannot decode the pixel data", "cannot decode to"],
+        ),
+        (
+            "MR_small_jp2klossless.dcm",
+            65535,
+            &["decompresses to more than", "max_decompressed_mib"],
+        ),
+        (
+            "MR_small_jp2klossless.dcm",
+            4000,
+            &["the compressed stream declares a 64x64 image"],
+        ),
+    ];
+    for (name, side, reasons) in cases {
+        let Some(src) = pydicom_file(name) else {
+            eprintln!("skipped: no pydicom test files in .venv (run `make setup`)");
+            return;
+        };
+        let d = tempfile::tempdir().unwrap();
+        let mut bytes = std::fs::read(&src).unwrap();
+        set_matrix(&mut bytes, side, side);
+        let bad = d.path().join(format!("big_{name}"));
+        std::fs::write(&bad, &bytes).unwrap();
+        check_bad_case(d.path(), case("bad", &bad, None), &bad, reasons);
+    }
+    assert!(
+        children_peak_rss() < CHILD_RSS_LIMIT,
+        "a child peaked at {} bytes",
+        children_peak_rss()
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use med3dinsight::volume::dicom::{header, pixels, series};
+use med3dinsight::volume::ReadLimits;
 
 fuzz_target!(|data: &[u8]| {
     let path = Path::new("fuzz.dcm");
@@ -31,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     if let Ok(obj) = header::parse_bytes(data, None) {
-        if let Ok(v) = pixels::decode_frame(&obj, &h, 0) {
+        if let Ok(v) = pixels::decode_frame(&obj, &h, 0, &ReadLimits::mib(64)) {
             assert_eq!(v.len(), h.pixel.rows as usize * h.pixel.cols as usize);
         }
     }

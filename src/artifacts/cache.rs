@@ -164,6 +164,12 @@ pub struct PreprocessConfig {
     pub planes: Vec<Plane>,
     /// For 4D inputs: which volume to take (required when there are several).
     pub volume_index: Option<usize>,
+    /// Cap, in MiB, on what one compressed input (a .gz file, the JPEG /
+    /// RLE / JPEG 2000 frames of a DICOM file) may decompress to. A read
+    /// limit, not an output setting: not recorded in cache.json nor in the
+    /// config hash, so raising it re-preprocesses nothing.
+    #[serde(skip_serializing)]
+    pub max_decompressed_mib: u64,
 }
 
 impl Default for PreprocessConfig {
@@ -178,6 +184,7 @@ impl Default for PreprocessConfig {
             slices_per_plane: 16,
             planes: Plane::ALL.to_vec(),
             volume_index: None,
+            max_decompressed_mib: crate::volume::ReadLimits::DEFAULT_MIB,
         }
     }
 }
@@ -190,7 +197,15 @@ impl PreprocessConfig {
         crate::fsutil::sha256_bytes(&json)
     }
 
+    pub fn read_limits(&self) -> crate::volume::ReadLimits {
+        crate::volume::ReadLimits::mib(self.max_decompressed_mib)
+    }
+
     pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.max_decompressed_mib > 0,
+            "preprocess.max_decompressed_mib must be at least 1"
+        );
         anyhow::ensure!(
             self.spacing.iter().all(|s| s.is_finite() && *s > 0.0),
             "preprocess.spacing must be positive, got {:?}",

@@ -86,11 +86,12 @@ impl<'a> Lap<'a> {
 /// The per-case transform chain; pure (reads files, writes nothing).
 pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> {
     let mut lap = Lap::start(&case.id);
-    let loaded = volume::load_image(&case.image, case.series_uid.as_deref(), cfg.volume_index)?;
+    let limits = cfg.read_limits();
+    let loaded = volume::load_image(&case.image, case.series_uid.as_deref(), cfg.volume_index, &limits)?;
     let (image, dicom) = (loaded.volume, loaded.dicom);
     let label = match &case.label {
         Some(p) => {
-            let l = volume::load(p, cfg.volume_index)?;
+            let l = volume::load(p, cfg.volume_index, &limits)?;
             if l.shape() != image.shape() {
                 bail!(
                     "{}: label shape {:?} differs from image shape {:?} ({})",

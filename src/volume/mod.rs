@@ -116,6 +116,43 @@ impl Volume {
     }
 }
 
+/// How far reading one input may expand it in memory. Plain data are
+/// bounded by the file itself: nothing is reserved for more voxels, values
+/// or frames than the bytes present can hold. Compressed data (a gzipped
+/// NIfTI, an encapsulated DICOM frame) can legitimately expand many times,
+/// so what they decode to is bounded by this cap instead, checked before the
+/// memory is reserved (and, for gzip, while inflating).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    pub max_decompressed_bytes: u64,
+}
+
+impl ReadLimits {
+    /// The default cap, 4 GiB: a 512x512x2000 float32 CT is 2 GiB.
+    pub const DEFAULT_MIB: u64 = 4096;
+
+    pub fn mib(mib: u64) -> ReadLimits {
+        ReadLimits {
+            max_decompressed_bytes: mib.saturating_mul(1 << 20),
+        }
+    }
+
+    /// The error text for `what` (named with its file) decoding past the cap.
+    pub fn exceeded(&self, what: &str) -> String {
+        format!(
+            "{what} decompresses to more than {} MiB, the cap on decompressed data; if the file is genuine, \
+             raise `preprocess.max_decompressed_mib` (or `--max-decompressed-mib` for `med3d info`/`convert`)",
+            self.max_decompressed_bytes >> 20
+        )
+    }
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits::mib(ReadLimits::DEFAULT_MIB)
+    }
+}
+
 /// A loaded image and, for DICOM inputs, what went into its voxels.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -125,9 +162,14 @@ pub struct Loaded {
 
 /// Reads an image: a DICOM folder or file (the series `series_uid`, or the
 /// only one there is) or a NIfTI file (4D needs `volume_index`).
-pub fn load_image(path: &Path, series_uid: Option<&str>, volume_index: Option<usize>) -> Result<Loaded> {
+pub fn load_image(
+    path: &Path,
+    series_uid: Option<&str>,
+    volume_index: Option<usize>,
+    limits: &ReadLimits,
+) -> Result<Loaded> {
     if dicom::is_dicom_path(path) {
-        let d = dicom::load(path, series_uid).with_context(|| format!("DICOM input {}", path.display()))?;
+        let d = dicom::load(path, series_uid, limits).with_context(|| format!("DICOM input {}", path.display()))?;
         d.volume.validate(path)?;
         return Ok(Loaded {
             volume: d.volume,
@@ -141,14 +183,14 @@ pub fn load_image(path: &Path, series_uid: Option<&str>, volume_index: Option<us
         );
     }
     Ok(Loaded {
-        volume: load_nifti(path, volume_index)?,
+        volume: load_nifti(path, volume_index, limits)?,
         dicom: None,
     })
 }
 
 /// Reads a NIfTI file or a single-series DICOM input into a `Volume`.
-pub fn load(path: &Path, volume_index: Option<usize>) -> Result<Volume> {
-    Ok(load_image(path, None, volume_index)?.volume)
+pub fn load(path: &Path, volume_index: Option<usize>, limits: &ReadLimits) -> Result<Volume> {
+    Ok(load_image(path, None, volume_index, limits)?.volume)
 }
 
 /// Content hash of an image source for the cache's skip test: the file's
@@ -189,8 +231,8 @@ fn f_to_c_order(src: &[f32], [nx, ny, nz]: [usize; 3]) -> Vec<f32> {
 /// Reads a NIfTI file (any of the supported names) into a `Volume`, after
 /// checking its header for the geometry problems that would make the
 /// result meaningless.
-pub fn load_nifti(path: &Path, volume_index: Option<usize>) -> Result<Volume> {
-    let img = nifti::read_as(path, nifti::Layout::CPerVolume)?;
+pub fn load_nifti(path: &Path, volume_index: Option<usize>, limits: &ReadLimits) -> Result<Volume> {
+    let img = nifti::read_as(path, nifti::Layout::CPerVolume, limits)?;
     let h = &img.header;
     for (i, &p) in h.pixdim[1..=3].iter().enumerate() {
         if (i as i64) < h.dim[0] && (!p.is_finite() || p <= 0.0) {

@@ -15,7 +15,6 @@
 //! - [`pixels`] decodes frames (native or any transfer syntax the pure-Rust
 //!   decoders of dicom-rs support) and applies the modality LUT or
 //!   RescaleSlope/Intercept exactly once.
-pub mod guard;
 pub mod header;
 pub mod pixels;
 pub mod series;
@@ -28,7 +27,7 @@ use ndarray::Array3;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::Volume;
+use super::{ReadLimits, Volume};
 use header::{FileHeader, ScanOutcome};
 
 /// The ways a DICOM input can be wrong, each with a name that shows up at
@@ -306,13 +305,13 @@ pub struct DicomVolume {
 }
 
 /// Loads one series (by UID, or the only one) from a folder or file.
-pub fn load(path: &Path, series_uid: Option<&str>) -> Result<DicomVolume> {
+pub fn load(path: &Path, series_uid: Option<&str>, limits: &ReadLimits) -> Result<DicomVolume> {
     let scan = scan(path)?;
-    load_from_scan(&scan, series_uid)
+    load_from_scan(&scan, series_uid, limits)
 }
 
 /// Loads one series of an existing scan.
-pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>) -> Result<DicomVolume> {
+pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>, limits: &ReadLimits) -> Result<DicomVolume> {
     let files = scan.select(series_uid)?;
     // One slice per frame of every file, in a stable order.
     let mut slices: Vec<(usize, usize)> = Vec::new();
@@ -350,7 +349,7 @@ pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>) -> Result<DicomVolu
             frames
                 .into_iter()
                 .map(|(k, z)| {
-                    let v = pixels::decode_frame(&obj, f, k)?;
+                    let v = pixels::decode_frame(&obj, f, k, limits)?;
                     if v.len() != per {
                         return Err(DicomError::Decode {
                             label: header::frame_label(f, k),

@@ -13,6 +13,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use super::header::{frame_label, transfer_syntax_name, FileHeader, ModalityLut, PixelFormat, Rescale};
 use super::DicomError;
+use crate::volume::ReadLimits;
 
 const EXPLICIT_VR_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
@@ -83,7 +84,16 @@ pub fn frame_bytes(p: &PixelFormat) -> Option<usize> {
 }
 
 /// Decodes frame `k` of `obj` (whose header is `f`) to modality values.
-pub fn decode_frame(obj: &DefaultDicomObject, f: &FileHeader, k: usize) -> Result<Vec<f32>, DicomError> {
+/// Native frames are bounded by the bytes present; what compressed frames
+/// decode to, by `limits` (all frames of the file together), and a JPEG or
+/// JPEG 2000 stream must declare the image that Rows/Columns say before a
+/// decoder sizes its buffers from it.
+pub fn decode_frame(
+    obj: &DefaultDicomObject,
+    f: &FileHeader,
+    k: usize,
+    limits: &ReadLimits,
+) -> Result<Vec<f32>, DicomError> {
     let label = frame_label(f, k);
     let fb = frame_bytes(&f.pixel).ok_or_else(|| DicomError::UnsupportedPixelFormat {
         label: label.clone(),
@@ -91,6 +101,18 @@ pub fn decode_frame(obj: &DefaultDicomObject, f: &FileHeader, k: usize) -> Resul
     })?;
     let ts = TransferSyntaxRegistry.get(&f.transfer_syntax);
     let encapsulated = ts.is_some_and(|t| t.is_encapsulated_pixel_data());
+    if encapsulated && (fb as u64).saturating_mul(f.frames.len() as u64) > limits.max_decompressed_bytes {
+        return Err(DicomError::Decode {
+            label: label.clone(),
+            detail: limits.exceeded(&format!(
+                "{} frame(s) of {}x{} at {} bits: the file",
+                f.frames.len(),
+                f.pixel.cols,
+                f.pixel.rows,
+                f.pixel.bits_allocated
+            )),
+        });
+    }
     let el = obj
         .get(tags::PIXEL_DATA)
         .ok_or_else(|| DicomError::MissingPixelData(label.clone()))?;
@@ -140,7 +162,21 @@ pub fn decode_frame(obj: &DefaultDicomObject, f: &FileHeader, k: usize) -> Resul
             })?;
             &owned
         }
-        _ => {
+        (_, value) => {
+            if let Value::PixelSequence(seq) = value {
+                let frags = seq.fragments();
+                let mine = if frags.len() == f.frames.len() {
+                    std::slice::from_ref(&frags[k])
+                } else {
+                    frags
+                };
+                for frag in mine {
+                    check_stream_dims(frag, &f.pixel).map_err(|detail| DicomError::Decode {
+                        label: label.clone(),
+                        detail,
+                    })?;
+                }
+            }
             let frame = u32::try_from(k).map_err(|_| DicomError::Decode {
                 label: label.clone(),
                 detail: "frame index".into(),
@@ -170,6 +206,66 @@ pub fn decode_frame(obj: &DefaultDicomObject, f: &FileHeader, k: usize) -> Resul
         f.frames[k].rescale,
         f.modality_lut.as_ref(),
     ))
+}
+
+/// The image size a compressed stream declares for itself, (columns, rows,
+/// components): a JPEG's frame header (SOFn) or a JPEG 2000 codestream's SIZ
+/// segment. None when the fragment does not start such a stream or its
+/// header is not within it (a continuation fragment; the decoder then
+/// reports what is wrong).
+pub fn stream_dims(frag: &[u8]) -> Option<(u32, u32, u32)> {
+    let be16 = |i: usize| frag.get(i..i + 2).map(|b| u32::from(u16::from_be_bytes([b[0], b[1]])));
+    let be32 = |i: usize| frag.get(i..i + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    match frag.get(..4)? {
+        // JPEG 2000 codestream: SOC, then SIZ first
+        [0xFF, 0x4F, 0xFF, 0x51] => {
+            let (x, y, x0, y0) = (be32(8)?, be32(12)?, be32(16)?, be32(20)?);
+            Some((x.checked_sub(x0)?, y.checked_sub(y0)?, be16(40)?))
+        }
+        // JPEG: SOI, then marker segments up to the frame header
+        [0xFF, 0xD8, ..] => {
+            let mut i = 2;
+            while i + 4 <= frag.len() {
+                if frag[i] != 0xFF {
+                    return None;
+                }
+                let m = frag[i + 1];
+                if m == 0xFF {
+                    i += 1; // fill byte
+                    continue;
+                }
+                if (0xD0..=0xD7).contains(&m) || m == 0x01 {
+                    i += 2;
+                    continue;
+                }
+                if matches!(m, 0xC0..=0xCF) && !matches!(m, 0xC4 | 0xC8 | 0xCC) || m == 0xF7 {
+                    // P, Y (rows), X (columns), Nf
+                    return Some((be16(i + 7)?, be16(i + 5)?, u32::from(*frag.get(i + 9)?)));
+                }
+                if m == 0xDA || m == 0xD9 {
+                    return None;
+                }
+                i += 2 + be16(i + 2)? as usize;
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Refuses a compressed stream that declares another image than the
+/// header's Rows/Columns/SamplesPerPixel: its decoder would size its
+/// buffers from the stream (65535 x 65535 from a few bytes) and the frame
+/// would be wrong anyway.
+fn check_stream_dims(frag: &[u8], p: &PixelFormat) -> Result<(), String> {
+    match stream_dims(frag) {
+        Some((c, r, n)) if (c, r, n) != (p.cols, p.rows, u32::from(p.samples_per_pixel)) => Err(format!(
+            "the compressed stream declares a {c}x{r} image with {n} component(s), but Columns/Rows/SamplesPerPixel \
+             say {}x{} with {}",
+            p.cols, p.rows, p.samples_per_pixel
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// One frame's bytes in little-endian sample order. dicom-rs hands OW
@@ -209,6 +305,15 @@ pub fn rle_decode(frag: &[u8], pixels: usize, bytes_per_sample: usize) -> Result
     if nseg != bytes_per_sample {
         return Err(format!(
             "RLE frame has {nseg} segments; {bytes_per_sample} expected for one greyscale sample"
+        ));
+    }
+    // PackBits turns 2 bytes into at most 128: a fragment too short for the
+    // frame is refused before the frame's memory is reserved.
+    let max_out = frag.len().saturating_mul(64);
+    if pixels.saturating_mul(bytes_per_sample) > max_out {
+        return Err(format!(
+            "an RLE fragment of {} bytes cannot decode to {pixels} pixels of {bytes_per_sample} byte(s)",
+            frag.len()
         ));
     }
     let mut out = vec![0u8; pixels * bytes_per_sample];

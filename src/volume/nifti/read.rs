@@ -9,6 +9,11 @@ use anyhow::{bail, Context, Result};
 
 use super::data::{data_nbytes, decode, decode_c_order, decode_slab, DataType, SLAB};
 use super::header::{parse_header, NiftiHeader};
+use crate::volume::ReadLimits;
+
+/// The most header bytes a NIfTI file has before its voxels or extensions
+/// (NIfTI-2's 540; NIfTI-1's 348 plus its 4 extension flag bytes).
+const HEADER_BYTES: u64 = 544;
 
 /// How the voxels of a `NiftiImage` are laid out in `data`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,24 +43,33 @@ fn is_gz(path: &Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"))
 }
 
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+/// The bytes of a file, inflated when it is gzipped: at most `first` of
+/// them when given, and never more than the limits' cap on decompressed
+/// data (memory grows with the bytes inflated, not with a declared size).
+fn read_maybe_gz(path: &Path, first: Option<u64>, limits: &ReadLimits) -> Result<Vec<u8>> {
     let cannot_read = || format!("cannot read {}", path.display());
     let mut file = std::fs::File::open(path).with_context(cannot_read)?;
-    let len = file.metadata().with_context(cannot_read)?.len() as usize;
+    let len = file.metadata().with_context(cannot_read)?.len();
     let mut magic = [0u8; 2];
     let gz = is_gz(path) || (file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]);
     file.rewind().with_context(cannot_read)?;
+    let want = first.unwrap_or(u64::MAX);
     if gz {
         // Inflate straight from the file: the compressed bytes are never
         // held in memory as a whole.
-        let mut out = Vec::with_capacity(len * 3);
+        let cap = limits.max_decompressed_bytes;
+        let mut out = Vec::with_capacity(len.saturating_mul(3).min(want).min(cap) as usize);
         flate2::read::MultiGzDecoder::new(file)
+            .take(want.min(cap.saturating_add(1)))
             .read_to_end(&mut out)
             .with_context(|| format!("{}: gzip stream is corrupt or truncated", path.display()))?;
+        if out.len() as u64 > cap {
+            bail!(limits.exceeded(&path.display().to_string()));
+        }
         Ok(out)
     } else {
-        let mut raw = Vec::with_capacity(len);
-        file.read_to_end(&mut raw).with_context(cannot_read)?;
+        let mut raw = Vec::with_capacity(len.min(want) as usize);
+        file.take(want).read_to_end(&mut raw).with_context(cannot_read)?;
         Ok(raw)
     }
 }
@@ -91,10 +105,11 @@ fn pair_paths(path: &Path) -> Option<(PathBuf, PathBuf)> {
     None
 }
 
-/// Reads the header only (cheap for uncompressed files).
+/// Reads the header only: the first bytes of the file (inflated when
+/// gzipped), never its voxels.
 pub fn read_header(path: &Path) -> Result<NiftiHeader> {
     let hdr_path = pair_paths(path).map(|(h, _)| h).unwrap_or_else(|| path.to_path_buf());
-    let bytes = read_maybe_gz(&hdr_path)?;
+    let bytes = read_maybe_gz(&hdr_path, Some(HEADER_BYTES), &ReadLimits::default())?;
     parse_header(&bytes).with_context(|| format!("{}: invalid NIfTI header", hdr_path.display()))
 }
 
@@ -104,7 +119,7 @@ pub fn read_header(path: &Path) -> Result<NiftiHeader> {
 /// a time straight into their C-order places. None for anything but a
 /// well-formed single file (a pair, a short or corrupt file, ...): `read_as`
 /// then goes the general way, which names the problem.
-fn read_c_order_streamed(path: &Path) -> Option<NiftiImage> {
+fn read_c_order_streamed(path: &Path, limits: &ReadLimits) -> Option<NiftiImage> {
     if pair_paths(path).is_some() {
         return None;
     }
@@ -145,6 +160,12 @@ fn read_c_order_streamed(path: &Path) -> Option<NiftiImage> {
     if !holds(path, gz, offset, need)? {
         return None;
     }
+    // The gzip trailer's size is only a checksum of sorts (mod 2^32, and
+    // anyone can write it): what inflates past the cap goes the general
+    // way too, which stops inflating there and says so.
+    if gz && (offset as u64).saturating_add(need as u64) > limits.max_decompressed_bytes {
+        return None;
+    }
     let mut data = vec![0f32; need / size];
     let mut slab = vec![0u8; SLAB * plane * size];
     for volume in data.chunks_exact_mut(per) {
@@ -155,8 +176,15 @@ fn read_c_order_streamed(path: &Path) -> Option<NiftiImage> {
         }
     }
     // Read to the end as the general way does: for gzip, that checks the
-    // CRC and size of every member.
-    std::io::copy(&mut voxels, &mut std::io::sink()).ok()?;
+    // CRC and size of every member (within the cap: trailing data that
+    // inflate past it go the general way, which names the cap).
+    let left = match gz {
+        true => limits.max_decompressed_bytes.saturating_sub((offset + need) as u64),
+        false => u64::MAX - 1,
+    };
+    if std::io::copy(&mut (&mut voxels).take(left.saturating_add(1)), &mut std::io::sink()).ok()? > left {
+        return None;
+    }
     Some(NiftiImage {
         path: path.to_path_buf(),
         shape: header.shape(),
@@ -188,29 +216,29 @@ fn holds(path: &Path, gz: bool, offset: usize, need: usize) -> Option<bool> {
 }
 
 /// Reads and decodes a whole NIfTI image, voxels in file order.
-pub fn read(path: &Path) -> Result<NiftiImage> {
-    read_as(path, Layout::File)
+pub fn read(path: &Path, limits: &ReadLimits) -> Result<NiftiImage> {
+    read_as(path, Layout::File, limits)
 }
 
 /// Reads and decodes a whole NIfTI image, voxels in the given layout.
-pub fn read_as(path: &Path, layout: Layout) -> Result<NiftiImage> {
+pub fn read_as(path: &Path, layout: Layout, limits: &ReadLimits) -> Result<NiftiImage> {
     if layout == Layout::CPerVolume {
-        if let Some(img) = read_c_order_streamed(path) {
+        if let Some(img) = read_c_order_streamed(path, limits) {
             return Ok(img);
         }
     }
-    read_whole(path, layout)
+    read_whole(path, layout, limits)
 }
 
 /// `read_as` by way of the whole file's bytes in memory.
-fn read_whole(path: &Path, layout: Layout) -> Result<NiftiImage> {
+fn read_whole(path: &Path, layout: Layout, limits: &ReadLimits) -> Result<NiftiImage> {
     let ctx = || format!("{}", path.display());
     if !path.exists() {
         bail!("{}: file not found", path.display());
     }
     let (header, bytes, offset) = match pair_paths(path) {
         Some((hdr_path, img_path)) => {
-            let hbytes = read_maybe_gz(&hdr_path)?;
+            let hbytes = read_maybe_gz(&hdr_path, Some(HEADER_BYTES), limits)?;
             let header =
                 parse_header(&hbytes).with_context(|| format!("{}: invalid NIfTI header", hdr_path.display()))?;
             if !img_path.exists() {
@@ -220,12 +248,12 @@ fn read_whole(path: &Path, layout: Layout) -> Result<NiftiImage> {
                     img_path.display()
                 );
             }
-            let bytes = read_maybe_gz(&img_path)?;
+            let bytes = read_maybe_gz(&img_path, None, limits)?;
             let off = header.vox_offset as usize;
             (header, bytes, off)
         }
         None => {
-            let bytes = read_maybe_gz(path)?;
+            let bytes = read_maybe_gz(path, None, limits)?;
             let header = parse_header(&bytes).with_context(|| format!("{}: invalid NIfTI header", path.display()))?;
             if !header.single_file {
                 bail!(
@@ -305,8 +333,8 @@ mod tests {
         for (name, bytes) in files {
             let p = d.path().join(name);
             std::fs::write(&p, &bytes).unwrap();
-            let a = read_c_order_streamed(&p).unwrap_or_else(|| panic!("{name}: not streamed"));
-            let b = read_whole(&p, Layout::CPerVolume).unwrap();
+            let a = read_c_order_streamed(&p, &ReadLimits::default()).unwrap_or_else(|| panic!("{name}: not streamed"));
+            let b = read_whole(&p, Layout::CPerVolume, &ReadLimits::default()).unwrap();
             assert_eq!(
                 (&a.header, &a.shape, a.dtype, a.layout),
                 (&b.header, &b.shape, b.dtype, b.layout),
@@ -318,8 +346,11 @@ mod tests {
             // anything short or corrupt is left to the general way
             let cut = d.path().join(format!("cut_{name}"));
             std::fs::write(&cut, &bytes[..bytes.len() - 5]).unwrap();
-            assert!(read_c_order_streamed(&cut).is_none(), "{name}");
-            assert!(read_whole(&cut, Layout::CPerVolume).is_err(), "{name}");
+            assert!(read_c_order_streamed(&cut, &ReadLimits::default()).is_none(), "{name}");
+            assert!(
+                read_whole(&cut, Layout::CPerVolume, &ReadLimits::default()).is_err(),
+                "{name}"
+            );
         }
     }
 }

@@ -235,11 +235,21 @@ where
     S: Read + 's,
     T: TextCodec,
 {
+    // med3d patch: read what is there (growing as bytes arrive), then check
+    // the length; upstream reserved and zero-filled `len` bytes first, so a
+    // damaged length asked for up to 4 GiB before the read could fail.
     let mut v = Vec::new();
-    v.try_reserve_exact(len as usize)
-        .context(AllocationSizeSnafu)?;
-    v.resize(len as usize, 0);
-    source.read_exact(&mut v).context(ReadValueDataSnafu)?;
+    let got = source
+        .take(u64::from(len))
+        .read_to_end(&mut v)
+        .context(ReadValueDataSnafu)?;
+    if got as u64 != u64::from(len) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("value declares {len} bytes, but only {got} remain"),
+        ))
+        .context(ReadValueDataSnafu);
+    }
 
     let out = text
         .decode(&v)

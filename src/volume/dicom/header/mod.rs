@@ -5,8 +5,8 @@
 //! is kept in memory to group slices and to let a user pick a series; it is
 //! never written to the cache).
 //!
-//! The parts: `parse` turns bytes into a parsed object (behind the length
-//! guard) and a scan outcome, `attrs` reads single attributes however the
+//! The parts: `parse` turns bytes into a parsed object (dicom-rs, patched to
+//! bound its reads) and a scan outcome, `attrs` reads single attributes however the
 //! writer encoded them, and `extract` builds the `FileHeader` from them.
 //! The types below are what leaves this module; the re-exports keep every
 //! `header::` path the same as before the split.

@@ -1,6 +1,8 @@
-//! From bytes to a parsed DICOM object: the length guard first, then
-//! dicom-rs, with a second try that stops before the pixel data so a file
-//! truncated there still yields its header; then the scan's verdict on it.
+//! From bytes to a parsed DICOM object: dicom-rs (patched so that no value
+//! read reserves more memory than the bytes that are there, see
+//! vendor/README.md), with a second try that stops before the pixel data so
+//! a file truncated there still yields its header; then the scan's verdict
+//! on it.
 use std::io::Read;
 use std::path::Path;
 
@@ -9,7 +11,6 @@ use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 
 use super::{header_of, ScanOutcome};
-use crate::volume::dicom::guard::{self, Lengths};
 use crate::volume::dicom::DicomError;
 
 pub fn has_dicm_marker(path: &Path) -> bool {
@@ -43,14 +44,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Parses a DICOM Part 10 byte stream (with or without the 128-byte
-/// preamble), up to `until` when given, after checking that no declared
-/// length runs past the end (see `guard`).
+/// preamble), up to `until` when given. A declared length that runs past
+/// the end fails the parse; memory grows only with the bytes read.
 pub fn parse_bytes(bytes: &[u8], until: Option<dicom_core::Tag>) -> Result<DefaultDicomObject, String> {
-    match guard::check_lengths(bytes) {
-        Lengths::Fit => {}
-        Lengths::PixelDataTruncated(_) if until == Some(tags::PIXEL_DATA) => {}
-        Lengths::PixelDataTruncated(m) | Lengths::Corrupt(m) => return Err(m),
-    }
     let off = if bytes.get(128..132) == Some(b"DICM") { 128 } else { 0 };
     let opts = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
     let opts = match until {

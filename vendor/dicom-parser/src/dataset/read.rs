@@ -459,8 +459,11 @@ where
                 if self.offset_table_next {
                     // offset table
                     let mut offset_table = Vec::new();
+                    // med3d patch: reserve at most a hint; the read grows
+                    // the table as bytes arrive (upstream reserved `len`
+                    // u32s, 4x the declared bytes, before reading any)
                     let res = offset_table
-                        .try_reserve_exact(len)
+                        .try_reserve_exact((len / 4).min(1 << 14))
                         .context(AllocateOffsetTableSnafu { len: len as u32 });
                     if let Err(e) = res {
                         return Some(Err(e));
@@ -480,8 +483,10 @@ where
                 } else {
                     // item value
                     let mut value = Vec::new();
+                    // med3d patch: reserve at most a hint; the read grows
+                    // the value as bytes arrive
                     let res = value
-                        .try_reserve_exact(len)
+                        .try_reserve_exact(len.min(1 << 16))
                         .context(AllocateItemSnafu { len: len as u32 });
                     if let Err(e) = res {
                         return Some(Err(e));

@@ -428,6 +428,42 @@ where
 {
     // ---------------- private methods ---------------------
 
+    /// Reads exactly `len` value bytes into `out` (cleared first), growing
+    /// it only as bytes arrive, so that a declared length running past the
+    /// end of the source fails without reserving memory for it first.
+    /// (med3d patch: upstream reserves and zero-fills `len` bytes before
+    /// reading, which a damaged length field turns into gigabytes.)
+    fn read_bounded(&mut self, len: usize, out: &mut Vec<u8>) -> Result<()> {
+        out.clear();
+        let want = len as u64;
+        let got = self
+            .from
+            .by_ref()
+            .take(want)
+            .read_to_end(out)
+            .context(ReadValueDataSnafu {
+                position: self.position,
+            })? as u64;
+        if got < want {
+            return Err(short_value(want, got)).context(ReadValueDataSnafu {
+                position: self.position,
+            });
+        }
+        Ok(())
+    }
+
+    /// `read_bounded` into the decoder's scratch buffer, which does not keep
+    /// the capacity of an unusually large value.
+    fn read_buffer(&mut self, len: usize) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.buffer);
+        if buf.capacity() > 1 << 20 {
+            buf = Vec::new();
+        }
+        let r = self.read_bounded(len, &mut buf);
+        self.buffer = buf;
+        r
+    }
+
     fn require_known_length(&self, header: &DataElementHeader) -> Result<usize> {
         header
             .length()
@@ -444,10 +480,12 @@ where
 
         // tags
         let ntags = len >> 2;
+        self.read_buffer(len)?;
+        let mut bytes = &self.buffer[..];
         let parts: Result<_> = n_times(ntags)
             .map(|_| {
                 self.basic
-                    .decode_tag(&mut self.from)
+                    .decode_tag(&mut bytes)
                     .context(ReadValueDataSnafu {
                         position: self.position,
                     })
@@ -463,28 +501,17 @@ where
         let len = self.require_known_length(header)?;
 
         // sequence of 8-bit integers (or arbitrary byte data)
-        let mut buf = SmallVec::new();
-        buf.try_reserve_exact(len)
-            // discard allocation error, does not impl std::error::Error
-            .ok()
-            .context(AllocateValueDataSnafu { len: len as u32 })?;
-        buf.resize(len, 0);
-        self.from.read_exact(&mut buf).context(ReadValueDataSnafu {
-            position: self.position,
-        })?;
+        // med3d patch: read first (growing as bytes arrive), keep the bytes
+        let mut buf = Vec::new();
+        self.read_bounded(len, &mut buf)?;
         self.position += len as u64;
-        Ok(PrimitiveValue::U8(buf))
+        Ok(PrimitiveValue::U8(SmallVec::from_vec(buf)))
     }
 
     fn read_value_strs(&mut self, header: &DataElementHeader) -> Result<PrimitiveValue> {
         let len = self.require_known_length(header)?;
         // sequence of strings
-        self.buffer.resize_with(len, Default::default);
-        self.from
-            .read_exact(&mut self.buffer)
-            .context(ReadValueDataSnafu {
-                position: self.position,
-            })?;
+        self.read_buffer(len)?;
 
         let use_charset_declared = match (self.charset_override, header.vr()) {
             (CharacterSetOverride::AnyVr, _) => true,
@@ -522,12 +549,7 @@ where
         let len = self.require_known_length(header)?;
 
         // a single string
-        self.buffer.resize_with(len, Default::default);
-        self.from
-            .read_exact(&mut self.buffer)
-            .context(ReadValueDataSnafu {
-                position: self.position,
-            })?;
+        self.read_buffer(len)?;
         self.position += len as u64;
         Ok(PrimitiveValue::Str(
             self.text
@@ -543,13 +565,14 @@ where
         let len = self.require_known_length(header)?;
 
         let n = len >> 1;
+        self.read_buffer(len)?;
         let mut vec = SmallVec::new();
         vec.try_reserve_exact(n)
             .ok()
             .context(AllocateValueDataSnafu { len: len as u32 })?;
         vec.resize(n, 0);
         self.basic
-            .decode_ss_into(&mut self.from, &mut vec[..])
+            .decode_ss_into(&self.buffer[..], &mut vec[..])
             .context(ReadValueDataSnafu {
                 position: self.position,
             })?;
@@ -562,13 +585,14 @@ where
         let len = self.require_known_length(header)?;
         // sequence of 32-bit floats
         let n = len >> 2;
+        self.read_buffer(len)?;
         let mut vec = SmallVec::new();
         vec.try_reserve_exact(n)
             .ok()
             .context(AllocateValueDataSnafu { len: len as u32 })?;
         vec.resize(n, 0.);
         self.basic
-            .decode_fl_into(&mut self.from, &mut vec[..])
+            .decode_fl_into(&self.buffer[..], &mut vec[..])
             .context(ReadValueDataSnafu {
                 position: self.position,
             })?;
@@ -580,12 +604,7 @@ where
         let len = self.require_known_length(header)?;
         // sequence of dates
 
-        self.buffer.resize_with(len, Default::default);
-        self.from
-            .read_exact(&mut self.buffer)
-            .context(ReadValueDataSnafu {
-                position: self.position,
-            })?;
+        self.read_buffer(len)?;
         let buf = trim_trail_empty_bytes(&self.buffer);
         if buf.is_empty() {
             return Ok(PrimitiveValue::Empty);
@@ -619,12 +638,7 @@ where
         let len = self.require_known_length(header)?;
         // sequence of doubles in text form
 
-        self.buffer.resize_with(len, Default::default);
-        self.from
-            .read_exact(&mut self.buffer)
-            .context(ReadValueDataSnafu {
-                position: self.position,
-            })?;
+        self.read_buffer(len)?;
         let buf = trim_trail_empty_bytes(&self.buffer);
         if buf.is_empty() {
             return Ok(PrimitiveValue::Empty);
@@ -651,12 +665,7 @@ where
         let len = self.require_known_length(header)?;
         // sequence of datetimes
 
-        self.buffer.resize_with(len, Default::default);
-        self.from
-            .read_exact(&mut self.buffer)
-            .context(ReadValueDataSnafu {
-                position: self.position,
-            })?;
+        self.read_buffer(len)?;
         let buf = trim_trail_empty_bytes(&self.buffer);
         if buf.is_empty() {
             return Ok(PrimitiveValue::Empty);
@@ -688,12 +697,7 @@ where
     fn read_value_is(&mut self, header: &DataElementHeader) -> Result<PrimitiveValue> {
         let len = self.require_known_length(header)?;
         // sequence of signed integers in text form
-        self.buffer.resize_with(len, Default::default);
-        self.from
-            .read_exact(&mut self.buffer)
-            .context(ReadValueDataSnafu {
-                position: self.position,
-            })?;
+        self.read_buffer(len)?;
         let buf = trim_trail_empty_bytes(&self.buffer);
         if buf.is_empty() {
             return Ok(PrimitiveValue::Empty);
@@ -720,12 +724,7 @@ where
         let len = self.require_known_length(header)?;
         // sequence of time instances
 
-        self.buffer.resize_with(len, Default::default);
-        self.from
-            .read_exact(&mut self.buffer)
-            .context(ReadValueDataSnafu {
-                position: self.position,
-            })?;
+        self.read_buffer(len)?;
         let buf = trim_trail_empty_bytes(&self.buffer);
         if buf.is_empty() {
             return Ok(PrimitiveValue::Empty);
@@ -759,13 +758,14 @@ where
         let len = self.require_known_length(header)?;
         // sequence of 64-bit floats
         let n = len >> 3;
+        self.read_buffer(len)?;
         let mut vec = SmallVec::new();
         vec.try_reserve_exact(n)
             .ok()
             .context(AllocateValueDataSnafu { len: len as u32 })?;
         vec.resize(n, 0.);
         self.basic
-            .decode_fd_into(&mut self.from, &mut vec[..])
+            .decode_fd_into(&self.buffer[..], &mut vec[..])
             .context(ReadValueDataSnafu {
                 position: self.position,
             })?;
@@ -778,13 +778,14 @@ where
         // sequence of 32-bit unsigned integers
 
         let n = len >> 2;
+        self.read_buffer(len)?;
         let mut vec = SmallVec::new();
         vec.try_reserve_exact(n)
             .ok()
             .context(AllocateValueDataSnafu { len: len as u32 })?;
         vec.resize(n, 0);
         self.basic
-            .decode_ul_into(&mut self.from, &mut vec[..])
+            .decode_ul_into(&self.buffer[..], &mut vec[..])
             .context(ReadValueDataSnafu {
                 position: self.position,
             })?;
@@ -792,7 +793,9 @@ where
         Ok(PrimitiveValue::U32(vec))
     }
 
-    fn read_u32(&mut self, n: usize, vec: &mut Vec<u32>) -> Result<()> {
+    fn read_u32(&mut self, len: usize, vec: &mut Vec<u32>) -> Result<()> {
+        let n = len >> 2;
+        self.read_buffer(len)?;
         let base = vec.len();
 
         vec.try_reserve_exact(n)
@@ -802,11 +805,11 @@ where
         vec.resize(base + n, 0);
 
         self.basic
-            .decode_ul_into(&mut self.from, &mut vec[base..])
+            .decode_ul_into(&self.buffer[..], &mut vec[base..])
             .context(ReadValueDataSnafu {
                 position: self.position,
             })?;
-        self.position += n as u64 * 4;
+        self.position += len as u64;
         Ok(())
     }
 
@@ -815,13 +818,14 @@ where
         // sequence of 16-bit unsigned integers
 
         let n = len >> 1;
+        self.read_buffer(len)?;
         let mut vec = SmallVec::new();
         vec.try_reserve_exact(n)
             .ok()
             .context(AllocateValueDataSnafu { len: len as u32 })?;
         vec.resize(n, 0);
         self.basic
-            .decode_us_into(&mut self.from, &mut vec[..])
+            .decode_us_into(&self.buffer[..], &mut vec[..])
             .context(ReadValueDataSnafu {
                 position: self.position,
             })?;
@@ -841,13 +845,14 @@ where
         // sequence of 64-bit unsigned integers
 
         let n = len >> 3;
+        self.read_buffer(len)?;
         let mut vec = SmallVec::new();
         vec.try_reserve_exact(n)
             .ok()
             .context(AllocateValueDataSnafu { len: len as u32 })?;
         vec.resize(n, 0);
         self.basic
-            .decode_uv_into(&mut self.from, &mut vec[..])
+            .decode_uv_into(&self.buffer[..], &mut vec[..])
             .context(ReadValueDataSnafu {
                 position: self.position,
             })?;
@@ -860,13 +865,14 @@ where
         // sequence of 32-bit signed integers
 
         let n = len >> 2;
+        self.read_buffer(len)?;
         let mut vec = SmallVec::new();
         vec.try_reserve_exact(n)
             .ok()
             .context(AllocateValueDataSnafu { len: len as u32 })?;
         vec.resize(n, 0);
         self.basic
-            .decode_sl_into(&mut self.from, &mut vec[..])
+            .decode_sl_into(&self.buffer[..], &mut vec[..])
             .context(ReadValueDataSnafu {
                 position: self.position,
             })?;
@@ -879,13 +885,14 @@ where
         // sequence of 64-bit signed integers
 
         let n = len >> 3;
+        self.read_buffer(len)?;
         let mut vec = SmallVec::new();
         vec.try_reserve_exact(n)
             .ok()
             .context(AllocateValueDataSnafu { len: len as u32 })?;
         vec.resize(n, 0);
         self.basic
-            .decode_sv_into(&mut self.from, &mut vec[..])
+            .decode_sv_into(&self.buffer[..], &mut vec[..])
             .context(ReadValueDataSnafu {
                 position: self.position,
             })?;
@@ -1136,7 +1143,7 @@ where
     }
 
     fn read_u32_to_vec(&mut self, length: u32, vec: &mut Vec<u32>) -> Result<()> {
-        self.read_u32((length >> 2) as usize, vec)
+        self.read_u32(length as usize, vec)
     }
 
     fn read_to<W>(&mut self, length: u32, mut out: W) -> Result<()>
@@ -1145,11 +1152,16 @@ where
         W: std::io::Write,
     {
         let length = u64::from(length);
-        std::io::copy(&mut self.from.by_ref().take(length), &mut out).context(
+        let got = std::io::copy(&mut self.from.by_ref().take(length), &mut out).context(
             ReadValueDataSnafu {
                 position: self.position,
             },
         )?;
+        if got < length {
+            return Err(short_value(length, got)).context(ReadValueDataSnafu {
+                position: self.position,
+            });
+        }
         self.position += length;
         Ok(())
     }
@@ -1201,6 +1213,14 @@ where
             None
         }
     }
+}
+
+/// The error of a value whose declared length runs past the end of the source.
+fn short_value(declared: u64, got: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        format!("value declares {declared} bytes, but only {got} remain"),
+    )
 }
 
 /// Remove trailing spaces and null characters.
