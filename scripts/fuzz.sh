@@ -1,18 +1,39 @@
 #!/usr/bin/env bash
-# Runs the cargo-fuzz targets in fuzz/ for SECS seconds each (default 240)
-# and prints each one's execution count. Needs the nightly toolchain and
-# cargo-fuzz (`cargo install cargo-fuzz`). Seeds: pydicom's small test files
-# for dicom_file, NIfTI headers from nibabel's test data for nifti_header.
-# Crashes land in fuzz/artifacts/<target>/.
+# Runs the cargo-fuzz targets in fuzz/ for SECS seconds each (default 240;
+# TARGETS to pick some) and prints each one's execution count, peak RSS and
+# findings. Needs the nightly toolchain and cargo-fuzz (`cargo install
+# cargo-fuzz`). Every target runs under a 2 GB RSS limit and a 2 GB limit on
+# any single allocation.
+#
+#   series_assembler  random slice geometries through the series assembler
+#   nifti_header      NIfTI header parsing (seeds: nibabel's test headers)
+#   dicom_file        one DICOM file: parse, header, assemble, decode frame 0
+#                     (seeds: pydicom's test files under 64 kB)
+#   whole_case_nifti  the whole per-case path of `med3d preprocess` on a
+#   whole_case_dicom  mutated NIfTI file / DICOM series (src/fuzz.rs; seeds:
+#                     tests/data/case_fuzz and pydicom's files)
+#
+# Findings land in fuzz/artifacts/<target>/; a finding is fixed when its
+# input goes into tests/data/ and a test runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-240}
+TARGETS=${TARGETS:-"series_assembler nifti_header dicom_file whole_case_nifti whole_case_dicom"}
 export LIBTORCH_USE_PYTORCH=1 VIRTUAL_ENV=$PWD/.venv PATH=$PWD/.venv/bin:$PATH
 SITE=$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')
 # the fuzz binaries link libtorch through med3dinsight but get no run-path
 export LD_LIBRARY_PATH="$SITE/torch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-mkdir -p fuzz/corpus/dicom_file fuzz/corpus/nifti_header fuzz/corpus/series_assembler
-find "$SITE/pydicom/data/test_files" -name '*.dcm' -size -64k -exec cp -n {} fuzz/corpus/dicom_file/ \;
+# scratch for whole_case's files: memory-backed when there is one
+export FUZZ_SCRATCH=${FUZZ_SCRATCH:-$( [ -w /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")}
+C=fuzz/corpus
+mkdir -p $C/dicom_file $C/nifti_header $C/series_assembler $C/whole_case_nifti $C/whole_case_dicom
+find "$SITE/pydicom/data/test_files" -name '*.dcm' -size -64k -exec cp -n {} $C/dicom_file/ \;
+for f in CT_small.dcm MR_small.dcm MR_small_RLE.dcm MR_small_jp2klossless.dcm JPGLosslessP14SV1_1s_1f_8b.dcm; do
+  cp -n "$SITE/pydicom/data/test_files/$f" $C/whole_case_dicom/ 2>/dev/null || true
+done
+cp -n tests/data/case_fuzz/*.dcmseries $C/whole_case_dicom/
+cp -n tests/data/case_fuzz/*.nii* $C/whole_case_nifti/
+cp -n data/demo/nibabel_anatomical.nii $C/whole_case_nifti/ 2>/dev/null || true
 .venv/bin/python - "$SITE" <<'PY'
 import gzip, pathlib, sys
 site = pathlib.Path(sys.argv[1])
@@ -22,13 +43,25 @@ for p in list((site / "nibabel/tests/data").glob("*.nii*")) + list(pathlib.Path(
     (out / p.name.replace(".", "_")).write_bytes(raw)
 PY
 cd fuzz
-cargo +nightly fuzz build -s none -a
-for t in series_assembler nifti_header dicom_file; do
+# -O (without it cargo-fuzz turns debug assertions and overflow checks on for
+# every crate, and openjp2 aborts on valid files); fuzz/Cargo.toml turns them on for
+# med3d and dicom-rs.
+cargo +nightly fuzz build -O -s none
+for t in $TARGETS; do
+  bin=$t input=
+  case $t in
+    whole_case_nifti) bin=whole_case input=nifti ;;
+    whole_case_dicom) bin=whole_case input=dicom ;;
+  esac
   log=$(mktemp)
-  cargo +nightly fuzz run -s none -a "$t" -- -max_total_time="$SECS" -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || true
+  mkdir -p "artifacts/$t"
+  FUZZ_CASE_INPUT=$input cargo +nightly fuzz run -O -s none "$bin" "corpus/$t" -- \
+    -max_total_time="$SECS" -max_len=65536 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
+    -artifact_prefix="artifacts/$t/" -print_final_stats=1 >"$log" 2>&1 || true
   runs=$(grep -Eo 'Done [0-9]+ runs' "$log" | tail -1 || true)
-  crash=$(grep -E 'SUMMARY|panicked|crash-' "$log" | head -3 || true)
+  crash=$(grep -E 'SUMMARY|panicked|ERROR: libFuzzer|Test unit written' "$log" | head -4 || true)
   echo "$t: ${runs:-no final count} in ${SECS}s ${crash:+-- $crash}"
   grep -E 'stat::number_of_executed_units|stat::peak_rss_mb' "$log" | sed "s/^/  $t /" || true
+  cp "$log" "artifacts/$t/last-run.log"
   rm -f "$log"
 done

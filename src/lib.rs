@@ -21,6 +21,7 @@ pub mod embed;
 pub mod encoders;
 pub mod export;
 pub mod fsutil;
+pub mod fuzz;
 pub mod info;
 pub mod manifest;
 pub mod model;

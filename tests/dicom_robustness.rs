@@ -8,9 +8,13 @@ use std::path::{Path, PathBuf};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
+use med3dinsight::fuzz;
 use med3dinsight::volume::affine::{apply4, inv_affine};
-use med3dinsight::volume::dicom::{header, pixels, series};
-use med3dinsight::volume::ReadLimits;
+
+#[path = "common/mutate.rs"]
+mod mutate;
+use med3dinsight::volume::dicom::{header, series};
+use mutate::{mutate, Rng};
 
 /// The system allocator, noting the largest single request each thread makes,
 /// so that a test can say what reading one input asked for at most.
@@ -56,31 +60,6 @@ static ALLOC: Tracking = Tracking;
 /// for fixed buffers.
 fn allowed(len: usize) -> usize {
     64 * len + (8 << 20)
-}
-
-/// xorshift64*: small, deterministic, good enough to spread inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn any_f64(&mut self) -> f64 {
-        match self.below(6) {
-            0 => f64::from_bits(self.next()),
-            1 => [0.0, -0.0, f64::NAN, f64::INFINITY, f64::MIN_POSITIVE, 1e308][self.below(6) as usize],
-            _ => (self.unit() - 0.5) * 10f64.powi(self.below(8) as i32 - 2),
-        }
-    }
 }
 
 #[test]
@@ -185,26 +164,9 @@ fn pydicom_files() -> Vec<PathBuf> {
     out
 }
 
-/// What the `dicom_file` fuzz target does with one input.
+/// What the `dicom_file` fuzz target does with one input (the same body).
 fn exercise(bytes: &[u8]) {
-    let path = Path::new("mutant.dcm");
-    let header::ScanOutcome::Image(h) = header::scan_bytes(path, bytes) else {
-        return;
-    };
-    let geoms: Vec<series::SliceGeom> = h.frames.iter().map(|f| f.geom.clone()).collect();
-    let labels: Vec<String> = (0..geoms.len()).map(|k| header::frame_label(&h, k)).collect();
-    let _ = series::assemble(&geoms, &labels, &series::Tolerance::default());
-    if pixels::check_supported(&h).is_err() || h.problem.is_some() {
-        return;
-    }
-    if pixels::frame_bytes(&h.pixel).is_none_or(|n| n > 1 << 20) {
-        return;
-    }
-    if let Ok(obj) = header::parse_bytes(bytes, None) {
-        if let Ok(v) = pixels::decode_frame(&obj, &h, 0, &ReadLimits::mib(64)) {
-            assert_eq!(v.len(), h.pixel.rows as usize * h.pixel.cols as usize);
-        }
-    }
+    fuzz::dicom_file(bytes, cfg!(not(debug_assertions)));
 }
 
 #[test]
@@ -220,30 +182,7 @@ fn mutated_dicom_files_never_panic() {
         let orig = std::fs::read(f).unwrap();
         exercise(&orig);
         for _ in 0..150 {
-            let mut b = orig.clone();
-            match rng.below(4) {
-                0 => b.truncate(rng.below(b.len() as u64) as usize),
-                1 => {
-                    for _ in 0..1 + rng.below(8) {
-                        let i = rng.below(b.len() as u64) as usize;
-                        b[i] = rng.next() as u8;
-                    }
-                }
-                2 => {
-                    // damage the header region, where lengths and VRs live
-                    let end = b.len().min(2048) as u64;
-                    for _ in 0..1 + rng.below(4) {
-                        let i = rng.below(end) as usize;
-                        b[i] = [0x00, 0xff, 0x7f, 0x80][rng.below(4) as usize];
-                    }
-                }
-                _ => {
-                    let i = rng.below(b.len() as u64) as usize;
-                    let n = rng.below(64) as usize;
-                    let junk: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
-                    b.splice(i..i, junk);
-                }
-            }
+            let b = mutate(&mut rng, &orig);
             take_largest();
             if let header::ScanOutcome::Image(_) = header::scan_bytes(Path::new("m"), &b) {
                 images += 1;

@@ -359,7 +359,23 @@ impl CacheInfo {
         let p = cache_json(cache);
         let bytes =
             std::fs::read(&p).with_context(|| format!("cannot read {} (run `med3d preprocess` first)", p.display()))?;
-        serde_json::from_slice(&bytes).with_context(|| format!("{}: not a med3d cache.json", p.display()))
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).with_context(|| format!("{}: not a med3d cache.json", p.display()))?;
+        // The preprocess settings fill in defaults when a user's config
+        // leaves keys out; a cache.json that lacks one is damaged, and a
+        // default (a foreground threshold of 0, say) would silently change
+        // what later stages read.
+        let want = serde_json::to_value(PreprocessConfig::default())?;
+        for key in want.as_object().into_iter().flat_map(|o| o.keys()) {
+            if v.pointer(&format!("/preprocess/{key}")).is_none() {
+                anyhow::bail!(
+                    "{}: key `preprocess.{key}` is missing: the file is damaged or was not written by med3d \
+                     (rerun `med3d preprocess` to rewrite it)",
+                    p.display()
+                );
+            }
+        }
+        serde_json::from_value(v).with_context(|| format!("{}: not a med3d cache.json", p.display()))
     }
 
     /// Writes `cache.json`, leaving it alone when unchanged.
@@ -418,4 +434,35 @@ pub fn read_index(cache: &Path) -> Result<Vec<SliceRow>> {
         .enumerate()
         .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: bad index row", p.display(), i + 1)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache.json that lacks a preprocess key is an error naming the file
+    /// and the key, not a default that would silently change later stages.
+    #[test]
+    fn cache_json_missing_a_key_names_it() {
+        let d = tempfile::tempdir().unwrap();
+        let info = CacheInfo {
+            format: CACHE_FORMAT,
+            med3d_version: "test".into(),
+            config_hash: "h".into(),
+            preprocess: PreprocessConfig {
+                foreground_threshold: 0.25,
+                ..Default::default()
+            },
+        };
+        info.write(d.path()).unwrap();
+        assert_eq!(CacheInfo::read(d.path()).unwrap().preprocess.foreground_threshold, 0.25);
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(cache_json(d.path())).unwrap()).unwrap();
+        v["preprocess"].as_object_mut().unwrap().remove("foreground_threshold");
+        std::fs::write(cache_json(d.path()), serde_json::to_vec(&v).unwrap()).unwrap();
+        let e = format!("{:#}", CacheInfo::read(d.path()).unwrap_err());
+        assert!(
+            e.contains("cache.json") && e.contains("`preprocess.foreground_threshold` is missing"),
+            "{e}"
+        );
+    }
 }

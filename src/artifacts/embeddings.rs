@@ -127,7 +127,11 @@ pub fn read(path: &Path) -> Result<Table> {
         }
         Ok(&data[a..b])
     };
-    let embeddings = slice(&emb, n * dim * 4)?
+    let bytes_of = n
+        .checked_mul(dim)
+        .and_then(|v| v.checked_mul(4))
+        .with_context(|| format!("{}: embeddings shape [{n}, {dim}] is impossibly large", path.display()))?;
+    let embeddings = slice(&emb, bytes_of)?
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
@@ -146,8 +150,15 @@ pub fn read_meta(path: &Path) -> Result<BTreeMap<String, String>> {
     f.read_exact(&mut n)
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let n = u64::from_le_bytes(n);
-    if n > 100 << 20 {
-        bail!("{}: safetensors header of {n} bytes is implausible", path.display());
+    let len = f
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .len();
+    if n > 100 << 20 || n > len.saturating_sub(8) {
+        bail!(
+            "{}: safetensors header of {n} bytes is implausible for a file of {len} bytes",
+            path.display()
+        );
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)

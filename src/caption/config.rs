@@ -106,6 +106,18 @@ pub struct OpenAiConfig {
     pub backoff_max_ms: u64,
     pub max_tokens: u32,
     pub temperature: f64,
+    /// Before the first slice: how long to wait for the server to answer
+    /// `GET <base_url>/models` (a vLLM server takes 30-60 s to listen), with
+    /// a line on the terminal while waiting. 0: do not wait.
+    pub wait_for_server_s: f64,
+    /// The same non-transient error (one HTTP status and body, retries
+    /// spent) on this many slices in a row stops the run.
+    pub stop_after_same_errors: u32,
+    /// A retry asked by the quality policy (an empty reply, a refusal) is
+    /// sent at at least this temperature, with `seed` set to the attempt
+    /// number, so that a deterministic server can answer differently; the
+    /// record says what the kept reply was asked with.
+    pub retry_temperature: f64,
 }
 
 impl Default for OpenAiConfig {
@@ -122,6 +134,9 @@ impl Default for OpenAiConfig {
             backoff_max_ms: 30_000,
             max_tokens: 256,
             temperature: 0.0,
+            wait_for_server_s: 120.0,
+            stop_after_same_errors: 5,
+            retry_temperature: 0.7,
         }
     }
 }
@@ -180,6 +195,18 @@ impl OpenAiConfig {
         ensure!(
             (0.0..=2.0).contains(&self.temperature),
             "caption.openai.temperature must be within 0..2"
+        );
+        ensure!(
+            (0.0..=2.0).contains(&self.retry_temperature),
+            "caption.openai.retry_temperature must be within 0..2"
+        );
+        ensure!(
+            self.wait_for_server_s.is_finite() && self.wait_for_server_s >= 0.0,
+            "caption.openai.wait_for_server_s must be 0 or more"
+        );
+        ensure!(
+            self.stop_after_same_errors >= 1,
+            "caption.openai.stop_after_same_errors must be at least 1"
         );
         Ok(())
     }

@@ -57,13 +57,20 @@ pub struct Summary {
     pub requests: u64,
     /// Slices asked once more because their caption was repeated.
     pub asked_again: usize,
-    /// This shard's captions (ok or dropped) whose final record carries a flag.
+    /// This shard's slices whose final record carries a flag (failed ones
+    /// included: a slice that failed because every reply was empty counts).
     pub flagged: usize,
     pub flag_counts: HashMap<String, usize>,
     /// Slices not attempted because the run stopped.
     pub not_attempted: usize,
     /// Why the run stopped early (e.g. the server refused the key).
     pub stopped: Option<String>,
+    /// Tokens the server reported for this run's requests (0 when it
+    /// reports none), and completion tokens per second of the run.
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub completion_tokens_per_s: f64,
+    pub seconds: f64,
     pub captions: PathBuf,
     pub failures: Vec<SliceFailure>,
 }
@@ -145,6 +152,8 @@ impl Asker<'_> {
             attempts: 0,
             flags: Vec::new(),
             error: None,
+            usage: None,
+            sampling: None,
         }
     }
 }
@@ -262,10 +271,20 @@ fn run_openai(
     let cfg = Arc::new(cfg.clone());
     let cache = Arc::new(cache.to_path_buf());
     rt.block_on(async move {
+        // Is the server there, and does it serve the model? (Once a run.)
+        if !again {
+            let bar = sink.bar.clone();
+            let say = move |line: &str| bar.suspend(|| eprintln!("{line}"));
+            if let Err(why) = client.preflight(&say).await {
+                sink.halt(why);
+                return;
+            }
+        }
         // Tasks alive at once: enough to keep max_in_flight requests busy
         // while others sleep in backoff, and no more (memory stays bounded).
         let slots = Arc::new(tokio::sync::Semaphore::new(2 * o.max_in_flight));
         let mut set = tokio::task::JoinSet::new();
+        let (probe, probe_sink) = (client.clone(), sink.clone());
         for row in rows {
             if sink.stop.load(Ordering::Relaxed) {
                 break;
@@ -309,14 +328,13 @@ fn run_openai(
                 if !again && latest.is_done(&row.slice_id, &hash, &sha) {
                     return sink.skip();
                 }
-                let body = match cfg.openai.as_ref() {
-                    Some(o) => openai::Request::new(o, &text).body(&png),
-                    None => openai::Request::new(&OpenAiConfig::default(), &text).body(&png),
-                };
-                drop(png);
+                let fallback = OpenAiConfig::default();
+                let o = cfg.openai.as_ref().unwrap_or(&fallback);
+                let body = |sampling| openai::Request::new(o, &text).body(&png, sampling);
                 let Some(out) = client.caption(&body, &cfg.policy, &sink.stop).await else {
                     return;
                 };
+                drop(png);
                 if let Some(f) = &out.fatal {
                     sink.halt(f.clone());
                 }
@@ -327,12 +345,23 @@ fn run_openai(
                 rec.attempts = out.attempts;
                 rec.latency_ms = out.latency_ms;
                 rec.error = out.error;
+                rec.usage = out.usage;
+                rec.sampling = out.sampling;
                 if again {
                     sink.record_again(rec);
                 } else {
                     sink.record(rec);
                 }
             });
+            // The first slice that needs a request is asked alone, so that
+            // an error every slice would get stops the run after one.
+            if !probe.probe_done() {
+                while let Some(done) = set.join_next().await {
+                    if let Err(e) = done {
+                        probe_sink.halt(format!("a caption task failed: {e}"));
+                    }
+                }
+            }
         }
         while let Some(done) = set.join_next().await {
             if let Err(e) = done {
@@ -367,6 +396,7 @@ fn judge_repeated(r: &mut CaptionRecord, repeated: bool, action: Action) {
 /// Captions this shard's slices of `cache` into `out`.
 pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Result<Summary> {
     cfg.validate()?;
+    let started = Instant::now();
     let rows: Vec<SliceRow> = read_index(cache)?.into_iter().filter(|r| shard.owns(&r.case)).collect();
     let store = Arc::new(Store::new(out)?);
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -479,19 +509,25 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
         requests: t.requests,
         asked_again: t.asked_again,
         stopped: sink.stopped.lock().ok().and_then(|s| s.clone()),
+        prompt_tokens: t.usage.prompt_tokens,
+        completion_tokens: t.usage.completion_tokens,
+        seconds: started.elapsed().as_secs_f64(),
         captions: out.to_path_buf(),
         failures: t.failures.clone(),
         ..Default::default()
     };
-    // Failed records keep the flags of their last reply, but they count as failed.
+    // Failed records keep the flags of their last reply and count here too.
     for slot in rows.iter().filter_map(|r| finals.slot(&r.slice_id)) {
-        if slot.status == Status::Failed || !slot.flagged() {
+        if !slot.flagged() {
             continue;
         }
         s.flagged += 1;
         for f in Flag::ALL.into_iter().filter(|f| slot.has(*f)) {
             *s.flag_counts.entry(f.name().to_string()).or_default() += 1;
         }
+    }
+    if s.seconds > 0.0 {
+        s.completion_tokens_per_s = s.completion_tokens as f64 / s.seconds;
     }
     let attempted = s.captioned + s.dropped + s.failed + s.skipped;
     s.not_attempted = s.total.saturating_sub(attempted);
@@ -520,6 +556,8 @@ mod tests {
             attempts: 1,
             flags: vec![],
             error: None,
+            usage: None,
+            sampling: None,
         }
     }
 

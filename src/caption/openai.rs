@@ -17,6 +17,19 @@
 //!   slice spending its whole retry budget on it;
 //! - other 4xx fail that slice at once.
 //!
+//! Before the first slice, `GET <base_url>/models` is asked (waiting up to
+//! `wait_for_server_s` for a server that is still starting): a model the
+//! server does not list stops the run with the names it does. Then the
+//! first slice is asked alone: when it fails on a server error, every slice
+//! would, and the run stops there; later, the same error on
+//! `stop_after_same_errors` slices in a row stops it too. Once the run is
+//! stopping no request leaves the process: each is checked when it gets its
+//! in-flight slot, so at most the requests already on the wire finish.
+//! A quality retry (an empty reply, a refusal) is sent at
+//! `retry_temperature` with a `seed`, so that a deterministic server can
+//! answer differently. Token usage, when a reply reports it, is summed per
+//! slice.
+//!
 //! The API key is read once, sent as a Bearer header marked sensitive, and
 //! scrubbed from any error text before it can reach a record or a log.
 use std::error::Error as _;
@@ -30,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{Action, FlagPolicy, OpenAiConfig};
 use super::quality::{self, Flag};
-use super::store::Status;
+use super::store::{Sampling, Status, Usage};
 
 /// Longest Retry-After honoured; a server asking for more is asked again then.
 const RETRY_AFTER_CAP: Duration = Duration::from_secs(600);
@@ -72,14 +85,21 @@ pub struct Reply {
     pub text: String,
     /// finish_reason was `length`.
     pub truncated: bool,
+    /// The reply's `usage`, when the server reports it.
+    pub usage: Option<Usage>,
 }
 
 /// Why one request did not give a reply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
-    Retry { msg: String, after: Option<Duration> },
+    Retry {
+        msg: String,
+        after: Option<Duration>,
+    },
     Slice(String),
     Run(String),
+    /// Not sent: the run is stopping.
+    Stopped,
 }
 
 /// How a slice ended.
@@ -93,6 +113,14 @@ pub struct Outcome {
     pub error: Option<String>,
     /// Set when no request can succeed; the run stops.
     pub fatal: Option<String>,
+    /// Tokens reported over this slice's requests.
+    pub usage: Option<Usage>,
+    /// What the kept reply was asked with, when a quality retry changed it.
+    pub sampling: Option<Sampling>,
+    /// For a slice that failed on a server or transport error (not on the
+    /// quality of a reply): the error with its numbers masked, to tell the
+    /// same error on consecutive slices.
+    pub error_key: Option<String>,
 }
 
 pub struct Client {
@@ -104,6 +132,15 @@ pub struct Client {
     gate: Mutex<Option<tokio::time::Instant>>,
     /// Connection failures since the last reply of any kind.
     refused_in_a_row: AtomicU32,
+    /// Set with the first run-stopping error, before its in-flight slot is
+    /// given back: no request is sent after it.
+    halted: AtomicBool,
+    /// Whether the first slice has been asked (alone, holding this lock).
+    probed: tokio::sync::Mutex<bool>,
+    /// The same, readable without waiting.
+    probe_done: AtomicBool,
+    /// The last failed slice's error key and how many slices in a row had it.
+    same_errors: Mutex<(String, u32)>,
 }
 
 /// What one slice's request asks, image aside: the settings that shape
@@ -145,8 +182,10 @@ impl<'a> Request<'a> {
         super::prompt::hash(&v)
     }
 
-    /// The chat-completions body, with the slice's PNG as a data URL.
-    pub fn body(&self, png: &[u8]) -> Vec<u8> {
+    /// The chat-completions body, with the slice's PNG as a data URL; a
+    /// quality retry's changed sampling replaces the temperature and adds a
+    /// seed.
+    pub fn body(&self, png: &[u8], sampling: Option<Sampling>) -> Vec<u8> {
         let mut url = String::with_capacity(22 + png.len() * 4 / 3 + 4);
         url.push_str("data:image/png;base64,");
         base64::engine::general_purpose::STANDARD.encode_string(png, &mut url);
@@ -162,6 +201,11 @@ impl<'a> Request<'a> {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         });
+        let mut v = v;
+        if let Some(s) = sampling {
+            v["temperature"] = serde_json::json!(s.temperature);
+            v["seed"] = serde_json::json!(s.seed);
+        }
         serde_json::to_vec(&v).unwrap_or_default()
     }
 }
@@ -169,6 +213,16 @@ impl<'a> Request<'a> {
 #[derive(Deserialize)]
 struct Completion {
     choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<UsageJson>,
+}
+
+#[derive(Deserialize)]
+struct UsageJson {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -197,9 +251,17 @@ pub fn parse_reply(bytes: &[u8]) -> Result<Reply, String> {
             .join(""),
         Some(other) => return Err(format!("reply content is neither text nor parts: {other}")),
     };
+    let usage = c.usage.and_then(|u| match (u.prompt_tokens, u.completion_tokens) {
+        (None, None) => None,
+        (p, c) => Some(Usage {
+            prompt_tokens: p.unwrap_or(0),
+            completion_tokens: c.unwrap_or(0),
+        }),
+    });
     Ok(Reply {
         text: text.trim().to_string(),
         truncated: choice.finish_reason.as_deref() == Some("length"),
+        usage,
     })
 }
 
@@ -280,7 +342,94 @@ impl Client {
             in_flight: tokio::sync::Semaphore::new(cfg.max_in_flight),
             gate: Mutex::new(None),
             refused_in_a_row: AtomicU32::new(0),
+            halted: AtomicBool::new(false),
+            probed: tokio::sync::Mutex::new(false),
+            probe_done: AtomicBool::new(false),
+            same_errors: Mutex::new((String::new(), 0)),
         })
+    }
+
+    fn models_url(&self) -> String {
+        format!("{}/models", self.cfg.base_url.trim_end_matches('/'))
+    }
+
+    /// `GET <base_url>/models`, waiting up to `wait_for_server_s` for a
+    /// server that does not accept connections yet (`say` gets a line when
+    /// the wait starts and every 15 s). Err: the run cannot start (no
+    /// server, a refused key, a model the server does not serve). A server
+    /// without the endpoint, or with a list med3d cannot read, is let be.
+    pub async fn preflight(&self, say: &(dyn Fn(&str) + Sync)) -> Result<(), String> {
+        let url = self.models_url();
+        let wait = Duration::from_secs_f64(self.cfg.wait_for_server_s);
+        let t0 = Instant::now();
+        let mut said: Option<Instant> = None;
+        loop {
+            let mut req = self.http.get(&url);
+            if let Some(k) = &self.key {
+                req = req.bearer_auth(&k.0);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) if (e.is_connect() || e.is_timeout()) && t0.elapsed() < wait => {
+                    if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(15)) {
+                        say(&format!(
+                            "caption: waiting for the server at {url} ({:.0} of up to {:.0} s, caption.openai.wait_for_server_s)",
+                            t0.elapsed().as_secs_f64(),
+                            wait.as_secs_f64()
+                        ));
+                        said = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(self.scrub(format!(
+                        "no server answers at {url} (waited {:.0} s): {}; is it started, and is caption.openai.base_url right?",
+                        t0.elapsed().as_secs_f64(),
+                        chain(&e)
+                    )))
+                }
+            };
+            let code = resp.status().as_u16();
+            let bytes = resp.bytes().await.unwrap_or_default();
+            if code == 401 || code == 403 {
+                return Err(self.scrub(format!(
+                    "HTTP {code} from {url}: {} (check the key in ${} or caption.openai.api_key_file)",
+                    excerpt(&bytes),
+                    self.cfg.api_key_env
+                )));
+            }
+            if !(200..300).contains(&code) {
+                say(&format!(
+                    "caption: {url} answered HTTP {code}, so whether it serves {:?} is not checked before the first slice",
+                    self.cfg.model
+                ));
+                return Ok(());
+            }
+            let served = served_models(&bytes);
+            if served.is_empty() {
+                say(&format!(
+                    "caption: {url} lists no models med3d can read, so whether it serves {:?} is not checked",
+                    self.cfg.model
+                ));
+                return Ok(());
+            }
+            if served.iter().any(|m| same_model(m, &self.cfg.model)) {
+                return Ok(());
+            }
+            let shown: Vec<&str> = served.iter().take(20).map(String::as_str).collect();
+            return Err(format!(
+                "the server at {} does not serve caption.openai.model {:?}; it serves: {}{} (set caption.openai.model to one of these)",
+                self.cfg.base_url,
+                self.cfg.model,
+                shown.join(", "),
+                if served.len() > shown.len() {
+                    format!(" and {} more", served.len() - shown.len())
+                } else {
+                    String::new()
+                }
+            ));
+        }
     }
 
     /// Removes the key from text that may reach a record or a log.
@@ -310,11 +459,20 @@ impl Client {
         }
     }
 
-    /// One request; returns its outcome and how long it took.
-    pub async fn request(&self, body: &[u8]) -> (Result<Reply, Failure>, Duration) {
+    fn halting(&self, stop: &AtomicBool) -> bool {
+        stop.load(Ordering::SeqCst) || self.halted.load(Ordering::SeqCst)
+    }
+
+    /// One request; returns its outcome and how long it took. Not sent
+    /// (`Failure::Stopped`) when the run is stopping by the time it gets
+    /// its in-flight slot.
+    pub async fn request(&self, body: &[u8], stop: &AtomicBool) -> (Result<Reply, Failure>, Duration) {
         let Ok(_permit) = self.in_flight.acquire().await else {
             return (Err(Failure::Run("client closed".into())), Duration::ZERO);
         };
+        if self.halting(stop) {
+            return (Err(Failure::Stopped), Duration::ZERO);
+        }
         let t0 = Instant::now();
         let mut req = self
             .http
@@ -363,7 +521,12 @@ impl Client {
                 after,
             },
             Failure::Slice(m) => Failure::Slice(self.scrub(m)),
-            Failure::Run(m) => Failure::Run(self.scrub(m)),
+            Failure::Run(m) => {
+                // before the slot is given back: nothing is sent after this
+                self.halted.store(true, Ordering::SeqCst);
+                Failure::Run(self.scrub(m))
+            }
+            Failure::Stopped => Failure::Stopped,
         });
         (r, t0.elapsed())
     }
@@ -391,8 +554,75 @@ impl Client {
     }
 
     /// Captions one slice: requests, retries and applies the flag policy.
-    /// None when the run was stopped before this slice was asked.
-    pub async fn caption(&self, body: &[u8], policy: &FlagPolicy, stop: &AtomicBool) -> Option<Outcome> {
+    /// `body` makes the request (with a quality retry's changed sampling).
+    /// None when the run was stopped before this slice was asked. The first
+    /// slice to get here is asked alone, and when it fails on a server
+    /// error the run stops; so does the same error on
+    /// `stop_after_same_errors` slices in a row.
+    pub async fn caption(
+        &self,
+        body: &(dyn Fn(Option<Sampling>) -> Vec<u8> + Sync),
+        policy: &FlagPolicy,
+        stop: &AtomicBool,
+    ) -> Option<Outcome> {
+        let mut probed = self.probed.lock().await;
+        if *probed {
+            drop(probed);
+            let mut out = self.ask(body, policy, stop).await?;
+            self.count_same_errors(&mut out);
+            return Some(out);
+        }
+        let mut out = self.ask(body, policy, stop).await;
+        *probed = true;
+        self.probe_done.store(true, Ordering::SeqCst);
+        if let Some(o) = out.as_mut() {
+            if o.fatal.is_none() && o.error_key.is_some() {
+                let why = format!(
+                    "the first slice failed: {}; every slice would, so the run stops before sending more \
+                     (nothing is lost: fix the cause and rerun)",
+                    o.error.clone().unwrap_or_default()
+                );
+                self.halted.store(true, Ordering::SeqCst);
+                o.fatal = Some(why);
+            }
+        }
+        out
+    }
+
+    /// Whether the first slice has been asked (the run may go concurrent).
+    pub fn probe_done(&self) -> bool {
+        self.probe_done.load(Ordering::SeqCst)
+    }
+
+    /// Counts a finished slice towards the same-error stop.
+    fn count_same_errors(&self, out: &mut Outcome) {
+        let Ok(mut same) = self.same_errors.lock() else { return };
+        match &out.error_key {
+            Some(k) if out.fatal.is_none() => {
+                if same.0 == *k {
+                    same.1 += 1;
+                } else {
+                    *same = (k.clone(), 1);
+                }
+                if same.1 >= self.cfg.stop_after_same_errors {
+                    self.halted.store(true, Ordering::SeqCst);
+                    out.fatal = Some(format!(
+                        "the same error on {} slices in a row (caption.openai.stop_after_same_errors): {}",
+                        same.1,
+                        out.error.clone().unwrap_or_default()
+                    ));
+                }
+            }
+            _ => *same = (String::new(), 0),
+        }
+    }
+
+    async fn ask(
+        &self,
+        body: &(dyn Fn(Option<Sampling>) -> Vec<u8> + Sync),
+        policy: &FlagPolicy,
+        stop: &AtomicBool,
+    ) -> Option<Outcome> {
         let max = self.cfg.max_attempts;
         let mut out = Outcome {
             status: Status::Failed,
@@ -402,9 +632,14 @@ impl Client {
             latency_ms: 0,
             error: None,
             fatal: None,
+            usage: None,
+            sampling: None,
+            error_key: None,
         };
+        let mut sampling: Option<Sampling> = None;
+        let mut request = body(None);
         loop {
-            if stop.load(Ordering::Relaxed) {
+            if self.halting(stop) {
                 if out.attempts == 0 {
                     return None;
                 }
@@ -416,14 +651,19 @@ impl Client {
             }
             self.wait_gate().await;
             out.attempts += 1;
-            let (r, took) = self.request(body).await;
+            let (r, took) = self.request(&request, stop).await;
             out.latency_ms = took.as_millis() as u64;
             let mut wait = backoff(out.attempts, self.cfg.backoff_base_ms, self.cfg.backoff_max_ms);
             match r {
                 Ok(reply) => {
+                    out.error_key = None;
+                    if let Some(u) = reply.usage {
+                        *out.usage.get_or_insert_with(Usage::default) += u;
+                    }
                     let flags = quality::reply_flags(&reply.text, reply.truncated);
                     out.text = reply.text;
                     out.flags = flags;
+                    out.sampling = sampling;
                     match quality::verdict(&out.flags, policy) {
                         Action::Keep => {
                             out.status = Status::Ok;
@@ -438,11 +678,20 @@ impl Client {
                         Action::Retry => {
                             let names: Vec<&str> = out.flags.iter().map(|f| f.name()).collect();
                             out.error = Some(format!("reply flagged {}", names.join(", ")));
+                            // Ask differently: the same request to a
+                            // deterministic server gets the same answer.
+                            sampling = Some(Sampling {
+                                temperature: self.cfg.temperature.max(self.cfg.retry_temperature),
+                                seed: u64::from(out.attempts),
+                            });
+                            request = body(sampling);
+                            wait = Duration::ZERO;
                         }
                     }
                 }
                 Err(Failure::Retry { msg, after }) => {
                     tracing::debug!("attempt {}: {msg}", out.attempts);
+                    out.error_key = Some(error_key(&msg));
                     out.error = Some(msg);
                     out.text.clear();
                     out.flags.clear();
@@ -452,13 +701,20 @@ impl Client {
                     }
                 }
                 Err(Failure::Slice(msg)) => {
+                    out.error_key = Some(error_key(&msg));
                     out.error = Some(msg);
+                    out.text.clear();
+                    out.flags.clear();
                     return Some(out);
                 }
                 Err(Failure::Run(msg)) => {
                     out.error = Some(msg.clone());
                     out.fatal = Some(msg);
                     return Some(out);
+                }
+                Err(Failure::Stopped) => {
+                    out.attempts -= 1;
+                    continue;
                 }
             }
             if out.attempts >= max {
@@ -474,6 +730,36 @@ impl Client {
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// An error message with its digits masked (request ids, byte counts and
+/// timings differ between slices that fail the same way).
+fn error_key(msg: &str) -> String {
+    msg.chars()
+        .map(|c| if c.is_ascii_digit() { '#' } else { c })
+        .take(200)
+        .collect()
+}
+
+/// The model ids of a `/models` reply (`{"data": [{"id": ...}]}`; Ollama's
+/// `{"models": [{"name": ...}]}` too).
+fn served_models(bytes: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Vec::new();
+    };
+    let list = v.get("data").or_else(|| v.get("models")).and_then(|d| d.as_array());
+    list.into_iter()
+        .flatten()
+        .filter_map(|m| m.get("id").or_else(|| m.get("name")).and_then(|x| x.as_str()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether a listed id names the configured model: equal, or equal but for
+/// Ollama's `:latest` tag.
+fn same_model(listed: &str, model: &str) -> bool {
+    let bare = |s: &str| s.strip_suffix(":latest").unwrap_or(s).to_string();
+    listed == model || bare(listed) == bare(model)
 }
 
 #[cfg(test)]
@@ -503,7 +789,7 @@ mod tests {
             ..Default::default()
         };
         let png = [0x89u8, b'P', b'N', b'G', 0, 1, 2, 255];
-        let v: serde_json::Value = serde_json::from_slice(&Request::new(&cfg, "describe").body(&png)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&Request::new(&cfg, "describe").body(&png, None)).unwrap();
         assert_eq!(v["model"], "qwen");
         assert_eq!(v["max_tokens"], 256);
         let parts = &v["messages"][0]["content"];
@@ -520,7 +806,8 @@ mod tests {
             r,
             Reply {
                 text: "Axial.".into(),
-                truncated: false
+                truncated: false,
+                usage: None,
             }
         );
         let r = parse_reply(
@@ -531,7 +818,8 @@ mod tests {
             r,
             Reply {
                 text: "ab".into(),
-                truncated: true
+                truncated: true,
+                usage: None,
             }
         );
         let r = parse_reply(br#"{"choices":[{"message":{"content":null}}]}"#).unwrap();
@@ -539,6 +827,61 @@ mod tests {
         assert!(parse_reply(br#"{"choices":[]}"#).is_err());
         assert!(parse_reply(b"{\"choices\": [").is_err());
         assert!(parse_reply(br#"{"error":{"message":"overloaded"}}"#).is_err());
+    }
+
+    #[test]
+    fn usage_is_read_when_reported() {
+        let r = parse_reply(
+            br#"{"choices":[{"message":{"content":"a"},"finish_reason":"stop"}],"usage":{"prompt_tokens":70,"completion_tokens":9,"total_tokens":79}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.usage,
+            Some(Usage {
+                prompt_tokens: 70,
+                completion_tokens: 9
+            })
+        );
+        let r = parse_reply(br#"{"choices":[{"message":{"content":"a"}}],"usage":null}"#).unwrap();
+        assert_eq!(r.usage, None);
+    }
+
+    #[test]
+    fn a_changed_retry_carries_its_temperature_and_seed() {
+        let cfg = OpenAiConfig {
+            model: "qwen".into(),
+            ..Default::default()
+        };
+        let req = Request::new(&cfg, "describe");
+        let plain: serde_json::Value = serde_json::from_slice(&req.body(b"png", None)).unwrap();
+        assert_eq!(plain["temperature"], 0.0);
+        assert!(plain.get("seed").is_none());
+        let s = Sampling {
+            temperature: 0.7,
+            seed: 2,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&req.body(b"png", Some(s))).unwrap();
+        assert_eq!((v["temperature"].as_f64(), v["seed"].as_u64()), (Some(0.7), Some(2)));
+        // the caption's identity is the plain request's
+        assert_eq!(req.identity(), Request::new(&cfg, "describe").identity());
+    }
+
+    #[test]
+    fn served_models_are_read_from_openai_and_ollama_lists() {
+        let openai = br#"{"object":"list","data":[{"id":"Qwen/Qwen2.5-VL-7B-Instruct","object":"model"},{"id":"b"}]}"#;
+        assert_eq!(served_models(openai), vec!["Qwen/Qwen2.5-VL-7B-Instruct", "b"]);
+        assert_eq!(
+            served_models(br#"{"models":[{"name":"qwen2.5vl:latest"}]}"#),
+            vec!["qwen2.5vl:latest"]
+        );
+        assert!(served_models(b"Not Found").is_empty());
+        assert!(same_model("qwen2.5vl:latest", "qwen2.5vl"));
+        assert!(same_model("m", "m"));
+        assert!(!same_model("Qwen/Qwen2.5-VL-7B-Instruct", "qwen"));
+        assert_eq!(
+            error_key("HTTP 500 from x: id 123"),
+            error_key("HTTP 500 from x: id 987")
+        );
     }
 
     #[test]

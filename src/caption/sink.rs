@@ -6,7 +6,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use anyhow::Result;
 
-use super::store::{CaptionRecord, Status, Store};
+use super::store::{CaptionRecord, Status, Store, Usage};
 use super::SliceFailure;
 
 /// Failures listed by name in the report (the counts are always complete).
@@ -23,6 +23,7 @@ pub(super) struct Tally {
     pub(super) requests: u64,
     pub(super) asked_again: usize,
     pub(super) failures: Vec<SliceFailure>,
+    pub(super) usage: Usage,
 }
 
 impl Tally {
@@ -44,6 +45,9 @@ impl Tally {
             self.retried += 1;
         }
         self.requests += r.attempts as u64;
+        if let Some(u) = r.usage {
+            self.usage += u;
+        }
     }
 }
 
@@ -75,6 +79,9 @@ impl Sink {
         if let Ok(mut t) = self.tally.lock() {
             t.asked_again += 1;
             t.requests += r.attempts as u64;
+            if let Some(u) = r.usage {
+                t.usage += u;
+            }
         }
         if r.status != Status::Failed {
             self.send(Msg::Record(Box::new(r)));

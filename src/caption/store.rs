@@ -51,6 +51,35 @@ pub struct CaptionRecord {
     pub attempts: u32,
     pub flags: Vec<Flag>,
     pub error: Option<String>,
+    /// Tokens the server reported over this slice's requests in this run
+    /// (absent when it reports none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// What the kept reply was asked with, when a quality retry changed the
+    /// request (raised temperature and a seed); absent for the plain request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<Sampling>,
+}
+
+/// Token counts from a reply's `usage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, o: Usage) {
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+    }
+}
+
+/// The sampling settings of a changed (retried) request.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub seed: u64,
 }
 
 /// The fields of a record that say which caption a slice has.
@@ -452,6 +481,8 @@ mod tests {
             attempts: 1,
             flags: vec![],
             error: None,
+            usage: None,
+            sampling: None,
         }
     }
 

@@ -123,8 +123,8 @@ pub(super) fn embed_table(
             && meta.get("failed_rows").map(String::as_str) == Some("0");
         if current {
             summary.up_to_date = true;
-            summary.valid = meta.get("valid_rows").and_then(|v| v.parse().ok()).unwrap_or(0);
-            summary.dim = meta.get("dim").and_then(|v| v.parse().ok()).unwrap_or(0);
+            summary.valid = meta_number(&meta, &path, "valid_rows")?;
+            summary.dim = meta_number(&meta, &path, "dim")?;
             summary.seconds = started.elapsed().as_secs_f64();
             return Ok(summary);
         }
@@ -364,4 +364,32 @@ fn compute_chunk(
         },
         failures,
     ))
+}
+
+/// A number in a table's safetensors metadata; a missing or unreadable one
+/// is an error naming the file and the key (never a silent 0).
+fn meta_number(meta: &BTreeMap<String, String>, path: &Path, key: &str) -> Result<usize> {
+    let v = meta
+        .get(key)
+        .with_context(|| format!("{}: metadata key `{key}` is missing", path.display()))?;
+    v.parse()
+        .with_context(|| format!("{}: metadata key `{key}` is {v:?}, not a count", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_metadata_numbers_are_read_or_named() {
+        let p = Path::new("/x/text.safetensors");
+        let mut m = BTreeMap::new();
+        m.insert("dim".to_string(), "384".to_string());
+        m.insert("valid_rows".to_string(), "ten".to_string());
+        assert_eq!(meta_number(&m, p, "dim").unwrap(), 384);
+        let e = format!("{:#}", meta_number(&m, p, "valid_rows").unwrap_err());
+        assert!(e.contains("text.safetensors") && e.contains("`valid_rows`"), "{e}");
+        let e = format!("{:#}", meta_number(&m, p, "rows").unwrap_err());
+        assert!(e.contains("`rows` is missing"), "{e}");
+    }
 }

@@ -104,6 +104,40 @@ mod tests {
         vs
     }
 
+    /// Damaged safetensors (a header length of 2^64 - 1 or past the file, a
+    /// tensor whose offsets lie outside the data, cut short) are named
+    /// errors, with nothing allocated for what they declare.
+    #[test]
+    fn damaged_safetensors_are_named_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let good = d.path().join("good.safetensors");
+        save_safetensors(&store(), &good).unwrap();
+        let bytes = std::fs::read(&good).unwrap();
+        let hlen = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = String::from_utf8(bytes[8..8 + hlen].to_vec()).unwrap();
+        let mut variants: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut huge = bytes.clone();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        variants.push(("huge header length", huge));
+        let mut past = bytes.clone();
+        past[..8].copy_from_slice(&((bytes.len() as u64) * 2).to_le_bytes());
+        variants.push(("header past the end", past));
+        variants.push(("cut", bytes[..bytes.len() - 3].to_vec()));
+        // the same header length, an offset far beyond the data
+        let far = header.replacen("\"data_offsets\":[0,", "\"data_offsets\":[9000000000,", 1);
+        let mut off = bytes.clone();
+        if far.len() == header.len() {
+            off[8..8 + hlen].copy_from_slice(far.as_bytes());
+            variants.push(("offset beyond the data", off));
+        }
+        for (what, b) in variants {
+            let p = d.path().join("bad.safetensors");
+            std::fs::write(&p, &b).unwrap();
+            let e = load_safetensors(&store(), &p).expect_err(what);
+            assert!(format!("{e:#}").contains("bad.safetensors"), "{what}: {e:#}");
+        }
+    }
+
     #[test]
     fn strict_load_names_every_mismatch_and_converts_floats() {
         let vs = store();

@@ -52,7 +52,16 @@ impl fmt::Display for Done<'_, caption::Summary> {
             s.total,
             s.shard,
             self.out.display()
-        )
+        )?;
+        write!(f, "; {} requests", s.requests)?;
+        if s.prompt_tokens + s.completion_tokens > 0 {
+            write!(
+                f,
+                ", {} prompt + {} completion tokens ({:.1} completion tokens/s)",
+                s.prompt_tokens, s.completion_tokens, s.completion_tokens_per_s
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -177,7 +177,7 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
     })
 }
 
-fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Path) -> Result<bool> {
+pub(crate) fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Path) -> Result<bool> {
     let mut lap = Lap::start(&case.id);
     let image_src = SourceFile {
         path: case.image.clone(),

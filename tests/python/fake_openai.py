@@ -14,8 +14,15 @@ last entry repeats). Replies:
     refusal     200 with a refusal
     length      200, finish_reason "length"
     401         HTTP 401 with an error body
+    404         HTTP 404 (what a wrong model name gets from vLLM)
+    400         HTTP 400 (what a wrong model name gets from a pinned
+                `transformers serve`)
 
-Every request is logged with its arrival time, headers and decoded image.
+`GET /v1/models` lists `models` (None: 404, as a server without the
+endpoint). Every chat request is logged with its arrival time, headers and
+decoded image; `gets` counts the model-list requests. Replies carry `usage`
+(prompt tokens: the prompt's words + 16 for the image; completion: the
+reply's words).
 """
 import base64
 import email.utils
@@ -27,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Fake:
-    def __init__(self, delay=0.0):
+    def __init__(self, delay=0.0, port=0):
         self.plan = {}
         self.default = ["ok"]
         # image sha -> caption text, overriding the unique default
@@ -36,6 +43,8 @@ class Fake:
         self.lock = threading.Lock()
         self.requests = []
         self.counts = {}
+        self.models = ["fake-vlm"]
+        self.gets = 0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,7 +56,15 @@ class Fake:
             def do_POST(self):
                 fake.handle(self)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            def do_GET(self):
+                with fake.lock:
+                    fake.gets += 1
+                if self.path != "/v1/models" or fake.models is None:
+                    return fake.send(self, 404, b'{"detail": "Not Found"}')
+                data = [{"id": m, "object": "model", "owned_by": "fake"} for m in fake.models]
+                fake.send(self, 200, json.dumps({"object": "list", "data": data}).encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda *a: None
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -105,6 +122,10 @@ class Fake:
             return self.send(h, 500, b'{"error": {"message": "internal error"}}')
         if kind == "401":
             return self.send(h, 401, b'{"error": {"message": "invalid api key"}}')
+        if kind == "404":
+            return self.send(h, 404, b'{"error": {"message": "The model does not exist."}}')
+        if kind == "400":
+            return self.send(h, 400, b'{"detail": "Server is pinned to another model."}')
         if kind == "429":
             return self.send(h, 429, b'{"error": {"message": "rate limited"}}', {"Retry-After": arg})
         if kind == "429date":
@@ -125,6 +146,11 @@ class Fake:
             "object": "chat.completion",
             "model": body.get("model"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": {
+                "prompt_tokens": len(prompt.split()) + 16,
+                "completion_tokens": len(text.split()),
+                "total_tokens": len(prompt.split()) + 16 + len(text.split()),
+            },
         }
         self.send(h, 200, json.dumps(reply).encode())
 

@@ -174,8 +174,26 @@ def test_faults_retries_and_rerun(cache, server, tmp_path):
         assert (r["status"], r["attempts"], r["flags"]) == ("ok", 1, []), r
         assert r["text"] == f"Slice {sha[i][:12]}: the image shows the brain parenchyma and ventricles."
         assert (r["backend"], r["model"], r["image_sha256"]) == ("openai", "fake-vlm", sha[i])
-    # retried: the 5 that recovered and the 3 that used up their budget
-    assert "3 failed" in p.stdout and "8 retried" in p.stdout and "1 flagged (truncated 1)" in p.stdout, p.stdout
+    # retried: the 5 that recovered and the 3 that used up their budget;
+    # flagged counts the failed empty and refusal slices too
+    assert "3 failed" in p.stdout and "8 retried" in p.stdout, p.stdout
+    assert "3 flagged (empty 1, refusal 1, truncated 1)" in p.stdout, p.stdout
+    # a quality retry asks differently (a deterministic server would answer
+    # the same request the same way): raised temperature and a seed
+    for i in ids[4:6]:
+        qs = sorted((q for q in server.requests if q["sha"] == sha[i]), key=lambda q: q["attempt"])
+        assert [q["body"]["temperature"] for q in qs] == [0.0, 0.7, 0.7], qs
+        assert [q["body"].get("seed") for q in qs] == [None, 1, 2]
+    # the plain retries (HTTP 500) ask the same
+    assert all(q["body"]["temperature"] == 0.0 and "seed" not in q["body"] for q in server.requests if q["sha"] == sha[ids[6]])
+    # usage: per record, and the run's totals
+    report = json.loads((tmp_path / "caption-report.json").read_text())
+    used = [r["usage"] for r in recs.values() if "usage" in r]
+    assert len(used) >= 33
+    assert report["prompt_tokens"] == sum(u["prompt_tokens"] for u in used) > 0
+    assert report["completion_tokens"] == sum(u["completion_tokens"] for u in used) > 0
+    assert f"{report['prompt_tokens']} prompt + {report['completion_tokens']} completion tokens" in p.stdout, p.stdout
+    assert server.gets == 1, "one model-list request per run"
 
     # every request carried its slice's PNG (byte for byte) and that slice's prompt
     by_sha = {png_sha(cache, r): r for r in rows}
@@ -283,9 +301,11 @@ def test_unauthorised_stops_the_run(cache, server, tmp_path):
     p = caption(cache, cfg, out, key=key)
     assert p.returncode == 2
     assert "HTTP 401" in p.stderr and "MED3D_TEST_KEY" in p.stderr, p.stderr
-    assert len(server.requests) <= 5
+    # the first slice is asked alone: one request, then nothing more
+    assert len(server.requests) == 1
     recs = records(out)
-    assert recs and all(r["status"] == "failed" and r["attempts"] == 1 for r in recs)
+    assert len(recs) == 1 and recs[0]["status"] == "failed" and recs[0]["attempts"] == 1
+    assert "35 slices not attempted" in p.stderr, p.stderr
     assert key not in out.read_text() + p.stdout + p.stderr
 
 
@@ -296,16 +316,101 @@ def test_unreachable_server_stops_the_run(cache, tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    cfg = write_config(tmp_path / "c.yaml", f"http://127.0.0.1:{port}/v1", openai={"max_in_flight": 2, "max_attempts": 50})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        f"http://127.0.0.1:{port}/v1",
+        openai={"max_in_flight": 2, "max_attempts": 50, "wait_for_server_s": 2},
+    )
     out = tmp_path / "captions.jsonl"
     t0 = time.monotonic()
     p = caption(cache, cfg, out)
     assert p.returncode == 2
-    assert "connection attempts in a row failed" in p.stderr, p.stderr[-2000:]
-    # 24 refusals end it, long before 36 slices x 50 attempts
+    assert "no server answers at" in p.stderr and "waiting for the server" in p.stderr, p.stderr[-2000:]
+    # the preflight waits 2 s, then the run stops before any slice
     assert time.monotonic() - t0 < 30
-    recs = records(out)
-    assert 1 <= len(recs) < 36 and all(r["status"] == "failed" for r in recs)
+    assert not out.exists() or records(out) == []
+    assert "36 slices not attempted" in p.stderr, p.stderr
+
+
+def free_port():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_a_starting_server_is_waited_for(cache, tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path / "c.yaml", f"http://127.0.0.1:{port}/v1", openai={"wait_for_server_s": 60})
+    out = tmp_path / "captions.jsonl"
+    proc = caption(cache, cfg, out, popen=True)
+    time.sleep(2.5)
+    f = Fake(port=port)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stdout + stderr
+        assert "waiting for the server" in stderr, stderr
+        assert all(r["status"] == "ok" for r in one_per_slice(out, rows_of(cache)).values())
+    finally:
+        f.close()
+
+
+def test_a_model_the_server_does_not_list_stops_before_any_slice(cache, server, tmp_path):
+    server.models = ["qwen2.5-vl-7b", "llava"]
+    cfg = write_config(tmp_path / "c.yaml", server.base_url)
+    out = tmp_path / "captions.jsonl"
+    p = caption(cache, cfg, out)
+    assert p.returncode == 2
+    assert 'does not serve caption.openai.model "fake-vlm"' in p.stderr, p.stderr
+    assert "qwen2.5-vl-7b, llava" in p.stderr, p.stderr
+    assert server.requests == []
+    # a server without the endpoint is let be (said once), and the run goes on
+    server.models = None
+    p = caption(cache, cfg, out)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("answered HTTP 404") == 1, p.stderr
+    assert len(server.requests) == 36
+
+
+def test_stop_means_stop(cache, server, tmp_path):
+    """A run-stopping reply (404: wrong model or URL) to the first slice:
+    nothing else is sent, even with 16 requests allowed in flight."""
+    server.default = ["404"]
+    cfg = write_config(tmp_path / "c.yaml", server.base_url, openai={"max_in_flight": 16})
+    out = tmp_path / "captions.jsonl"
+    p = caption(cache, cfg, out)
+    assert p.returncode == 2
+    assert "HTTP 404" in p.stderr and "/v1" in p.stderr, p.stderr
+    assert len(server.requests) == 1
+    report = json.loads((tmp_path / "caption-report.json").read_text())
+    assert (report["failed"], report["not_attempted"], report["requests"]) == (1, 35, 1), report
+
+
+def test_a_first_slice_failure_or_the_same_error_in_a_row_stops_the_run(cache, server, tmp_path):
+    rows = rows_of(cache)
+    # every slice: HTTP 400 (e.g. a pinned server asked for another model)
+    server.default = ["400"]
+    cfg = write_config(tmp_path / "c.yaml", server.base_url, openai={"max_in_flight": 8})
+    out = tmp_path / "captions.jsonl"
+    p = caption(cache, cfg, out)
+    assert p.returncode == 2
+    assert "the first slice failed" in p.stderr and "HTTP 400" in p.stderr, p.stderr
+    assert len(server.requests) == 1
+    # the first slice answers, then every other one fails the same way
+    server.reset_log()
+    first = rows[0]
+    server.plan = {png_sha(cache, first): ["ok"]}
+    out2 = tmp_path / "captions2.jsonl"
+    p = caption(cache, cfg, out2)
+    assert p.returncode == 2
+    assert "the same error on 5 slices in a row" in p.stderr, p.stderr
+    # the first, 5 in a row, and at most the 8 slots already on the wire
+    assert 6 <= len(server.requests) <= 6 + 8, len(server.requests)
+    report = json.loads((tmp_path / "caption-report.json").read_text())
+    assert report["not_attempted"] >= 36 - 14, report
 
 
 def test_repeated_captions_are_flagged_then_dropped(cache, server, tmp_path):
