@@ -72,7 +72,7 @@ pub fn whole_case(scratch: &Path, input: Input, bytes: &[u8]) -> Result<bool> {
     let case = Case {
         id: "fuzz".into(),
         image,
-        modality: if bytes.len() % 2 == 0 {
+        modality: if bytes.len().is_multiple_of(2) {
             Modality::CT
         } else {
             Modality::MR
