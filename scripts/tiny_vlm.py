@@ -2,6 +2,7 @@
 """Build a tiny, random-weight Qwen2.5-VL checkpoint for end-to-end tests.
 
     python scripts/tiny_vlm.py OUT_DIR
+    python scripts/tiny_vlm.py --vllm OUT_DIR   # the variant vLLM's CPU build serves
 
 Writes to OUT_DIR, with no network access:
 
@@ -14,6 +15,11 @@ Writes to OUT_DIR, with no network access:
   messages (string content, or lists of text / image / image_url / video parts);
 * processor_config.json (+ image/video processor settings): small pixel bounds,
   so a 64x64 image becomes 4 image tokens and a 128x128 one 16.
+
+With --vllm the text model is hidden 128 with 2 heads of 64 (vLLM's CPU
+attention takes head sizes 32, 64, 80, ...; not the default's 16), MRoPE
+sections [8, 12, 12], and greedy decoding yields only tokens with a letter or
+digit in them; everything else is as above (about 0.57 M parameters, 2.3 MB).
 
 Everything is seeded, so two runs give identical files.  The output is meant to
 be served by `transformers serve OUT_DIR` (transformers[serving]) and loaded with
@@ -51,6 +57,20 @@ TEMPORAL_PATCH_SIZE = 2
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 112 * 112
 BPE_VOCAB = 600  # learned BPE vocabulary (256 byte symbols + merges)
+# Greedy decoding picks only tokens with a letter or digit (see build_model).
+ALNUM_ONLY = False
+
+# --vllm: shapes vLLM's CPU backend accepts (its decoder attention supports
+# head sizes 32, 64, 80, 96, 112, 128, ...; the vision tower uses torch SDPA).
+VLLM_SHAPES = dict(
+    TEXT_HIDDEN=128,
+    TEXT_HEADS=2,  # head_dim 64 -> rotary half-dim 32 = sum(MROPE_SECTION)
+    TEXT_KV_HEADS=2,
+    MROPE_SECTION=[8, 12, 12],
+    # this model's greedy text for med3d's prompts is sometimes all punctuation
+    # ("-|||||||"), which med3d flags `empty` and asks again for
+    ALNUM_ONLY=True,
+)
 
 # Special tokens of Qwen2-VL, in Qwen's order.
 SPECIAL_TOKENS = [
@@ -282,6 +302,8 @@ def build_model(tokenizer):
                 continue
             text = tokenizer.decode([i])
             keep[i] = bool(text) and text.isascii() and text.isprintable()
+            if ALNUM_ONLY:
+                keep[i] = keep[i] and any(c.isalnum() for c in text)
         model.lm_head.weight[~keep] = 0.0
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
@@ -341,7 +363,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", help="directory to write the checkpoint to (created if missing)")
     ap.add_argument("--no-check", action="store_true", help="skip the reload + generate self-check")
+    ap.add_argument("--vllm", action="store_true", help="build the variant with shapes vLLM's CPU build accepts")
     args = ap.parse_args(argv)
+    if args.vllm:
+        globals().update(VLLM_SHAPES)
 
     seed_everything()
     os.makedirs(args.out_dir, exist_ok=True)

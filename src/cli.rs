@@ -29,7 +29,7 @@ pub enum Cmd {
         json: bool,
         /// Cap, in MiB, on what compressed input (gzip, JPEG/RLE/JPEG 2000
         /// frames) may decompress to; plain data are bounded by the file.
-        #[arg(long, default_value_t = med3dinsight::volume::ReadLimits::DEFAULT_MIB)]
+        #[arg(long, default_value_t = med3dinsight::volume::ReadOptions::DEFAULT_MIB)]
         max_decompressed_mib: u64,
     },
     /// Write an image (DICOM folder or file, or NIfTI) as the float32 NIfTI
@@ -41,12 +41,15 @@ pub enum Cmd {
         /// DICOM: the SeriesInstanceUID to read when a folder holds several.
         #[arg(long)]
         series: Option<String>,
-        /// 4D NIfTI: the volume to take.
+        /// 4D NIfTI / NRRD: the volume to take.
         #[arg(long)]
         volume_index: Option<usize>,
+        /// 3D Slicer segmentations whose segments overlap: error, first or last.
+        #[arg(long, value_enum, default_value = "error")]
+        label_overlap: med3dinsight::volume::nrrd::Overlap,
         /// Cap, in MiB, on what compressed input (gzip, JPEG/RLE/JPEG 2000
         /// frames) may decompress to; plain data are bounded by the file.
-        #[arg(long, default_value_t = med3dinsight::volume::ReadLimits::DEFAULT_MIB)]
+        #[arg(long, default_value_t = med3dinsight::volume::ReadOptions::DEFAULT_MIB)]
         max_decompressed_mib: u64,
     },
     /// Turn the volumes of a manifest into a slice cache.

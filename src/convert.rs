@@ -32,7 +32,7 @@ pub fn convert(
     input: &Path,
     series_uid: Option<&str>,
     volume_index: Option<usize>,
-    limits: &volume::ReadLimits,
+    limits: &volume::ReadOptions,
     output: &Path,
 ) -> Result<Volume> {
     let loaded = volume::load_image(input, series_uid, volume_index, limits)?;
@@ -74,7 +74,7 @@ mod tests {
                 bytes
             };
             std::fs::write(&p, bytes).unwrap();
-            let back = volume::load(&p, None, &volume::ReadLimits::default()).unwrap();
+            let back = volume::load(&p, None, &volume::ReadOptions::default()).unwrap();
             assert_eq!(back, vol);
         }
     }

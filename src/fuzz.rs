@@ -15,7 +15,7 @@ use anyhow::Result;
 use crate::artifacts::cache::{PreprocessConfig, RoiMode};
 use crate::manifest::Case;
 use crate::volume::dicom::{header, pixels, series};
-use crate::volume::{Modality, ReadLimits};
+use crate::volume::{Modality, ReadOptions};
 
 /// Between the files of a DICOM series in one fuzz input.
 pub const FILE_SEPARATOR: &[u8] = b"\n--med3d-next-file--\n";
@@ -134,7 +134,7 @@ pub fn dicom_file(bytes: &[u8], jpeg2000: bool) {
         return;
     }
     if let Ok(obj) = header::parse_bytes(bytes, None) {
-        if let Ok(v) = pixels::decode_frame(&obj, &h, 0, &ReadLimits::mib(64)) {
+        if let Ok(v) = pixels::decode_frame(&obj, &h, 0, &ReadOptions::mib(64)) {
             assert_eq!(v.len(), h.pixel.rows as usize * h.pixel.cols as usize);
         }
     }

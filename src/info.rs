@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::volume::{affine, dicom, nifti, ReadLimits};
+use crate::volume::{affine, dicom, nifti, nrrd, ReadOptions};
 
 #[derive(Debug, Serialize)]
 pub struct Info {
@@ -36,6 +36,9 @@ pub struct Info {
     /// DICOM folders: files skipped as not DICOM images, with the reason.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<String>,
+    /// 3D Slicer segmentations: the segments' names, class 1, 2, ... in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<String>,
 }
 
 /// What `med3d info` reports: one image, or the series of a DICOM folder
@@ -54,10 +57,13 @@ pub enum Described {
 
 /// Describes a NIfTI file, a DICOM file, or one series of a DICOM folder
 /// (`series`, or the only one; with several and none picked, lists them).
-pub fn describe(path: &Path, series: Option<&str>, limits: &ReadLimits) -> Result<Described> {
+pub fn describe(path: &Path, series: Option<&str>, limits: &ReadOptions) -> Result<Described> {
     if !dicom::is_dicom_path(path) {
         if series.is_some() {
             anyhow::bail!("{}: --series is for DICOM inputs", path.display());
+        }
+        if nrrd::is_nrrd_path(path) {
+            return Ok(Described::Image(Box::new(nrrd_info(path, limits)?)));
         }
         return Ok(Described::Image(Box::new(info(path, limits)?)));
     }
@@ -105,6 +111,7 @@ pub fn describe(path: &Path, series: Option<&str>, limits: &ReadLimits) -> Resul
         nonfinite: s.nonfinite,
         dicom: Some(d.provenance),
         skipped,
+        segments: Vec::new(),
     })))
 }
 
@@ -156,7 +163,45 @@ pub fn stats(values: &[f32]) -> Stats {
     }
 }
 
-pub fn info(path: &Path, limits: &ReadLimits) -> Result<Info> {
+/// Describes an NRRD file: its sizes (every axis), the affine of its three
+/// spatial axes, statistics over all its voxels, and a segmentation's
+/// segment names.
+pub fn nrrd_info(path: &Path, limits: &ReadOptions) -> Result<Info> {
+    let img = nrrd::read(path, limits)?;
+    let h = &img.header;
+    let aff = h.affine().with_context(|| path.display().to_string())?;
+    let s = stats(&img.data);
+    let segs = nrrd::segments(h);
+    Ok(Info {
+        path: path.display().to_string(),
+        format: format!(
+            "NRRD{}",
+            if segs.is_empty() {
+                ""
+            } else {
+                " (3D Slicer segmentation)"
+            }
+        ),
+        shape: h.sizes.clone(),
+        spacing: affine::column_norms(&aff),
+        zooms: affine::column_norms(&aff).to_vec(),
+        dtype: h.dtype.name().to_string(),
+        affine: aff,
+        orientation: affine::axcodes(&aff).unwrap_or_else(|| "singular".into()),
+        scl_slope: 1.0,
+        scl_inter: 0.0,
+        min: s.min,
+        max: s.max,
+        mean: s.mean,
+        std: s.std,
+        nonfinite: s.nonfinite,
+        dicom: None,
+        skipped: Vec::new(),
+        segments: segs.into_iter().map(|(n, _, _)| n).collect(),
+    })
+}
+
+pub fn info(path: &Path, limits: &ReadOptions) -> Result<Info> {
     let img = nifti::read(path, limits)?;
     let h = &img.header;
     let aff = h.affine();
@@ -183,6 +228,7 @@ pub fn info(path: &Path, limits: &ReadLimits) -> Result<Info> {
         nonfinite: s.nonfinite,
         dicom: None,
         skipped: Vec::new(),
+        segments: Vec::new(),
     })
 }
 
@@ -222,6 +268,9 @@ impl std::fmt::Display for Info {
         }
         for s in &self.skipped {
             write!(f, "\n  skipped      {s}")?;
+        }
+        for (i, s) in self.segments.iter().enumerate() {
+            write!(f, "\n  segment {:<4} {s}", i + 1)?;
         }
         Ok(())
     }

@@ -25,8 +25,12 @@ fn real_main() -> Result<End> {
             series,
             volume_index,
             max_decompressed_mib,
+            label_overlap,
         } => {
-            let limits = med3dinsight::volume::ReadLimits::mib(max_decompressed_mib);
+            let limits = med3dinsight::volume::ReadOptions {
+                label_overlap,
+                ..med3dinsight::volume::ReadOptions::mib(max_decompressed_mib)
+            };
             let v = med3dinsight::convert::convert(&input, series.as_deref(), volume_index, &limits, &output)?;
             println!(
                 "{} -> {} {:?} {}",
@@ -52,7 +56,7 @@ fn real_main() -> Result<End> {
             json,
             max_decompressed_mib,
         } => {
-            let limits = med3dinsight::volume::ReadLimits::mib(max_decompressed_mib);
+            let limits = med3dinsight::volume::ReadOptions::mib(max_decompressed_mib);
             let info = med3dinsight::info::describe(&path, series.as_deref(), &limits)?;
             if json {
                 println!("{}", serde_json::to_string(&info)?);

@@ -170,6 +170,15 @@ pub struct PreprocessConfig {
     /// config hash, so raising it re-preprocesses nothing.
     #[serde(skip_serializing)]
     pub max_decompressed_mib: u64,
+    /// 3D Slicer segmentations (`.seg.nrrd` labels) whose segments overlap:
+    /// `error` (the case fails naming them), `first` or `last` (that
+    /// segment wins). Part of the config hash unless it is the default.
+    #[serde(skip_serializing_if = "is_default_overlap")]
+    pub label_overlap: crate::volume::nrrd::Overlap,
+}
+
+fn is_default_overlap(o: &crate::volume::nrrd::Overlap) -> bool {
+    *o == crate::volume::nrrd::Overlap::default()
 }
 
 impl Default for PreprocessConfig {
@@ -184,7 +193,8 @@ impl Default for PreprocessConfig {
             slices_per_plane: 16,
             planes: Plane::ALL.to_vec(),
             volume_index: None,
-            max_decompressed_mib: crate::volume::ReadLimits::DEFAULT_MIB,
+            max_decompressed_mib: crate::volume::ReadOptions::DEFAULT_MIB,
+            label_overlap: Default::default(),
         }
     }
 }
@@ -197,8 +207,11 @@ impl PreprocessConfig {
         crate::fsutil::sha256_bytes(&json)
     }
 
-    pub fn read_limits(&self) -> crate::volume::ReadLimits {
-        crate::volume::ReadLimits::mib(self.max_decompressed_mib)
+    pub fn read_limits(&self) -> crate::volume::ReadOptions {
+        crate::volume::ReadOptions {
+            label_overlap: self.label_overlap,
+            ..crate::volume::ReadOptions::mib(self.max_decompressed_mib)
+        }
     }
 
     pub fn validate(&self) -> Result<()> {

@@ -8,6 +8,7 @@ pub mod crop;
 pub mod dicom;
 pub mod intensity;
 pub mod nifti;
+pub mod nrrd;
 pub mod orient;
 pub mod resample;
 
@@ -116,24 +117,28 @@ impl Volume {
     }
 }
 
-/// How far reading one input may expand it in memory. Plain data are
+/// How inputs are read: how far one may expand in memory, and how a
+/// segmentation's overlapping segments merge. Plain data are
 /// bounded by the file itself: nothing is reserved for more voxels, values
 /// or frames than the bytes present can hold. Compressed data (a gzipped
 /// NIfTI, an encapsulated DICOM frame) can legitimately expand many times,
 /// so what they decode to is bounded by this cap instead, checked before the
 /// memory is reserved (and, for gzip, while inflating).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReadLimits {
+pub struct ReadOptions {
     pub max_decompressed_bytes: u64,
+    /// How a 3D Slicer segmentation's overlapping segments become one label map.
+    pub label_overlap: nrrd::Overlap,
 }
 
-impl ReadLimits {
+impl ReadOptions {
     /// The default cap, 4 GiB: a 512x512x2000 float32 CT is 2 GiB.
     pub const DEFAULT_MIB: u64 = 4096;
 
-    pub fn mib(mib: u64) -> ReadLimits {
-        ReadLimits {
+    pub fn mib(mib: u64) -> ReadOptions {
+        ReadOptions {
             max_decompressed_bytes: mib.saturating_mul(1 << 20),
+            label_overlap: nrrd::Overlap::Error,
         }
     }
 
@@ -147,9 +152,9 @@ impl ReadLimits {
     }
 }
 
-impl Default for ReadLimits {
+impl Default for ReadOptions {
     fn default() -> Self {
-        ReadLimits::mib(ReadLimits::DEFAULT_MIB)
+        ReadOptions::mib(ReadOptions::DEFAULT_MIB)
     }
 }
 
@@ -166,7 +171,7 @@ pub fn load_image(
     path: &Path,
     series_uid: Option<&str>,
     volume_index: Option<usize>,
-    limits: &ReadLimits,
+    limits: &ReadOptions,
 ) -> Result<Loaded> {
     if dicom::is_dicom_path(path) {
         let d = dicom::load(path, series_uid, limits).with_context(|| format!("DICOM input {}", path.display()))?;
@@ -182,6 +187,12 @@ pub fn load_image(
             path.display()
         );
     }
+    if nrrd::is_nrrd_path(path) {
+        return Ok(Loaded {
+            volume: nrrd::load(path, volume_index, limits.label_overlap, limits)?,
+            dicom: None,
+        });
+    }
     Ok(Loaded {
         volume: load_nifti(path, volume_index, limits)?,
         dicom: None,
@@ -189,7 +200,7 @@ pub fn load_image(
 }
 
 /// Reads a NIfTI file or a single-series DICOM input into a `Volume`.
-pub fn load(path: &Path, volume_index: Option<usize>, limits: &ReadLimits) -> Result<Volume> {
+pub fn load(path: &Path, volume_index: Option<usize>, limits: &ReadOptions) -> Result<Volume> {
     Ok(load_image(path, None, volume_index, limits)?.volume)
 }
 
@@ -231,7 +242,7 @@ fn f_to_c_order(src: &[f32], [nx, ny, nz]: [usize; 3]) -> Vec<f32> {
 /// Reads a NIfTI file (any of the supported names) into a `Volume`, after
 /// checking its header for the geometry problems that would make the
 /// result meaningless.
-pub fn load_nifti(path: &Path, volume_index: Option<usize>, limits: &ReadLimits) -> Result<Volume> {
+pub fn load_nifti(path: &Path, volume_index: Option<usize>, limits: &ReadOptions) -> Result<Volume> {
     let img = nifti::read_as(path, nifti::Layout::CPerVolume, limits)?;
     let h = &img.header;
     for (i, &p) in h.pixdim[1..=3].iter().enumerate() {

@@ -27,7 +27,7 @@ use ndarray::Array3;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{ReadLimits, Volume};
+use super::{ReadOptions, Volume};
 use header::{FileHeader, ScanOutcome};
 
 /// The ways a DICOM input can be wrong, each with a name that shows up at
@@ -305,13 +305,13 @@ pub struct DicomVolume {
 }
 
 /// Loads one series (by UID, or the only one) from a folder or file.
-pub fn load(path: &Path, series_uid: Option<&str>, limits: &ReadLimits) -> Result<DicomVolume> {
+pub fn load(path: &Path, series_uid: Option<&str>, limits: &ReadOptions) -> Result<DicomVolume> {
     let scan = scan(path)?;
     load_from_scan(&scan, series_uid, limits)
 }
 
 /// Loads one series of an existing scan.
-pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>, limits: &ReadLimits) -> Result<DicomVolume> {
+pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>, limits: &ReadOptions) -> Result<DicomVolume> {
     let files = scan.select(series_uid)?;
     // One slice per frame of every file, in a stable order.
     let mut slices: Vec<(usize, usize)> = Vec::new();

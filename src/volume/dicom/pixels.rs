@@ -13,7 +13,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use super::header::{frame_label, transfer_syntax_name, FileHeader, ModalityLut, PixelFormat, Rescale};
 use super::DicomError;
-use crate::volume::ReadLimits;
+use crate::volume::ReadOptions;
 
 const EXPLICIT_VR_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
@@ -92,7 +92,7 @@ pub fn decode_frame(
     obj: &DefaultDicomObject,
     f: &FileHeader,
     k: usize,
-    limits: &ReadLimits,
+    limits: &ReadOptions,
 ) -> Result<Vec<f32>, DicomError> {
     let label = frame_label(f, k);
     let fb = frame_bytes(&f.pixel).ok_or_else(|| DicomError::UnsupportedPixelFormat {

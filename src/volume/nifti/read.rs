@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 
 use super::data::{data_nbytes, decode, decode_c_order, decode_slab, DataType, SLAB};
 use super::header::{parse_header, NiftiHeader};
-use crate::volume::ReadLimits;
+use crate::volume::ReadOptions;
 
 /// The most header bytes a NIfTI file has before its voxels or extensions
 /// (NIfTI-2's 540; NIfTI-1's 348 plus its 4 extension flag bytes).
@@ -46,7 +46,7 @@ fn is_gz(path: &Path) -> bool {
 /// The bytes of a file, inflated when it is gzipped: at most `first` of
 /// them when given, and never more than the limits' cap on decompressed
 /// data (memory grows with the bytes inflated, not with a declared size).
-fn read_maybe_gz(path: &Path, first: Option<u64>, limits: &ReadLimits) -> Result<Vec<u8>> {
+fn read_maybe_gz(path: &Path, first: Option<u64>, limits: &ReadOptions) -> Result<Vec<u8>> {
     let cannot_read = || format!("cannot read {}", path.display());
     let mut file = std::fs::File::open(path).with_context(cannot_read)?;
     let len = file.metadata().with_context(cannot_read)?.len();
@@ -109,7 +109,7 @@ fn pair_paths(path: &Path) -> Option<(PathBuf, PathBuf)> {
 /// gzipped), never its voxels.
 pub fn read_header(path: &Path) -> Result<NiftiHeader> {
     let hdr_path = pair_paths(path).map(|(h, _)| h).unwrap_or_else(|| path.to_path_buf());
-    let bytes = read_maybe_gz(&hdr_path, Some(HEADER_BYTES), &ReadLimits::default())?;
+    let bytes = read_maybe_gz(&hdr_path, Some(HEADER_BYTES), &ReadOptions::default())?;
     parse_header(&bytes).with_context(|| format!("{}: invalid NIfTI header", hdr_path.display()))
 }
 
@@ -119,7 +119,7 @@ pub fn read_header(path: &Path) -> Result<NiftiHeader> {
 /// a time straight into their C-order places. None for anything but a
 /// well-formed single file (a pair, a short or corrupt file, ...): `read_as`
 /// then goes the general way, which names the problem.
-fn read_c_order_streamed(path: &Path, limits: &ReadLimits) -> Option<NiftiImage> {
+fn read_c_order_streamed(path: &Path, limits: &ReadOptions) -> Option<NiftiImage> {
     if pair_paths(path).is_some() {
         return None;
     }
@@ -216,12 +216,12 @@ fn holds(path: &Path, gz: bool, offset: usize, need: usize) -> Option<bool> {
 }
 
 /// Reads and decodes a whole NIfTI image, voxels in file order.
-pub fn read(path: &Path, limits: &ReadLimits) -> Result<NiftiImage> {
+pub fn read(path: &Path, limits: &ReadOptions) -> Result<NiftiImage> {
     read_as(path, Layout::File, limits)
 }
 
 /// Reads and decodes a whole NIfTI image, voxels in the given layout.
-pub fn read_as(path: &Path, layout: Layout, limits: &ReadLimits) -> Result<NiftiImage> {
+pub fn read_as(path: &Path, layout: Layout, limits: &ReadOptions) -> Result<NiftiImage> {
     if layout == Layout::CPerVolume {
         if let Some(img) = read_c_order_streamed(path, limits) {
             return Ok(img);
@@ -231,7 +231,7 @@ pub fn read_as(path: &Path, layout: Layout, limits: &ReadLimits) -> Result<Nifti
 }
 
 /// `read_as` by way of the whole file's bytes in memory.
-fn read_whole(path: &Path, layout: Layout, limits: &ReadLimits) -> Result<NiftiImage> {
+fn read_whole(path: &Path, layout: Layout, limits: &ReadOptions) -> Result<NiftiImage> {
     let ctx = || format!("{}", path.display());
     if !path.exists() {
         bail!("{}: file not found", path.display());
@@ -333,8 +333,9 @@ mod tests {
         for (name, bytes) in files {
             let p = d.path().join(name);
             std::fs::write(&p, &bytes).unwrap();
-            let a = read_c_order_streamed(&p, &ReadLimits::default()).unwrap_or_else(|| panic!("{name}: not streamed"));
-            let b = read_whole(&p, Layout::CPerVolume, &ReadLimits::default()).unwrap();
+            let a =
+                read_c_order_streamed(&p, &ReadOptions::default()).unwrap_or_else(|| panic!("{name}: not streamed"));
+            let b = read_whole(&p, Layout::CPerVolume, &ReadOptions::default()).unwrap();
             assert_eq!(
                 (&a.header, &a.shape, a.dtype, a.layout),
                 (&b.header, &b.shape, b.dtype, b.layout),
@@ -346,9 +347,9 @@ mod tests {
             // anything short or corrupt is left to the general way
             let cut = d.path().join(format!("cut_{name}"));
             std::fs::write(&cut, &bytes[..bytes.len() - 5]).unwrap();
-            assert!(read_c_order_streamed(&cut, &ReadLimits::default()).is_none(), "{name}");
+            assert!(read_c_order_streamed(&cut, &ReadOptions::default()).is_none(), "{name}");
             assert!(
-                read_whole(&cut, Layout::CPerVolume, &ReadLimits::default()).is_err(),
+                read_whole(&cut, Layout::CPerVolume, &ReadOptions::default()).is_err(),
                 "{name}"
             );
         }
