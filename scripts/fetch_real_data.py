@@ -92,6 +92,37 @@ def main(out):
         for p in targets.values():
             sums[p.relative_to(out).as_posix()] = sha256(p.read_bytes())
     (out / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums.items())))
+    write_manifests(out)
+
+
+# (case id, image, label, modality): every real volume, with its label where there is one
+CASES = [
+    ("brain1", "pyradiomics/brain1_image.nrrd", "pyradiomics/brain1_label.nrrd", "MR"),
+    ("brain2", "pyradiomics/brain2_image.nrrd", "pyradiomics/brain2_label.nrrd", "MR"),
+    ("breast1", "pyradiomics/breast1_image.nrrd", "pyradiomics/breast1_label.nrrd", "MR"),
+    ("lung1", "pyradiomics/lung1_image.nrrd", "pyradiomics/lung1_label.nrrd", "CT"),
+    ("lung2", "pyradiomics/lung2_image.nrrd", "pyradiomics/lung2_label.nrrd", "CT"),
+    ("ctchest4", "slicerio/CTChest4.nrrd", "slicerio/Segmentation.seg.nrrd", "CT"),
+]
+
+
+def write_manifests(out):
+    """pretrain.yaml: every volume, unlabelled; lesions.yaml: pyradiomics'
+    five patients with their lesion masks (class 1 vs background);
+    chest.yaml: slicerio's chest CT with its 7-segment label map."""
+    def manifest(name, cases, labelled):
+        lines = [f"name: {name}", "cases:"]
+        for cid, img, lab, mod in cases:
+            lines.append(f"  - id: {cid}")
+            lines.append(f"    image: {(out / img).resolve()}")
+            lines.append(f"    modality: {mod}")
+            if labelled:
+                lines.append(f"    label: {(out / lab).resolve()}")
+        (out / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+
+    manifest("pretrain", CASES, False)
+    manifest("lesions", [c for c in CASES if c[1].startswith("pyradiomics/")], True)
+    manifest("chest", [c for c in CASES if c[0] == "ctchest4"], True)
 
 
 if __name__ == "__main__":
