@@ -23,7 +23,9 @@ processing loop inside its process (Python and torch/MONAI import time
 excluded). Two ratios are printed: throughput (volumes per wall-clock
 second) and CPU efficiency (MONAI CPU seconds / med3d CPU seconds, the
 per-core ratio, which a busy machine disturbs far less than wall clock; the
-load average is recorded alongside). Memory: "peak RSS" is the peak
+load average is recorded alongside). The floor: the CPU time of only
+inflating the same inputs in one process (zlib through Python, and `gzip
+-dc`), and each side's CPU time over it. Memory: "peak RSS" is the peak
 resident set of the largest single process (exact, from the kernel, taken
 by /usr/bin/time when present); "peak PSS" is the summed proportional set
 size of the whole process tree, sampled every 50 ms (what a pool of workers
@@ -354,6 +356,53 @@ def parity(cases: list, med3d_out: str, monai_out: str) -> dict:
     return res
 
 
+FLOOR_CHILD = r"""
+import sys, time, zlib
+t0, c0 = time.perf_counter(), time.process_time()
+n = 0
+for path in sys.argv[1:]:
+    data = open(path, "rb").read()
+    if not path.endswith(".gz"):
+        n += len(data)
+        continue
+    pos = 0
+    while pos < len(data):  # every member, as a multi-member reader does
+        d = zlib.decompressobj(31)
+        view = memoryview(data)[pos:]
+        i = 0
+        while not d.eof and i < len(view):
+            n += len(d.decompress(view[i:i + (1 << 20)]))
+            i += 1 << 20
+        if not d.eof:
+            break
+        pos += len(view) - len(d.unused_data)
+
+print(time.perf_counter() - t0, time.process_time() - c0, n)
+"""
+
+
+def floor(cases: list) -> dict:
+    """The physical floor of reading the inputs: only inflating them (only
+    reading, for plain files), one process, one core. Two inflaters: zlib
+    (C, through Python, streamed in 1 MiB chunks) and `gzip -dc > /dev/null`.
+    The lower CPU time is the floor."""
+    paths = [c["image"] for c in cases]
+    out = {}
+    p = subprocess.run([sys.executable, "-c", FLOOR_CHILD, *paths], capture_output=True, text=True, check=True)
+    wall, cpu, n = p.stdout.split()
+    out["zlib"] = {"wall_s": float(wall), "cpu_s": float(cpu), "bytes": int(n)}
+    if shutil.which("gzip"):
+        t0 = time.perf_counter()
+        r0 = os.times()
+        for path in paths:
+            if path.endswith(".gz"):
+                subprocess.run(["gzip", "-dc", path], stdout=subprocess.DEVNULL, check=True)
+        r1 = os.times()
+        out["gzip"] = {"wall_s": time.perf_counter() - t0, "cpu_s": (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)}
+    out["floor_cpu_s"] = min(v["cpu_s"] for v in out.values() if isinstance(v, dict))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ct", type=int, default=3, help="synthetic CT volumes (default 3)")
@@ -425,6 +474,14 @@ def main() -> None:
             c = results[k2]["cpu_s"] / results[k1]["cpu_s"]
             ratios[f"w{w}"] = {"throughput": r, "cpu": c}
             print(f"med3d / MONAI, {label}: throughput {r:.1f}x, CPU efficiency {c:.1f}x")
+    fl = floor(cases)
+    print(f"floor, only inflating the same inputs (one process): zlib {fl['zlib']['cpu_s']:.2f} s CPU"
+          + (f", gzip -dc {fl['gzip']['cpu_s']:.2f} s CPU" if "gzip" in fl else ""))
+    for tag in ("med3d-w1", "monai-w1"):
+        if tag in results:
+            r = results[tag]["cpu_s"] / fl["floor_cpu_s"]
+            ratios.setdefault("floor", {})[tag] = r
+            print(f"{tag} CPU / floor: {r:.2f}x" + (" (start-up included)" if tag.startswith("med3d") else ""))
     par = None
     if "med3d-w1" in results and "monai-w1" in results:
         par = parity(cases, results["med3d-w1"]["out"], results["monai-w1"]["out"])
@@ -447,6 +504,7 @@ def main() -> None:
         "results": results,
         "ratio_med3d_over_monai": ratios,
         "parity": par,
+        "floor": fl,
     }
     (WORK / "preprocess.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {(WORK / 'preprocess.json').relative_to(ROOT)}")
