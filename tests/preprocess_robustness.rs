@@ -407,6 +407,29 @@ fn implausible_voxel_size_is_reported_not_fatal() {
     );
 }
 
+/// Voxels 30x too large for their file: the resampled grid (a few hundred
+/// MB, sized by the affine, not by the file) falls under the cap on what a
+/// case may expand to, here lowered to 64 MiB: the case fails naming the
+/// key, before the grid is allocated.
+#[test]
+fn a_resampled_grid_past_the_cap_fails_the_case_naming_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    let mut n = anatomical();
+    let srow = n.srow().map(|r| [r[0] * 30.0, r[1] * 30.0, r[2] * 30.0, r[3]]);
+    n.set_srow(srow);
+    let bad = n.write(&d.path().join("big_voxels.nii"));
+    check_bad_case_with(
+        d.path(),
+        case("bad", &bad, None),
+        &bad,
+        &[
+            "more than the 64 MiB one case may expand to",
+            "preprocess.max_decompressed_mib",
+        ],
+        "  max_decompressed_mib: 64\n",
+    );
+}
+
 #[test]
 fn missing_files_are_reported() {
     // A missing image, and an existing image whose label is missing.

@@ -129,6 +129,25 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
     lap.done("orient");
     let (grid, shape) = resample::target_grid(&image.affine, image.shape(), cfg.spacing)
         .with_context(|| format!("{}", case.image.display()))?;
+    // The resampled grid is sized by the header's geometry, not by the
+    // file: a few bytes of affine can ask for gigabytes. It falls under the
+    // same cap as what compressed data may expand to.
+    let grid_bytes = shape
+        .iter()
+        .try_fold(4u64, |a, &d| a.checked_mul(d as u64))
+        .unwrap_or(u64::MAX);
+    if grid_bytes > limits.max_decompressed_bytes {
+        bail!(
+            "{}: resampling to {:?} mm needs a {:?} grid ({} MiB as float32), more than the {} MiB one case may \
+             expand to: the affine (voxel size {:?} mm) is implausible, or raise `preprocess.max_decompressed_mib`",
+            case.image.display(),
+            cfg.spacing,
+            shape,
+            grid_bytes >> 20,
+            limits.max_decompressed_bytes >> 20,
+            image.spacing()
+        );
+    }
     let mut image = resample::resample_to(&image, &grid, shape, resample::Interp::Linear)?;
     let label = label
         .map(|l| resample::resample_to(&l, &grid, shape, resample::Interp::Nearest))
