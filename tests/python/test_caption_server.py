@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_caption import cache, caption, one_per_slice, png_sha, records, rows_of, write_config  # noqa: F401
+from test_caption import cache, caption, free_port, one_per_slice, png_sha, records, rows_of, write_config  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "data/models/tiny-vlm"
@@ -30,14 +30,6 @@ pytestmark = pytest.mark.skipif(
     not (MODEL / "model.safetensors").exists() or not SERVE.exists(),
     reason="the tiny VLM or transformers serve is missing (run `make setup`)",
 )
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Serve:
