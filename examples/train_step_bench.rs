@@ -99,7 +99,10 @@ fn main() -> Result<()> {
         cfg.batch_size = b;
     }
     if let Some(f) = a.feature_size {
-        cfg.backbone.feature_size = f;
+        match &mut cfg.backbone {
+            med3dinsight::model::backbone::BackboneConfig::SwinUnetr(c) => c.feature_size = f,
+            _ => anyhow::bail!("--feature-size applies to a SwinUNETR backbone"),
+        }
     }
     let side = a.size.or(cfg.input_size.map(|s| s[0])).unwrap_or(64);
     cfg.input_size = Some([side; 3]);

@@ -35,8 +35,11 @@ pub struct Experiment {
 impl Experiment {
     pub fn load(path: &Path) -> Result<Experiment> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        let e: Experiment =
+        let mut e: Experiment =
             serde_yaml::from_str(&text).with_context(|| format!("{}: invalid experiment config", path.display()))?;
+        e.pretrain
+            .resolve()
+            .with_context(|| format!("{}: invalid pretrain section", path.display()))?;
         e.preprocess
             .validate()
             .with_context(|| format!("{}: invalid preprocess section", path.display()))?;

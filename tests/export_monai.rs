@@ -17,6 +17,7 @@ use std::process::Command;
 use med3dinsight::config::Experiment;
 use med3dinsight::config::PreprocessConfig;
 use med3dinsight::export::{self, card::Card, Format, Request};
+use med3dinsight::model::backbone::BackboneConfig;
 use med3dinsight::model::state_dict::load_named;
 use med3dinsight::model::swin_unetr::SwinUnetr;
 use pretrain_fixture::{bin, experiment, Fixture, TINY};
@@ -102,7 +103,10 @@ fn pretrain() -> Run {
 /// med3d's SwinUNETR with the backbone tensors of a checkpoint.
 fn ours_from_checkpoint(exp: &Experiment, ckpt: &Path) -> (VarStore, SwinUnetr) {
     let vs = VarStore::new(Device::Cpu);
-    let model = SwinUnetr::new(&vs.root(), &exp.pretrain.backbone).unwrap();
+    let BackboneConfig::SwinUnetr(cfg) = &exp.pretrain.backbone else {
+        panic!("the fixture trains SwinUNETR")
+    };
+    let model = SwinUnetr::new(&vs.root(), cfg).unwrap();
     let body: Vec<(String, Tensor)> = Tensor::read_safetensors(ckpt.join("model.safetensors"))
         .unwrap()
         .into_iter()

@@ -49,9 +49,22 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The tiny SwinUNETR of the other pretrain tests.
+const SWIN: &str = "{feature_size: 12, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2], fused_attention: true}";
+
+/// nnU-Net's ResEnc U-Net from the tiny plans derived from ResEnc M's.
+fn nnunet() -> String {
+    let plans = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nnunet/tiny_ResEncUNetPlans.json");
+    format!("{{nnunet: {{plans: {}}}}}", plans.display())
+}
+
 /// The tiny model of the other pretrain tests on the fixture's 64x32x32
 /// volumes (32^3 would leave one voxel at the bottleneck), dropout off.
 fn config(dir: &Path, name: &str, batch: usize, steps: u64, extra: &str) -> PathBuf {
+    config_with(dir, name, batch, steps, SWIN, extra)
+}
+
+fn config_with(dir: &Path, name: &str, batch: usize, steps: u64, backbone: &str, extra: &str) -> PathBuf {
     let d = dir.join(name);
     std::fs::create_dir_all(&d).unwrap();
     experiment(
@@ -59,7 +72,7 @@ fn config(dir: &Path, name: &str, batch: usize, steps: u64, extra: &str) -> Path
         &format!(
             "  device: cpu
   threads: 1
-  backbone: {{feature_size: 12, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2], fused_attention: true}}
+  backbone: {backbone}
   psat: {{layers: 1, heads: 2, queries: 4, bins: 8, dropout: 0.0}}
   align: {{max_iter: 30}}
   sampling: slice
@@ -139,12 +152,22 @@ fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> (f64, String) {
 /// Trains 1 process with batch 2b and 2 ranks with batch b; returns the
 /// two runs' folders.
 fn one_vs_two(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    one_vs_two_with(dir, SWIN, extra)
+}
+
+fn one_vs_two_with(dir: &Path, backbone: &str, extra: &str) -> (PathBuf, PathBuf) {
     let cache = Fixture::default().write(dir);
     let (one, two) = (dir.join("one"), dir.join("two"));
-    let c1 = spawn(&config(dir, "c1", 4, STEPS, extra), &cache, &one, None, 60);
+    let c1 = spawn(
+        &config_with(dir, "c1", 4, STEPS, backbone, extra),
+        &cache,
+        &one,
+        None,
+        60,
+    );
     let (ok, log) = finish(c1);
     assert!(ok, "1 process failed:\n{log}");
-    let cfg2 = config(dir, "c2", 2, STEPS, extra);
+    let cfg2 = config_with(dir, "c2", 2, STEPS, backbone, extra);
     let port = free_port();
     let ranks: Vec<Child> = (0..2)
         .map(|r| spawn(&cfg2, &cache, &two, Some((r, 2, port)), 60))
@@ -241,6 +264,14 @@ fn two_ranks_match_one_process_on_a_loss_that_decomposes() {
     let (one, two) = one_vs_two(d.path(), "  weights: {text: 0.0, recon: 1.0}\n");
     // the text term, weighted 0, is logged per rank: not comparable
     assert_same_run(&one, &two, &["swinViT.", "decoder1."], Some(&["loss_recon"]));
+}
+
+#[test]
+fn two_ranks_match_one_process_on_the_nnunet_backbone() {
+    tch::set_num_threads(1);
+    let d = tempfile::tempdir().unwrap();
+    let (one, two) = one_vs_two_with(d.path(), &nnunet(), "  all_gather_embeddings: true\n");
+    assert_same_run(&one, &two, &["encoder.", "decoder.", "psat.", "align."], None);
 }
 
 /// Starts 2 ranks, sends `signal` to rank 1 once step 2 is checkpointed,

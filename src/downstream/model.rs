@@ -149,6 +149,12 @@ pub fn check_backbone(card: &Card, card_path: &Path, ours: &SwinUnetrConfig, con
 /// doc); returns notes on what was not loaded, for the log.
 pub fn load_export(vs: &VarStore, path: &Path, cfg: &DownstreamConfig, config_name: &str) -> Result<Vec<String>> {
     let card = read_card(path)?;
+    if card.variant == "nnunet" {
+        bail!(
+            "{}: an nnU-Net export; fine-tune it with nnU-Net (the card's nnunet.command: nnUNetv2_train ... -pretrained_weights), `med3d finetune` trains SwinUNETR",
+            path.display()
+        );
+    }
     check_backbone(&card, &card_path(path), &cfg.backbone, config_name)?;
     let tensors = Tensor::read_safetensors(path).with_context(|| format!("cannot read export {}", path.display()))?;
     let mut tensors: Vec<(String, Tensor)> = match card.variant.as_str() {

@@ -71,6 +71,52 @@ pub enum Variant {
     Encoder,
     /// The whole variable store as trained (backbone, head, alignment).
     TrainingState,
+    /// An nnU-Net network's state dict under `network_weights`, as
+    /// `torch.save` writes it (nnU-Net's `-pretrained_weights`).
+    Nnunet,
+}
+
+/// How nnU-Net builds and loads the network of an `nnunet` export.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NnunetModel {
+    pub plans_name: String,
+    pub dataset_name: String,
+    pub configuration: String,
+    /// The plans' `architecture` the weights fit.
+    pub architecture: Value,
+    /// Axis order and patch size nnU-Net feeds it (its own order).
+    pub patch_size: Vec<i64>,
+    pub spacing: Vec<f64>,
+    /// The fine-tuning command, with the dataset and fold to fill in.
+    pub command: String,
+    pub note: String,
+}
+
+/// The nnU-Net entry of a card for an nnU-Net backbone exported to `out`.
+pub fn nnunet_model(n: &crate::model::backbone::NnunetConfig, out: &Path) -> Result<NnunetModel> {
+    let r = n
+        .resolved
+        .as_ref()
+        .context("the run's nnU-Net backbone records no plans (run.json from an older med3d?)")?;
+    Ok(NnunetModel {
+        plans_name: r.plans_name.clone(),
+        dataset_name: r.dataset_name.clone(),
+        configuration: r.configuration.clone(),
+        architecture: r.architecture.clone(),
+        patch_size: r.patch_size.clone(),
+        spacing: r.spacing.clone(),
+        command: format!(
+            "nnUNetv2_train {} {} FOLD -p {} -pretrained_weights {}",
+            r.dataset_name,
+            r.configuration,
+            r.plans_name,
+            out.display()
+        ),
+        note: "torch.load(file)['network_weights'] is the state dict of the network nnU-Net builds from these \
+               plans (every key, aliases included); nnU-Net's load_pretrained_weights loads all of it but \
+               the seg_layers, which fine-tuning builds for its own classes"
+            .into(),
+    })
 }
 
 /// The Python class and constructor arguments that load the file strictly.
@@ -95,7 +141,8 @@ pub struct InputSpec {
     /// The grid the volumes were resized to before the network (pretrain
     /// `input_size`); absent: the cached ROI itself.
     pub model_input_size: Option<[i64; 3]>,
-    /// Each side of an input must be a multiple of this (patch_size^5).
+    /// Each side of an input must be a multiple of this (SwinUNETR:
+    /// patch_size^5; nnU-Net: the product of the strides, on every axis).
     pub size_multiple: i64,
     pub orientation: String,
     pub intensity_range: [f64; 2],
@@ -146,6 +193,8 @@ pub struct Card {
     pub tensors: usize,
     pub parameters: i64,
     pub monai: Option<MonaiModel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nnunet: Option<NnunetModel>,
     pub input: InputSpec,
     pub data: DataProvenance,
     pub training: Training,
@@ -221,7 +270,7 @@ pub fn monai_model(variant: Variant, c: &SwinUnetrConfig) -> Option<MonaiModel> 
                    prefix load into SwinUNETR.swinViT"
                 .into(),
         }),
-        Variant::TrainingState => None,
+        Variant::TrainingState | Variant::Nnunet => None,
     }
 }
 

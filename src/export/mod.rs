@@ -5,6 +5,8 @@
 //! --format monai-swinunetr                 SwinUNETR's state dict, MONAI's keys (no psat./pool./align.)
 //! --format monai-swinunetr --encoder-only  swinViT.* with the prefix removed: MONAI's SwinTransformer
 //! --format safetensors                     the whole variable store as trained
+//! --format nnunet                          torch.save({"network_weights": state_dict}): what
+//!                                          nnUNetv2_train -pretrained_weights loads (nnU-Net backbones)
 //! <out>.card.json                          kwargs, input spacing/ROI/intensities, data, step, losses, source
 //! ```
 //! The checkpoint is loaded strictly into the model its run's config
@@ -22,8 +24,8 @@ use tch::{Device, Tensor};
 
 use crate::artifacts::cache::PreprocessConfig;
 use crate::fsutil::{atomic_write, sha256_file, tmp_path};
+use crate::model::backbone::{Backbone, BackboneConfig};
 use crate::model::state_dict::{load_named, save_safetensors};
-use crate::model::swin_unetr::SwinUnetr;
 use crate::train::checkpoint;
 use crate::train::model::Pretrainer;
 use card::{Card, DataProvenance, InputSpec, Source, Training, Variant, CARD_FORMAT};
@@ -38,6 +40,9 @@ pub enum Format {
     MonaiSwinunetr,
     /// The whole variable store as trained (backbone, head, alignment weights).
     Safetensors,
+    /// nnU-Net's checkpoint layout (`network_weights`: the network's whole
+    /// state dict), for `nnUNetv2_train ... -pretrained_weights`.
+    Nnunet,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +105,24 @@ fn variant(req: &Request) -> Variant {
         (Format::Safetensors, _) => Variant::TrainingState,
         (Format::MonaiSwinunetr, false) => Variant::Full,
         (Format::MonaiSwinunetr, true) => Variant::Encoder,
+        (Format::Nnunet, _) => Variant::Nnunet,
+    }
+}
+
+/// Refuses a format that does not hold the run's backbone.
+fn check_format(req: &Request, backbone: &BackboneConfig) -> Result<()> {
+    let name = backbone.name();
+    match (req.format, backbone) {
+        (Format::MonaiSwinunetr, BackboneConfig::Nnunet(_)) => {
+            bail!("--format monai-swinunetr: the run's backbone is nnU-Net's {name}; export it with --format nnunet")
+        }
+        (Format::Nnunet, BackboneConfig::SwinUnetr(_)) => {
+            bail!("--format nnunet: the run's backbone is SwinUNETR; export it with --format monai-swinunetr")
+        }
+        (Format::Nnunet, _) if req.encoder_only => {
+            bail!("--encoder-only applies to --format monai-swinunetr; nnU-Net loads the whole network")
+        }
+        _ => Ok(()),
     }
 }
 
@@ -140,8 +163,8 @@ pub fn run_if_stale(req: &Request) -> Result<Exported> {
 }
 
 /// Loads a checkpoint's model strictly into the model its run builds;
-/// returns the backbone's store and the whole store.
-fn load_checkpoint(rec: &RunRecord, ckpt: &Path) -> Result<(VarStore, VarStore)> {
+/// returns the backbone's store, the backbone, and the whole store.
+fn load_checkpoint(rec: &RunRecord, ckpt: &Path) -> Result<(VarStore, Backbone, VarStore)> {
     let mp = ckpt.join("model.safetensors");
     let source = mp.display().to_string();
     let tensors = Tensor::read_safetensors(&mp).with_context(|| format!("cannot read {source}"))?;
@@ -149,7 +172,7 @@ fn load_checkpoint(rec: &RunRecord, ckpt: &Path) -> Result<(VarStore, VarStore)>
     Pretrainer::new(&whole.root(), &rec.config, &rec.targets)
         .with_context(|| format!("{}: cannot build the model of its run.json", ckpt.display()))?;
     let backbone = VarStore::new(Device::Cpu);
-    SwinUnetr::new(&backbone.root(), &rec.config.backbone)?;
+    let net = Backbone::new(&backbone.root(), &rec.config.backbone, 1)?;
     let body: Vec<(String, Tensor)> = tensors
         .iter()
         .filter(|(k, _)| !NON_BACKBONE.iter().any(|p| k.starts_with(p)))
@@ -157,7 +180,18 @@ fn load_checkpoint(rec: &RunRecord, ckpt: &Path) -> Result<(VarStore, VarStore)>
         .collect();
     load_named(&backbone, body, &source).context("the checkpoint does not fit the backbone its run.json configures")?;
     load_named(&whole, tensors, &source).context("the checkpoint does not fit the model its run.json configures")?;
-    Ok((backbone, whole))
+    Ok((backbone, net, whole))
+}
+
+fn lcm(a: i64, b: i64) -> i64 {
+    fn gcd(a: i64, b: i64) -> i64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b) * b
 }
 
 /// Writes named tensors (on the CPU, sorted by name) atomically.
@@ -201,7 +235,8 @@ pub fn run(req: &Request) -> Result<Exported> {
         &state.config_hash[..12.min(state.config_hash.len())],
         &hash[..12]
     );
-    let (backbone, whole) = load_checkpoint(&rec, &ckpt)?;
+    check_format(req, &rec.config.backbone)?;
+    let (backbone, net, whole) = load_checkpoint(&rec, &ckpt)?;
     let variant = variant(req);
     if let Some(dir) = req.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -210,12 +245,14 @@ pub fn run(req: &Request) -> Result<Exported> {
         Variant::TrainingState => &whole,
         _ => &backbone,
     };
-    let mut named: Vec<(String, Tensor)> = store
-        .variables()
-        .into_iter()
+    let vars = store.variables();
+    let mut named: Vec<(String, Tensor)> = vars
+        .iter()
         .filter_map(|(k, t)| match variant {
-            Variant::Encoder => k.strip_prefix(ENCODER_PREFIX).map(|s| (s.to_string(), t)),
-            _ => Some((k, t)),
+            Variant::Encoder => k
+                .strip_prefix(ENCODER_PREFIX)
+                .map(|s| (s.to_string(), t.shallow_clone())),
+            _ => Some((k.clone(), t.shallow_clone())),
         })
         .collect();
     let parameters: i64 = named
@@ -226,6 +263,18 @@ pub fn run(req: &Request) -> Result<Exported> {
     let tensors = named.len();
     match variant {
         Variant::Encoder => write_tensors(&mut named, &req.out)?,
+        Variant::Nnunet => {
+            // PyTorch's state dict names some tensors twice (see
+            // model::nnunet::net); nnU-Net's loader asks for every name.
+            for (alias, name) in net.aliases() {
+                let t = vars
+                    .get(name)
+                    .ok_or_else(|| anyhow!("internal: alias {alias} of a missing {name}"))?;
+                named.push((alias.clone(), t.shallow_clone()));
+            }
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            crate::model::torch_save::save_nested(&req.out, "network_weights", &named)?;
+        }
         _ => save_safetensors(store, &req.out)?,
     }
 
@@ -242,12 +291,19 @@ pub fn run(req: &Request) -> Result<Exported> {
         file_sha256: sha256_file(&req.out)?,
         tensors,
         parameters,
-        monai: card::monai_model(variant, &cfg.backbone),
+        monai: match &cfg.backbone {
+            BackboneConfig::SwinUnetr(c) => card::monai_model(variant, c),
+            BackboneConfig::Nnunet(_) => None,
+        },
+        nnunet: match &cfg.backbone {
+            BackboneConfig::Nnunet(n) if variant == Variant::Nnunet => Some(card::nnunet_model(n, &req.out)?),
+            _ => None,
+        },
         input: InputSpec {
-            channels: cfg.backbone.in_channels,
+            channels: 1,
             preprocess: read_preprocess(rec.cache.as_deref()),
             model_input_size: cfg.input_size,
-            size_multiple: cfg.backbone.size_multiple(),
+            size_multiple: cfg.backbone.size_multiple()?.into_iter().fold(1, lcm),
             orientation: "RAS".into(),
             intensity_range: [0.0, 1.0],
         },

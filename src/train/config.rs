@@ -1,11 +1,11 @@
 //! The experiment's `pretrain` section: model, alignment loss, optimiser,
 //! data and run-keeping settings, with the paper preset's values where the
 //! paper names one (METHOD.md). Unknown keys are errors.
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::model::backbone::BackboneConfig;
 use crate::model::psat::PsatConfig;
-use crate::model::swin_unetr::SwinUnetrConfig;
 pub use crate::runtime::optim::{OptimConfig, OptimizerKind, Schedule};
 pub use crate::runtime::DeviceChoice;
 
@@ -162,8 +162,9 @@ pub struct PretrainConfig {
     pub precision: Precision,
     /// libtorch CPU threads; 0 keeps libtorch's default.
     pub threads: usize,
-    /// MONAI SwinUNETR arguments; in/out channels must be 1.
-    pub backbone: SwinUnetrConfig,
+    /// MONAI SwinUNETR arguments (in/out channels 1), or `nnunet:` with a
+    /// plans file (see [`crate::model::backbone`]).
+    pub backbone: BackboneConfig,
     pub head: HeadKind,
     pub psat: PsatConfig,
     pub align: AlignConfig,
@@ -229,7 +230,7 @@ impl Default for PretrainConfig {
             device: DeviceChoice::Auto,
             precision: Precision::Auto,
             threads: 0,
-            backbone: SwinUnetrConfig::default(),
+            backbone: BackboneConfig::default(),
             head: HeadKind::Psat,
             psat: PsatConfig::default(),
             align: AlignConfig::default(),
@@ -254,22 +255,24 @@ impl Default for PretrainConfig {
 }
 
 impl PretrainConfig {
+    /// Reads the files the config points to (an nnU-Net backbone's plans).
+    pub fn resolve(&mut self) -> Result<()> {
+        self.backbone.resolve().context("pretrain")
+    }
+
     pub fn validate(&self) -> Result<()> {
-        self.backbone.validate()?;
-        ensure!(
-            self.backbone.in_channels == 1 && self.backbone.out_channels == 1,
-            "pretrain.backbone: in_channels and out_channels must be 1 (one image channel in, its reconstruction out), got {} and {}",
-            self.backbone.in_channels,
-            self.backbone.out_channels
-        );
-        let dim = self.backbone.bottleneck_channels();
+        self.backbone
+            .validate(1)
+            .context("pretrain.backbone (one image channel in, its reconstruction out)")?;
+        let dim = self.backbone.bottleneck_channels()?;
         if self.head == HeadKind::Psat {
             let p = &self.psat;
             ensure!(p.layers >= 1, "pretrain.psat.layers must be at least 1");
             ensure!(
                 p.heads >= 1 && dim % p.heads == 0,
-                "pretrain.psat.heads = {} must divide the bottleneck width 16 x feature_size = {dim}",
-                p.heads
+                "pretrain.psat.heads = {} must divide the {} bottleneck's width {dim}",
+                p.heads,
+                self.backbone.name()
             );
             ensure!(p.queries >= 1, "pretrain.psat.queries must be at least 1");
             ensure!(p.ffn >= 0, "pretrain.psat.ffn must be >= 0 (0: 4 x width)");
@@ -320,10 +323,11 @@ impl PretrainConfig {
         );
         ensure!(self.max_steps != Some(0), "pretrain.max_steps must be positive");
         if let Some(s) = self.input_size {
-            let m = self.backbone.size_multiple();
+            let m = self.backbone.size_multiple()?;
             ensure!(
-                s.iter().all(|&v| v > 0 && v % m == 0),
-                "pretrain.input_size {s:?}: every side must be a positive multiple of {m} (patch_size^5)"
+                s.iter().zip(m).all(|(&v, m)| v > 0 && v % m == 0),
+                "pretrain.input_size {s:?}: the sides must be positive multiples of {m:?} ({}'s downsampling per axis)",
+                self.backbone.name()
             );
         }
         let g = &self.augment;
@@ -439,7 +443,7 @@ mod tests {
         let load = |n: &str| Experiment::load(&dir.join(format!("{n}.yaml"))).unwrap();
         let paper = load("paper");
         let p = &paper.pretrain;
-        assert_eq!(p.backbone.bottleneck_channels(), 768);
+        assert_eq!(p.backbone.bottleneck_channels().unwrap(), 768);
         assert_eq!((p.psat.layers, p.psat.queries), (6, 300));
         assert_eq!((p.align.loss, p.align.eps, p.align.mass), (AlignLoss::Pot, 0.03, 0.95));
         assert_eq!(

@@ -166,7 +166,7 @@ impl Dataset {
             );
         }
         if cfg.input_size.is_none() {
-            let m = cfg.backbone.size_multiple() as usize;
+            let m = cfg.backbone.size_multiple()?;
             let first = &cases[0];
             for c in &cases {
                 if c.shape != first.shape {
@@ -176,10 +176,11 @@ impl Dataset {
                     );
                 }
             }
-            if first.shape.iter().any(|s| s % m != 0) {
+            if first.shape.iter().zip(m).any(|(&s, m)| s as i64 % m != 0) {
                 bail!(
-                    "cached volumes are {:?}; SwinUNETR needs sides divisible by {m}: set preprocess.roi to multiples of {m} or pretrain.input_size",
-                    first.shape
+                    "cached volumes are {:?}; {} needs sides divisible by {m:?}: set preprocess.roi to multiples of them or pretrain.input_size",
+                    first.shape,
+                    cfg.backbone.name()
                 );
             }
         }

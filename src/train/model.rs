@@ -1,5 +1,5 @@
-//! What pretraining optimises: SwinUNETR (MONAI's keys at the root of the
-//! variable store), a head that reads "the volume at plane P, position s"
+//! What pretraining optimises: the backbone (SwinUNETR or an nnU-Net U-Net,
+//! its library's keys at the root of the variable store), a head that reads "the volume at plane P, position s"
 //! out of the bottleneck (PSAT under `psat.*`, or the pooling ablation
 //! under `pool.*`), one learnable diagonal Mahalanobis weight per target
 //! (`align.<target>.metric`), and the loss of METHOD.md:
@@ -11,8 +11,8 @@ use tch::{Kind, Tensor};
 use super::config::{AlignLoss, HeadKind, PretrainConfig};
 use crate::align::ot;
 use crate::dist::Dist;
+use crate::model::backbone::Backbone;
 use crate::model::psat::{l2_normalize, BinMode, Psat, PsatConfig};
-use crate::model::swin_unetr::SwinUnetr;
 
 /// The no-PSAT ablation: pooled bottleneck + plane-slice embedding, linear
 /// read-outs.
@@ -59,7 +59,7 @@ pub struct Losses {
 
 #[derive(Debug)]
 pub struct Pretrainer {
-    pub backbone: SwinUnetr,
+    pub backbone: Backbone,
     head: Head,
     metric: Vec<(String, Tensor)>,
     cfg: PretrainConfig,
@@ -68,8 +68,8 @@ pub struct Pretrainer {
 impl Pretrainer {
     /// `targets`: (name, width) of each target table.
     pub fn new(root: &nn::Path, cfg: &PretrainConfig, targets: &[(String, i64)]) -> Result<Pretrainer> {
-        let backbone = SwinUnetr::new(root, &cfg.backbone)?;
-        let dim = cfg.backbone.bottleneck_channels();
+        let backbone = Backbone::new(root, &cfg.backbone, 1)?;
+        let dim = cfg.backbone.bottleneck_channels()?;
         let named: Vec<(&str, i64)> = targets.iter().map(|(n, d)| (n.as_str(), *d)).collect();
         let head = match cfg.head {
             HeadKind::Psat => Head::Psat(Box::new(Psat::new(root / "psat", dim, &cfg.psat, &named))),
@@ -125,7 +125,7 @@ impl Pretrainer {
     ) -> Result<(Vec<(String, Tensor)>, Tensor)> {
         let out = self.backbone.forward_t(volumes, train)?;
         // [B, C, d, h, w] -> [B, N, C]: the bottleneck as memory tokens.
-        let memory = out.bottleneck().flatten(2, -1).transpose(1, 2);
+        let memory = out.bottleneck.flatten(2, -1).transpose(1, 2);
         let emb = match &self.head {
             Head::Psat(p) => p.forward(&memory, planes, bins, train),
             Head::Pool(p) => {

@@ -551,11 +551,12 @@ fn torch_failure(
         .map(|s| format!("{s:?}"))
         .unwrap_or_else(|| "the cached grid (no input_size)".into());
     anyhow::anyhow!(
-        "pretrain {at}: out of memory on {dev:?} ({}). The step holds pretrain.batch_size {} volumes of pretrain.input_size {size} through a backbone of feature_size {} at {}. Lower pretrain.batch_size (raise pretrain.optimizer.accumulate to keep the global batch), or pretrain.input_size, or backbone.feature_size{}; {last}",
+        "pretrain {at}: out of memory on {dev:?} ({}). The step holds pretrain.batch_size {} volumes of pretrain.input_size {size} through {} at {}. Lower pretrain.batch_size (raise pretrain.optimizer.accumulate to keep the global batch), or pretrain.input_size, or {}{}; {last}",
         guard::without_backtrace(&format!("{e:#}")),
         cfg.batch_size,
-        cfg.backbone.feature_size,
+        cfg.backbone.name(),
         if bf16 { "bf16 autocast" } else { "float32 (pretrain.precision)" },
+        cfg.backbone.width_knob(),
         if dev.is_cuda() && !bf16 { "; on a GPU, pretrain.precision: bf16 halves activations" } else { "" }
     )
 }

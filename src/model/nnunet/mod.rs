@@ -1,0 +1,10 @@
+//! nnU-Net v2's U-Nets (`dynamic_network_architectures`), built from the
+//! `architecture` of a plans file: [`spec`] reads the description,
+//! [`net`] builds the network under PyTorch's state-dict keys, [`plans`]
+//! reads a plans file's configuration.
+pub mod net;
+pub mod plans;
+pub mod spec;
+
+pub use net::{ConvUnet, UnetOutput};
+pub use spec::{NetClass, UnetSpec};
