@@ -60,11 +60,15 @@ def finetune(init, cache, config, out):
         med3d("finetune", "--init", init, "--cache", cache, "--config", config, "--out", out)
 
 
-def pretrain_and_export(config, cache, run):
-    if not (run / "export/swinunetr.safetensors").is_file():
+def pretrain_and_export(config, cache, run, nnunet=False):
+    """Pretrains and exports the whole network in its backbone's format:
+    MONAI SwinUNETR, or nnU-Net's checkpoint layout for an nnU-Net backbone."""
+    fmt, name = ("nnunet", "nnunet_pretrained.pth") if nnunet else ("monai-swinunetr", "swinunetr.safetensors")
+    out = run / "export" / name
+    if not out.is_file():
         med3d("pretrain", "--cache", cache, "--config", config, "--out", run, "--resume")
-        med3d("export", "--run", run, "--format", "monai-swinunetr", "--out", run / "export/swinunetr.safetensors")
-    return run / "export/swinunetr.safetensors"
+        med3d("export", "--run", run, "--format", fmt, "--out", out)
+    return out
 
 
 def mean_std(v):
@@ -90,6 +94,7 @@ def main():
 
     base_path = ROOT / a.config
     base = yaml.safe_load(base_path.read_text())
+    nnunet = "nnunet" in (base["pretrain"].get("backbone") or {})
     work = ROOT / base["workdir"]
     exp_dir = work / "experiments"
     cache, test_cache = work / "cache", work / "cache_test"
@@ -124,7 +129,7 @@ def main():
     # 1. pretrained vs scratch
     if a.only in (None, "pvs"):
         cfg, tag = pt_config({"loss": "pot", "target_noise": 0.0})
-        export = pretrain_and_export(cfg, cache, exp_dir / "runs" / tag)
+        export = pretrain_and_export(cfg, cache, exp_dir / "runs" / tag, nnunet)
         rows = {"pretrained": [], "scratch": []}
         for seed in a.seeds:
             fc = ft_config(seed)
@@ -149,7 +154,7 @@ def main():
         for loss in ("pot", "infonce"):
             for frac in a.noise:
                 cfg, tag = pt_config({"loss": loss, "target_noise": frac})
-                export = pretrain_and_export(cfg, cache, exp_dir / "runs" / tag)
+                export = pretrain_and_export(cfg, cache, exp_dir / "runs" / tag, nnunet)
                 evs = []
                 for seed in a.noise_seeds:
                     fc = ft_config(seed)

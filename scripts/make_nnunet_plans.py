@@ -21,7 +21,13 @@ anisotropic stage (kernel [1, 3, 3], stride [1, 2, 2]) so that per-axis
 strides and kernels are exercised; its 3d_fullres patch size is
 [16, 32, 32]. Its plans_name is "tinyResEncUNetPlans".
 
-usage: make_nnunet_plans.py BRAIN_TISSUE_DIR OUT_DIR
+`nnUNetResEncUNetMPlans_quarter.json` (for experiments/brain-tissue-resenc.yaml,
+a CPU-sized experiment): the ResEnc M plans with every stage's features
+divided by 4 ([8, 16, 32, 64, 80]; stages, blocks, kernels, strides as
+planned), plans_name "nnUNetResEncUNetMPlans_quarter"; written to
+PRESET_DIR when given.
+
+usage: make_nnunet_plans.py BRAIN_TISSUE_DIR OUT_DIR [PRESET_DIR]
 """
 import copy
 import json
@@ -80,6 +86,16 @@ def main():
     # the other configurations inherit nothing the tests read
     tiny["configurations"] = {"3d_fullres": c}
     (out / "tiny_ResEncUNetPlans.json").write_text(json.dumps(tiny, indent=4))
+    if len(sys.argv) > 3:
+        preset = Path(sys.argv[3])
+        preset.mkdir(parents=True, exist_ok=True)
+        q = copy.deepcopy(plans)
+        q["plans_name"] = "nnUNetResEncUNetMPlans_quarter"
+        for c in q["configurations"].values():
+            kw = c.get("architecture", {}).get("arch_kwargs")
+            if kw:
+                kw["features_per_stage"] = [f // 4 for f in kw["features_per_stage"]]
+        (preset / "nnUNetResEncUNetMPlans_quarter.json").write_text(json.dumps(q, indent=4))
     for name in sorted(p.name for p in out.glob("*.json")):
         arch = json.loads((out / name).read_text())["configurations"]["3d_fullres"]["architecture"]
         kw = arch["arch_kwargs"]

@@ -40,6 +40,10 @@ impl Experiment {
         e.pretrain
             .resolve()
             .with_context(|| format!("{}: invalid pretrain section", path.display()))?;
+        if let Some(d) = e.downstream.as_mut() {
+            d.resolve()
+                .with_context(|| format!("{}: invalid downstream section", path.display()))?;
+        }
         e.preprocess
             .validate()
             .with_context(|| format!("{}: invalid preprocess section", path.display()))?;
@@ -76,6 +80,21 @@ impl Experiment {
             self.run_dir().join("export").join("encoder.safetensors")
         } else {
             self.run_dir().join(crate::downstream::RUN_EXPORT)
+        }
+    }
+
+    /// Where `med3d run` exports an nnU-Net backbone's run for nnU-Net
+    /// (`<run>/export/nnunet_pretrained.pth`).
+    pub fn nnunet_export_path(&self) -> PathBuf {
+        self.run_dir().join("export").join("nnunet_pretrained.pth")
+    }
+
+    /// The export `med3d run` fine-tunes from: the whole network, in the
+    /// format of its backbone.
+    pub fn finetune_export(&self) -> PathBuf {
+        match self.pretrain.backbone {
+            crate::model::backbone::BackboneConfig::SwinUnetr(_) => self.export_path(false),
+            crate::model::backbone::BackboneConfig::Nnunet(_) => self.nnunet_export_path(),
         }
     }
 

@@ -282,3 +282,90 @@ fn classification_trains_the_encoder_and_a_linear_head() {
     assert_eq!(e["accuracy"].as_f64(), Some(1.0), "{e}");
     assert_eq!(e["auc"].as_f64(), Some(1.0), "{e}");
 }
+
+/// nnU-Net's ResEnc U-Net (tests/data/nnunet/tiny_ResEncUNetPlans.json) as
+/// the downstream network: an nnU-Net export (torch.save's
+/// `network_weights`, aliases included, made for 1 class) loads into the
+/// 3-class network with every tensor but `seg_layers`; a wrong
+/// architecture is refused; 12 steps from scratch raise the Dice.
+#[test]
+fn an_nnunet_backbone_finetunes_from_its_export() {
+    use med3dinsight::model::backbone::BackboneConfig;
+    use med3dinsight::model::nnunet::ConvUnet;
+    tch::set_num_threads(1);
+    let d = tempfile::tempdir().unwrap();
+    let plans = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nnunet/tiny_ResEncUNetPlans.json");
+    let nnunet = |steps: u64| {
+        format!(
+            "{}  backbone:\n    nnunet: {{plans: {}}}\n",
+            seg(steps).replace("lr: 2.0e-3", "lr: 1.0e-2"),
+            plans.display()
+        )
+    };
+    let write = |name: &str, steps: u64| {
+        let text = std::fs::read_to_string(config(d.path(), name, &nnunet(steps))).unwrap();
+        // the SwinUNETR backbone line of `config` gives way to nnU-Net's
+        let text = text.replace("  backbone: {feature_size: 12}\n", "");
+        let p = d.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (cfg0, cfg12) = (write("n0.yaml", 0), write("n12.yaml", 12));
+    let cache = cache(d.path(), &cfg0, true);
+
+    // An export as `med3d export --format nnunet` writes it.
+    let mut bb: BackboneConfig = serde_yaml::from_str(&format!("nnunet: {{plans: {}}}", plans.display())).unwrap();
+    bb.resolve().unwrap();
+    let BackboneConfig::Nnunet(n) = &bb else { unreachable!() };
+    tch::manual_seed(5);
+    let vs = VarStore::new(tch::Device::Cpu);
+    let net = ConvUnet::new(&vs.root(), &n.spec(1, 1).unwrap()).unwrap();
+    let vars = vs.variables();
+    let mut named: Vec<(String, Tensor)> = vars.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+    for (a, k) in net.aliases() {
+        named.push((a.clone(), vars[k].shallow_clone()));
+    }
+    let export = d.path().join("resenc.pth");
+    med3dinsight::model::torch_save::save_nested(&export, "network_weights", &named).unwrap();
+    let card = serde_json::json!({"variant": "nnunet", "backbone": bb});
+    std::fs::write(d.path().join("resenc.card.json"), card.to_string()).unwrap();
+
+    let r = d.path().join("from-export");
+    let log = ok(finetune(export.to_str().unwrap(), &cache, &cfg0, &r));
+    eprintln!("{log}");
+    let tuned: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(r.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    for (k, t) in &vars {
+        if k.starts_with("decoder.seg_layers.") {
+            assert_ne!(
+                tuned[k].size(),
+                t.size(),
+                "{k}: the 1-class head was loaded into 3 classes"
+            );
+        } else {
+            assert!(tuned[k].equal(t), "{k}: not loaded from the export");
+        }
+    }
+
+    // A card of other plans is refused, naming both.
+    let mut other = card.clone();
+    other["backbone"]["nnunet"]["resolved"]["architecture"]["arch_kwargs"]["features_per_stage"] =
+        serde_json::json!([4, 8, 32]);
+    std::fs::write(d.path().join("resenc.card.json"), other.to_string()).unwrap();
+    let o = finetune(export.to_str().unwrap(), &cache, &cfg0, &d.path().join("x"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("architecture") && err.contains("tiny_ResEncUNetPlans.json"),
+        "{err}"
+    );
+
+    let (r0, r12) = (d.path().join("n0"), d.path().join("n12"));
+    ok(finetune("scratch", &cache, &cfg0, &r0));
+    ok(finetune("scratch", &cache, &cfg12, &r12));
+    let dice = |e: &Value| e["mean"]["dice"].as_f64().unwrap();
+    let (before, after) = (dice(&evaluate(&r0, &cache)), dice(&evaluate(&r12, &cache)));
+    eprintln!("ResEnc (tiny plans) training-case Dice: {before:.4} untrained -> {after:.4} after 12 steps");
+    assert!(after > before + 0.2, "Dice {before} -> {after}");
+}

@@ -342,7 +342,9 @@ fn a_killed_rank_makes_the_other_fail_with_a_message() {
 fn a_hung_rank_makes_the_other_fail_after_the_timeout() {
     // SIGSTOP: the peer's sockets stay open, so only the timeout ends the wait
     let log = peer_failure("-STOP", 10);
-    assert!(log.contains("timed out"), "{log}");
+    // Gloo says "Timed out waiting ...ms for recv" or "... timed out",
+    // depending on which wait the peer's silence reaches first.
+    assert!(log.to_lowercase().contains("timed out"), "{log}");
 }
 
 #[test]

@@ -8,6 +8,7 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
 use super::sliding::SlidingWindow;
+use crate::model::backbone::BackboneConfig;
 use crate::model::swin_unetr::SwinUnetrConfig;
 use crate::runtime::optim::OptimConfig;
 use crate::runtime::DeviceChoice;
@@ -15,7 +16,8 @@ use crate::runtime::DeviceChoice;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Task {
-    /// SwinUNETR with `num_classes` output channels, Dice + cross-entropy.
+    /// The backbone (SwinUNETR, or an nnU-Net U-Net) with `num_classes`
+    /// output channels, Dice + cross-entropy.
     Segmentation,
     /// The Swin encoder, global average pooling of its deepest hidden
     /// state, a linear head, cross-entropy.
@@ -59,9 +61,9 @@ pub struct DownstreamConfig {
     /// Segmentation: label values 0..num_classes (0 = background);
     /// classification: case classes 0..num_classes.
     pub num_classes: i64,
-    /// MONAI SwinUNETR arguments; in_channels must be 1, out_channels is
-    /// set from num_classes.
-    pub backbone: SwinUnetrConfig,
+    /// MONAI SwinUNETR arguments (in_channels 1; out_channels is set from
+    /// num_classes), or `nnunet:` with a plans file (segmentation only).
+    pub backbone: BackboneConfig,
     /// Weights when `med3d run` has no export of its own: an export file or
     /// `scratch`.
     pub init: Option<String>,
@@ -93,7 +95,7 @@ impl Default for DownstreamConfig {
         DownstreamConfig {
             task: Task::Segmentation,
             num_classes: 2,
-            backbone: SwinUnetrConfig::default(),
+            backbone: BackboneConfig::default(),
             init: None,
             patch_size: [96, 96, 96],
             pos_fraction: 0.5,
@@ -115,13 +117,31 @@ impl Default for DownstreamConfig {
 }
 
 impl DownstreamConfig {
+    /// Reads the files the config points to (an nnU-Net backbone's plans).
+    pub fn resolve(&mut self) -> Result<()> {
+        self.backbone.resolve().map_err(|e| e.context("downstream"))
+    }
+
     pub fn validate(&self) -> Result<()> {
-        ensure!(
-            self.backbone.in_channels == 1,
-            "downstream.backbone.in_channels must be 1 (one image channel), got {}",
-            self.backbone.in_channels
-        );
-        self.network_config().validate()?;
+        match &self.backbone {
+            BackboneConfig::SwinUnetr(c) => {
+                ensure!(
+                    c.in_channels == 1,
+                    "downstream.backbone.in_channels must be 1 (one image channel), got {}",
+                    c.in_channels
+                );
+                self.swin_config()?.validate()?;
+            }
+            BackboneConfig::Nnunet(_) => {
+                ensure!(
+                    self.task == Task::Segmentation,
+                    "downstream.backbone.nnunet: only task: segmentation is supported with an nnU-Net backbone"
+                );
+                self.backbone
+                    .validate(self.num_classes)
+                    .map_err(|e| e.context("downstream.backbone"))?;
+            }
+        }
         ensure!(
             self.num_classes >= 2,
             "downstream.num_classes must be at least 2 (background and one class, or two classes), got {}",
@@ -132,10 +152,10 @@ impl DownstreamConfig {
             "downstream.num_classes must be at most 256 for segmentation (labels are 8-bit), got {}",
             self.num_classes
         );
-        let m = self.backbone.size_multiple();
+        let m = self.backbone.size_multiple()?;
         ensure!(
-            self.patch_size.iter().all(|&s| s > 0 && s % m == 0),
-            "downstream.patch_size must be positive multiples of {m}, got {:?}",
+            self.patch_size.iter().zip(m).all(|(&s, m)| s > 0 && s % m == 0),
+            "downstream.patch_size must be positive multiples of {m:?}, got {:?}",
             self.patch_size
         );
         let [a, b, c] = self.patch_size;
@@ -181,11 +201,18 @@ impl DownstreamConfig {
         Ok(())
     }
 
-    /// The SwinUNETR this task trains (out_channels = num_classes).
-    pub fn network_config(&self) -> SwinUnetrConfig {
-        SwinUnetrConfig {
-            out_channels: self.num_classes,
-            ..self.backbone.clone()
+    /// The SwinUNETR this task trains (out_channels = num_classes); an
+    /// error for another backbone.
+    pub fn swin_config(&self) -> Result<SwinUnetrConfig> {
+        match &self.backbone {
+            BackboneConfig::SwinUnetr(c) => Ok(SwinUnetrConfig {
+                out_channels: self.num_classes,
+                ..c.clone()
+            }),
+            other => anyhow::bail!(
+                "downstream: this needs a SwinUNETR backbone, the config has {}",
+                other.name()
+            ),
         }
     }
 

@@ -107,10 +107,10 @@ pub(crate) fn out_of_memory(e: anyhow::Error, at: &str, cfg: &DownstreamConfig, 
         at,
         device,
         &format!(
-            "The step holds downstream.batch_size {} patches of downstream.patch_size {:?} (sliding windows: downstream.sliding_window.sw_batch_size {}) through a backbone of feature_size {}",
-            cfg.batch_size, cfg.patch_size, cfg.sliding_window.sw_batch_size, cfg.backbone.feature_size
+            "The step holds downstream.batch_size {} patches of downstream.patch_size {:?} (sliding windows: downstream.sliding_window.sw_batch_size {}) through {}",
+            cfg.batch_size, cfg.patch_size, cfg.sliding_window.sw_batch_size, cfg.backbone.name()
         ),
-        "Lower downstream.batch_size or downstream.patch_size (evaluation: downstream.sliding_window.sw_batch_size), or backbone.feature_size",
+        "Lower downstream.batch_size or downstream.patch_size (evaluation: downstream.sliding_window.sw_batch_size), or the backbone's width",
     )
 }
 
@@ -145,7 +145,7 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
     let net = model::Net::new(&vs, cfg)?;
     let notes = match &opts.init {
         Init::Scratch => Vec::new(),
-        Init::Export(p) => model::load_export(&vs, p, cfg, &opts.config_name)?,
+        Init::Export(p) => model::load_export(&vs, &net, p, cfg, &opts.config_name)?,
     };
     let mut opt = Adam::new(&vs, &cfg.optimizer);
 

@@ -1,6 +1,7 @@
 //! The downstream networks and how an export initialises them.
 //!
-//! Segmentation trains MONAI's SwinUNETR with `num_classes` outputs;
+//! Segmentation trains the backbone (MONAI's SwinUNETR, or an nnU-Net
+//! U-Net from a plans file) with `num_classes` outputs;
 //! classification trains its encoder (`swinViT`) with a global average pool
 //! of the deepest hidden state and a linear `head`. Variable names are
 //! MONAI's, so the fine-tuned weights load into MONAI as they are.
@@ -11,18 +12,21 @@
 //! (`variant: encoder`). Loading is strict on names and shapes except for
 //! what the task replaces (an `out` head of another class count, the
 //! decoder an encoder-only export lacks, the classification head), and the
-//! card's backbone must equal the config's.
+//! card's backbone must equal the config's. An nnU-Net export (`variant:
+//! nnunet`, `torch.save`'s `network_weights`) loads into the same plans'
+//! network, all but `seg_layers` when the class count differs.
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tch::nn::{self, Module, VarStore};
 use tch::{Kind, Tensor};
 
 use super::config::{DownstreamConfig, Task};
 use crate::export::card::{card_path, read_card, InitCard as Card};
+use crate::model::backbone::{Backbone, BackboneConfig};
 use crate::model::swin::transformer::SwinTransformer;
-use crate::model::swin_unetr::{SwinUnetr, SwinUnetrConfig};
+use crate::model::swin_unetr::SwinUnetrConfig;
 
 /// The encoder, pooled, and a linear read-out.
 #[derive(Debug)]
@@ -67,7 +71,7 @@ impl Classifier {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // one per process; boxing buys nothing
 pub enum Net {
-    Segmentation(SwinUnetr),
+    Segmentation(Backbone),
     Classification(Classifier),
 }
 
@@ -77,11 +81,17 @@ impl Net {
     pub fn new(vs: &VarStore, cfg: &DownstreamConfig) -> Result<Net> {
         let root = vs.root();
         Ok(match cfg.task {
-            Task::Segmentation => Net::Segmentation(SwinUnetr::new(&root, &cfg.network_config())?),
-            Task::Classification => {
-                Net::Classification(Classifier::new(&root, &cfg.network_config(), cfg.num_classes)?)
-            }
+            Task::Segmentation => Net::Segmentation(Backbone::new(&root, &cfg.backbone, cfg.num_classes)?),
+            Task::Classification => Net::Classification(Classifier::new(&root, &cfg.swin_config()?, cfg.num_classes)?),
         })
+    }
+
+    /// (second name, store name) of tensors PyTorch's state dict names twice.
+    pub fn aliases(&self) -> &[(String, String)] {
+        match self {
+            Net::Segmentation(b) => b.aliases(),
+            Net::Classification(_) => &[],
+        }
     }
 
     /// Logits: [b, classes, x, y, z] or [b, classes].
@@ -115,7 +125,29 @@ fn same(a: &serde_json::Value, b: &serde_json::Value) -> bool {
 }
 
 /// Errors naming every backbone setting where the card and config differ.
-pub fn check_backbone(card: &Card, card_path: &Path, ours: &SwinUnetrConfig, config_name: &str) -> Result<()> {
+pub fn check_backbone(card: &Card, card_path: &Path, ours: &BackboneConfig, config_name: &str) -> Result<()> {
+    let ours = match ours {
+        BackboneConfig::SwinUnetr(c) => c,
+        BackboneConfig::Nnunet(n) => {
+            let theirs = card
+                .backbone
+                .pointer("/nnunet/resolved/architecture")
+                .with_context(|| format!("{}: not an nnU-Net backbone's card", card_path.display()))?;
+            let ours = &n
+                .resolved
+                .as_ref()
+                .context("downstream.backbone.nnunet: plans not read")?
+                .architecture;
+            ensure!(
+                theirs == ours,
+                "the export's nnU-Net architecture ({}) is not that of {} configuration {} ({config_name})",
+                card_path.display(),
+                n.plans.display(),
+                n.configuration
+            );
+            return Ok(());
+        }
+    };
     let ours = serde_json::to_value(ours)?;
     let (Some(theirs), Some(ours)) = (card.backbone.as_object(), ours.as_object()) else {
         bail!("{}: `backbone` is not an object", card_path.display());
@@ -147,21 +179,35 @@ pub fn check_backbone(card: &Card, card_path: &Path, ours: &SwinUnetrConfig, con
 
 /// Loads export `path` into the task's network in `vs` (see the module
 /// doc); returns notes on what was not loaded, for the log.
-pub fn load_export(vs: &VarStore, path: &Path, cfg: &DownstreamConfig, config_name: &str) -> Result<Vec<String>> {
+pub fn load_export(
+    vs: &VarStore,
+    net: &Net,
+    path: &Path,
+    cfg: &DownstreamConfig,
+    config_name: &str,
+) -> Result<Vec<String>> {
     let card = read_card(path)?;
-    if card.variant == "nnunet" {
-        bail!(
-            "{}: an nnU-Net export; fine-tune it with nnU-Net (the card's nnunet.command: nnUNetv2_train ... -pretrained_weights), `med3d finetune` trains SwinUNETR",
-            path.display()
-        );
-    }
+    let nnunet_backbone = matches!(cfg.backbone, BackboneConfig::Nnunet(_));
+    ensure!(
+        (card.variant == "nnunet") == nnunet_backbone,
+        "{}: a {:?} export does not initialise downstream.backbone {} ({config_name})",
+        path.display(),
+        card.variant,
+        cfg.backbone.name()
+    );
     check_backbone(&card, &card_path(path), &cfg.backbone, config_name)?;
-    let tensors = Tensor::read_safetensors(path).with_context(|| format!("cannot read export {}", path.display()))?;
     let mut tensors: Vec<(String, Tensor)> = match card.variant.as_str() {
-        "full" => tensors,
-        "encoder" => tensors.into_iter().map(|(k, t)| (format!("swinViT.{k}"), t)).collect(),
+        "full" | "encoder" => {
+            let t = Tensor::read_safetensors(path).with_context(|| format!("cannot read export {}", path.display()))?;
+            if card.variant == "full" {
+                t
+            } else {
+                t.into_iter().map(|(k, t)| (format!("swinViT.{k}"), t)).collect()
+            }
+        }
+        "nnunet" => nnunet_weights(path, vs, net.aliases())?,
         other => bail!(
-            "{}: variant {other:?} is neither \"full\" nor \"encoder\"",
+            "{}: variant {other:?} is neither \"full\", \"encoder\" nor \"nnunet\"",
             card_path(path).display()
         ),
     };
@@ -182,6 +228,22 @@ pub fn load_export(vs: &VarStore, path: &Path, cfg: &DownstreamConfig, config_na
                 path.display()
             ));
             Box::new(|k: &str| !k.starts_with("swinViT."))
+        }
+        (Task::Segmentation, "nnunet") => {
+            let head = "decoder.seg_layers.";
+            let differ = tensors
+                .iter()
+                .filter(|(k, _)| k.starts_with(head))
+                .any(|(k, t)| vars.get(k).map(|v| v.size()) != Some(t.size()));
+            if differ {
+                notes.push(format!(
+                    "the export's seg_layers are not for downstream.num_classes {}: decoder.seg_layers.* is not loaded (initialised randomly), as nnU-Net's load_pretrained_weights skips them",
+                    cfg.num_classes
+                ));
+                Box::new(move |k: &str| k.starts_with(head))
+            } else {
+                Box::new(|_: &str| false)
+            }
         }
         (Task::Segmentation, _) => {
             let theirs = tensors
@@ -210,6 +272,47 @@ pub fn load_export(vs: &VarStore, path: &Path, cfg: &DownstreamConfig, config_na
     }
     crate::model::state_dict::load_named(vs, tensors, &format!("export {}", path.display()))?;
     Ok(notes)
+}
+
+/// The network weights of an nnU-Net export, under the store's names: the
+/// second names PyTorch's state dict carries (`aliases`: `all_modules.*`,
+/// `decoder.encoder.*`) are dropped once each is checked to hold the same
+/// values as its first; any other name must be one of the store's.
+fn nnunet_weights(path: &Path, vs: &VarStore, aliases: &[(String, String)]) -> Result<Vec<(String, Tensor)>> {
+    let all =
+        crate::encoders::torch_pickle::read(path).with_context(|| format!("cannot read export {}", path.display()))?;
+    let named: std::collections::HashMap<String, Tensor> = all
+        .into_iter()
+        .filter_map(|(k, t)| k.strip_prefix("network_weights.").map(|k| (k.to_string(), t)))
+        .collect();
+    ensure!(
+        !named.is_empty(),
+        "{}: no network_weights (not an nnU-Net checkpoint)",
+        path.display()
+    );
+    let vars = vs.variables();
+    let second: std::collections::HashMap<&str, &str> = aliases.iter().map(|(a, n)| (a.as_str(), n.as_str())).collect();
+    let mut out = Vec::new();
+    for (k, t) in &named {
+        if vars.contains_key(k) {
+            out.push((k.clone(), t.shallow_clone()));
+        } else if let Some(first) = second.get(k.as_str()) {
+            match named.get(*first) {
+                Some(f) if f.size() == t.size() && f.equal(t) => {}
+                Some(_) => bail!(
+                    "{}: {k} and {first} name one tensor but hold different values",
+                    path.display()
+                ),
+                None => bail!(
+                    "{}: {k} is there but {first}, the tensor it names, is not",
+                    path.display()
+                ),
+            }
+        } else {
+            bail!("{}: {k} is not a tensor of the configured network", path.display());
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -202,6 +202,27 @@ impl BackboneConfig {
         }
     }
 
+    /// Checks a [batch, 1, x, y, z] input shape (med3d's axis order).
+    pub fn check_input(&self, shape: &[i64]) -> Result<()> {
+        match self {
+            BackboneConfig::SwinUnetr(c) => c.check_input(shape),
+            BackboneConfig::Nnunet(_) => {
+                let m = self.size_multiple()?;
+                ensure!(
+                    shape.len() == 5 && shape[1] == 1,
+                    "{} expects input [batch, 1, x, y, z], got {shape:?}",
+                    self.name()
+                );
+                ensure!(
+                    shape[2..].iter().zip(m).all(|(s, m)| *s > 0 && s % m == 0),
+                    "input sides {:?} must be multiples of {m:?} (the plans' strides multiplied per axis, in med3d's x, y, z)",
+                    &shape[2..]
+                );
+                Ok(())
+            }
+        }
+    }
+
     /// What to lower when a step does not fit in memory.
     pub fn width_knob(&self) -> String {
         match self {

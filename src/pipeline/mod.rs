@@ -216,20 +216,29 @@ pub fn run(config: &Path, w: Option<usize>) -> Result<End> {
     // Weights for downstream networks, from the finished run only.
     let mut exported = true;
     if pretrained == End::Ok {
-        for encoder_only in [false, true] {
-            let req = export::Request {
-                run: exp.run_dir(),
-                step: None,
-                format: export::Format::MonaiSwinunetr,
-                encoder_only,
-                out: exp.export_path(encoder_only),
-            };
-            exported &= export(&req, true).with_context(|| at("export"))?;
+        let request = |format, encoder_only, out| export::Request {
+            run: exp.run_dir(),
+            step: None,
+            format,
+            encoder_only,
+            out,
+        };
+        let requests = match exp.pretrain.backbone {
+            crate::model::backbone::BackboneConfig::SwinUnetr(_) => vec![
+                request(export::Format::MonaiSwinunetr, false, exp.export_path(false)),
+                request(export::Format::MonaiSwinunetr, true, exp.export_path(true)),
+            ],
+            crate::model::backbone::BackboneConfig::Nnunet(_) => {
+                vec![request(export::Format::Nnunet, false, exp.nnunet_export_path())]
+            }
+        };
+        for req in &requests {
+            exported &= export(req, true).with_context(|| at("export"))?;
         }
     }
     let mut downstream_ok = true;
     if let Some(d) = exp.downstream.as_ref().filter(|_| pretrained == End::Ok) {
-        let export = exp.export_path(false);
+        let export = exp.finetune_export();
         let init = if export.is_file() {
             finetune::Init::Export(export)
         } else {
