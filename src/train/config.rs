@@ -486,6 +486,37 @@ mod tests {
     }
 
     #[test]
+    fn the_resenc_preset_differs_from_brain_tissue_in_the_backbones_only() {
+        use crate::config::Experiment;
+        use crate::model::backbone::BackboneConfig;
+        // Plans paths in presets are relative to the repository root,
+        // where cargo runs tests.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let load = |n: &str| Experiment::load(&root.join("experiments").join(format!("{n}.yaml"))).unwrap();
+        let (swin, resenc) = (load("brain-tissue"), load("brain-tissue-resenc"));
+        let BackboneConfig::Nnunet(n) = &resenc.pretrain.backbone else {
+            panic!("brain-tissue-resenc pretrains an nnU-Net backbone")
+        };
+        assert_eq!(resenc.pretrain.backbone.name(), "ResidualEncoderUNet");
+        assert_eq!(n.spec(1, 1).unwrap().features, vec![8, 16, 32, 64, 80]);
+        assert_eq!(resenc.downstream.as_ref().unwrap().backbone, resenc.pretrain.backbone);
+        let strip = |e: &Experiment| {
+            let mut v = serde_json::to_value(e).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("name");
+            o.remove("workdir");
+            o["pretrain"].as_object_mut().unwrap().remove("backbone");
+            o["downstream"].as_object_mut().unwrap().remove("backbone");
+            v
+        };
+        assert_eq!(
+            strip(&swin),
+            strip(&resenc),
+            "the two backbones' experiments differ elsewhere"
+        );
+    }
+
+    #[test]
     fn batch_of_one_is_rejected() {
         let c = PretrainConfig {
             batch_size: 1,
