@@ -44,6 +44,8 @@ impl Experiment {
             d.resolve()
                 .with_context(|| format!("{}: invalid downstream section", path.display()))?;
         }
+        e.preprocess_from_plans()
+            .with_context(|| format!("{}: pretrain.backbone.nnunet.preprocess_from_plans", path.display()))?;
         e.preprocess
             .validate()
             .with_context(|| format!("{}: invalid preprocess section", path.display()))?;
@@ -61,6 +63,31 @@ impl Experiment {
                 .with_context(|| format!("{}: invalid downstream section", path.display()))?;
         }
         Ok(e)
+    }
+
+    /// With `pretrain.backbone.nnunet.preprocess_from_plans`: the plans'
+    /// spacing, patch size (as the ROI, and no resize before the network)
+    /// and CT window replace those of the preprocess section.
+    fn preprocess_from_plans(&mut self) -> Result<()> {
+        let crate::model::backbone::BackboneConfig::Nnunet(n) = &self.pretrain.backbone else {
+            return Ok(());
+        };
+        if !n.preprocess_from_plans {
+            return Ok(());
+        }
+        let p = n.plans_input()?;
+        self.preprocess.spacing = p.spacing;
+        self.preprocess.roi = p.patch_size.map(|s| s as usize);
+        if let Some(w) = p.ct_window {
+            self.preprocess.ct_window = w;
+        }
+        anyhow::ensure!(
+            self.pretrain.input_size.is_none() || self.pretrain.input_size == Some(p.patch_size),
+            "pretrain.input_size {:?} contradicts the plans' patch size {:?} (x, y, z); leave it out",
+            self.pretrain.input_size,
+            p.patch_size
+        );
+        Ok(())
     }
 
     pub fn cache_dir(&self) -> PathBuf {
@@ -139,5 +166,43 @@ mod tests {
         assert!(e.contains("downstream.patch_size") && e.contains("e.yaml"), "{e}");
         std::fs::write(&p, format!("{base}  task: segmentation\n  num_classes: 3\n")).unwrap();
         assert_eq!(Experiment::load(&p).unwrap().downstream.unwrap().num_classes, 3);
+    }
+
+    #[test]
+    fn preprocessing_can_follow_the_plans() {
+        let d = tempfile::tempdir().unwrap();
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nnunet/tiny_ResEncUNetPlans.json");
+        // the tiny plans as CT plans, their axes transposed
+        let mut plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tiny).unwrap()).unwrap();
+        plans["transpose_forward"] = serde_json::json!([1, 0, 2]);
+        let c = &mut plans["configurations"]["3d_fullres"];
+        c["normalization_schemes"] = serde_json::json!(["CTNormalization"]);
+        c["spacing"] = serde_json::json!([3.0, 0.8, 0.7]);
+        plans["foreground_intensity_properties_per_channel"] = serde_json::json!({"0": {"percentile_00_5": -958.0, "percentile_99_5": 1304.0, "mean": 60.0, "std": 200.0}});
+        let pp = d.path().join("ct_plans.json");
+        std::fs::write(&pp, plans.to_string()).unwrap();
+        let p = d.path().join("e.yaml");
+        let write = |extra: &str| {
+            std::fs::write(
+                &p,
+                format!(
+                    "name: x\nmanifest: m.yaml\nworkdir: w\npretrain:\n  backbone:\n    nnunet: {{plans: {}, preprocess_from_plans: true}}\n{extra}",
+                    pp.display()
+                ),
+            )
+            .unwrap()
+        };
+        write("");
+        let e = Experiment::load(&p).unwrap();
+        // nnU-Net's axes are (z, y, x) permuted by [1, 0, 2]: (y, z, x)
+        assert_eq!(e.preprocess.spacing, [0.7, 3.0, 0.8]);
+        assert_eq!(e.preprocess.roi, [32, 16, 32]);
+        assert_eq!(e.preprocess.ct_window, [-958.0, 1304.0]);
+        write("  input_size: [64, 64, 64]\n");
+        let err = format!("{:#}", Experiment::load(&p).unwrap_err());
+        assert!(
+            err.contains("input_size") && err.contains("preprocess_from_plans"),
+            "{err}"
+        );
     }
 }

@@ -38,10 +38,25 @@ pub struct NnunetConfig {
     /// The configuration in it (nnUNetv2_train's second argument).
     #[serde(default = "default_configuration")]
     pub configuration: String,
+    /// Set `preprocess.spacing`, `preprocess.roi` (the patch size) and,
+    /// for CT plans, `preprocess.ct_window` (the foreground's 0.5 / 99.5
+    /// percentiles) from the plans, in med3d's axis order, so pretraining
+    /// sees the grid and clipping nnU-Net's fine-tuning uses.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preprocess_from_plans: bool,
     /// What the plans give for that configuration, read by
     /// [`BackboneConfig::resolve`]; recorded with the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved: Option<PlansConfiguration>,
+}
+
+/// The input nnU-Net feeds the network, in med3d's axis order (RAS x, y, z).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlansInput {
+    pub spacing: [f64; 3],
+    pub patch_size: [i64; 3],
+    /// CT plans: the clipping window of nnU-Net's CTNormalization.
+    pub ct_window: Option<[f64; 2]>,
 }
 
 impl NnunetConfig {
@@ -78,6 +93,41 @@ impl NnunetConfig {
             r.transpose_forward.clone()
         };
         Ok([2 - t[0] as usize, 2 - t[1] as usize, 2 - t[2] as usize])
+    }
+}
+
+impl NnunetConfig {
+    /// The plans' spacing, patch size and CT window in med3d's axes.
+    pub fn plans_input(&self) -> Result<PlansInput> {
+        let r = self.resolved()?;
+        let axes = self.network_axes()?;
+        let mut spacing = [0.0; 3];
+        let mut patch_size = [0i64; 3];
+        for (net_axis, vol_axis) in axes.iter().enumerate() {
+            spacing[*vol_axis] = r.spacing[net_axis];
+            patch_size[*vol_axis] = r.patch_size[net_axis];
+        }
+        let ct = r.normalization_schemes.first().is_some_and(|s| s == "CTNormalization");
+        let ct_window = if ct {
+            let p = r
+                .foreground_intensity_properties_per_channel
+                .as_ref()
+                .and_then(|v| v.get("0"))
+                .context("backbone.nnunet: CT plans without foreground_intensity_properties_per_channel.0")?;
+            let get = |k: &str| {
+                p.get(k)
+                    .and_then(serde_json::Value::as_f64)
+                    .with_context(|| format!("foreground_intensity_properties_per_channel.0.{k}: missing"))
+            };
+            Some([get("percentile_00_5")?, get("percentile_99_5")?])
+        } else {
+            None
+        };
+        Ok(PlansInput {
+            spacing,
+            patch_size,
+            ct_window,
+        })
     }
 }
 
