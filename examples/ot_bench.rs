@@ -134,6 +134,25 @@ fn run_case(a: &Args, name: &str, file: &Path) -> Result<serde_json::Value> {
             Err(e) => failed = Some(e),
         }
     });
+    // What training runs for a cost on `--device`: `align::Transport`'s
+    // choice (on a GPU with B <= its cpu_max_rows: the cost copied to the
+    // CPU, the fused solver, the gradient copied back).
+    let transport = med3dinsight::align::Transport {
+        plan: med3dinsight::align::Plan::Partial { mass: a.mass },
+        solver: a.solver,
+        cpu_max_rows: med3dinsight::align::DEFAULT_CPU_MAX_ROWS,
+    };
+    let routed_fwd_bwd = time(a.reps, || {
+        let c = on_dev.detach().set_requires_grad(true);
+        match transport.plan_loss(&c) {
+            Ok((_, loss)) => {
+                loss.backward();
+                let _ = c.grad();
+                sync(a.device);
+            }
+            Err(e) => failed = Some(e),
+        }
+    });
     if let Some(e) = failed {
         return Err(e);
     }
@@ -178,6 +197,8 @@ fn run_case(a: &Args, name: &str, file: &Path) -> Result<serde_json::Value> {
         "fwd_bwd_ms": fwd_bwd,
         "fused_fwd_ms": fused_fwd,
         "fused_fwd_bwd_ms": fused_fwd_bwd,
+        "training_path": if transport.fused_on_cpu(&on_dev) { "fused on the CPU" } else { "autograd on the device" },
+        "training_fwd_bwd_ms": routed_fwd_bwd,
     }))
 }
 

@@ -257,6 +257,10 @@ def section_ot(ctx):
         n = r["name"]
         plan, fused = np.load(d / f"{n}.med3d.plan.npy"), np.load(d / f"{n}.fused.plan.npy")
         row = {**r, "plan_max_abs_diff_over_max": float(np.abs(plan - fused).max() / fused.max())}
+        # which solver the measurement favours at this B (training_path is
+        # align::Transport's size rule; the rule is right where they agree)
+        row["faster_here"] = ("fused on the CPU" if r["fused_fwd_bwd_ms"] < r["fwd_bwd_ms"]
+                              else "autograd on the device")
         g, gf = d / f"{n}.med3d.grad.npy", d / f"{n}.fused.grad.npy"
         if g.exists() and gf.exists():
             g, gf = np.load(g), np.load(gf)

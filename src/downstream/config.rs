@@ -88,6 +88,13 @@ pub struct DownstreamConfig {
     /// run` preprocesses it into `<workdir>/cache_test`).
     pub test_manifest: Option<PathBuf>,
     pub sliding_window: SlidingWindow,
+    /// On the CPU: keep freed memory for reuse (as `pretrain.keep_freed_memory`).
+    #[serde(skip_serializing_if = "is_true")]
+    pub keep_freed_memory: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for DownstreamConfig {
@@ -112,6 +119,7 @@ impl Default for DownstreamConfig {
             val_fraction: 0.0,
             test_manifest: None,
             sliding_window: SlidingWindow::default(),
+            keep_freed_memory: true,
         }
     }
 }

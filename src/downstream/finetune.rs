@@ -93,7 +93,7 @@ pub(crate) fn setup(cfg: &DownstreamConfig) -> Result<tch::Device> {
         tch::set_num_threads(cfg.threads as i32);
     }
     let device = cfg.device.resolve("downstream.device")?;
-    if device == tch::Device::Cpu {
+    if device == tch::Device::Cpu && cfg.keep_freed_memory {
         crate::runtime::memory::reuse_freed_memory();
     }
     Ok(device)

@@ -49,6 +49,17 @@ pub struct AlignConfig {
     pub tol: f64,
     /// InfoNCE temperature (CLIP: 0.07).
     pub temperature: f64,
+    /// On a GPU: partial plans of at most this many rows (the batch, or
+    /// the gathered global batch) are solved on the CPU by the fused
+    /// solver; 0 solves all of them on the GPU (see `align::Transport`).
+    /// Changes where the plan is computed, not the plan; left out of the
+    /// files (and the hash) at its default.
+    #[serde(skip_serializing_if = "is_default_cpu_rows")]
+    pub cpu_solver_max_batch: i64,
+}
+
+fn is_default_cpu_rows(v: &i64) -> bool {
+    *v == crate::align::DEFAULT_CPU_MAX_ROWS
 }
 
 impl Default for AlignConfig {
@@ -61,6 +72,7 @@ impl Default for AlignConfig {
             max_iter: s.max_iter,
             tol: s.tol,
             temperature: 0.07,
+            cpu_solver_max_batch: crate::align::DEFAULT_CPU_MAX_ROWS,
         }
     }
 }
@@ -81,6 +93,7 @@ impl AlignConfig {
                 max_iter: self.max_iter,
                 tol: self.tol,
             },
+            cpu_max_rows: self.cpu_solver_max_batch,
         })
     }
 }
@@ -209,6 +222,17 @@ pub struct PretrainConfig {
     /// (and so of its hash) when 0, so older runs keep their hash.
     #[serde(skip_serializing_if = "is_zero")]
     pub target_noise: f64,
+    /// On the CPU: have glibc keep freed memory for reuse instead of
+    /// returning large buffers to the kernel (see
+    /// `runtime::memory::reuse_freed_memory`): faster steps at a higher
+    /// peak. Off where memory is tight (several jobs on one node). Not
+    /// part of the config hash.
+    #[serde(skip_serializing_if = "is_true")]
+    pub keep_freed_memory: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn is_false(b: &bool) -> bool {
@@ -250,6 +274,7 @@ impl Default for PretrainConfig {
             all_gather_embeddings: false,
             dist_timeout_s: crate::dist::DEFAULT_TIMEOUT_S,
             target_noise: 0.0,
+            keep_freed_memory: true,
         }
     }
 }
@@ -291,6 +316,10 @@ impl PretrainConfig {
         );
         ensure!(a.max_iter >= 1, "pretrain.align.max_iter must be at least 1");
         ensure!(a.temperature > 0.0, "pretrain.align.temperature must be positive");
+        ensure!(
+            a.cpu_solver_max_batch >= 0,
+            "pretrain.align.cpu_solver_max_batch must be >= 0 (0: every plan on the GPU)"
+        );
         let w = &self.weights;
         ensure!(
             [w.text, w.image, w.recon].iter().all(|v| v.is_finite() && *v >= 0.0),
@@ -377,6 +406,8 @@ impl PretrainConfig {
         c.keep_checkpoints = 1;
         c.max_nonfinite = 1;
         c.dist_timeout_s = crate::dist::DEFAULT_TIMEOUT_S;
+        c.keep_freed_memory = true;
+        c.align.cpu_solver_max_batch = crate::align::DEFAULT_CPU_MAX_ROWS;
         let json = serde_json::to_vec(&(PRETRAIN_FORMAT, &c)).unwrap_or_default();
         crate::fsutil::sha256_bytes(&json)
     }
@@ -393,6 +424,8 @@ mod tests {
         b.workers = 7;
         b.checkpoint_every = 3;
         b.threads = 1;
+        b.keep_freed_memory = false;
+        b.align.cpu_solver_max_batch = 0;
         assert_eq!(a.hash(), b.hash());
         b.optimizer.lr = 2e-5;
         assert_ne!(a.hash(), b.hash());
@@ -486,7 +519,7 @@ mod tests {
     }
 
     #[test]
-    fn the_resenc_preset_differs_from_brain_tissue_in_the_backbones_only() {
+    fn the_resenc_preset_differs_from_brain_tissue_in_the_backbone_and_finetuning_lr_only() {
         use crate::config::Experiment;
         use crate::model::backbone::BackboneConfig;
         // Plans paths in presets are relative to the repository root,
@@ -506,7 +539,9 @@ mod tests {
             o.remove("name");
             o.remove("workdir");
             o["pretrain"].as_object_mut().unwrap().remove("backbone");
-            o["downstream"].as_object_mut().unwrap().remove("backbone");
+            let d = o["downstream"].as_object_mut().unwrap();
+            d.remove("backbone");
+            d["optimizer"].as_object_mut().unwrap().remove("lr");
             v
         };
         assert_eq!(
@@ -514,6 +549,8 @@ mod tests {
             strip(&resenc),
             "the two backbones' experiments differ elsewhere"
         );
+        let lr = |e: &Experiment| e.downstream.as_ref().unwrap().optimizer.lr;
+        assert_eq!((lr(&swin), lr(&resenc)), (1e-3, 1e-2));
     }
 
     #[test]

@@ -176,7 +176,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     let (rank, world) = dist.as_ref().map(|d| (d.rank, d.world_size)).unwrap_or((0, 1));
     let main = rank == 0;
     let autocast = dev.is_cuda() && matches!(cfg.precision, Precision::Auto | Precision::Bf16);
-    if !dev.is_cuda() {
+    if !dev.is_cuda() && cfg.keep_freed_memory {
         crate::runtime::memory::reuse_freed_memory();
     }
     if autocast {
