@@ -31,6 +31,7 @@ settings (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=huge) when
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -156,7 +157,9 @@ def torch_side(spec, steps, warmup, threads):
             times.append((time.perf_counter() - t) * 1e3)
     return {"step_ms": times, "median_ms": statistics.median(times), "last_loss": loss.item(),
             "parameters": sum(p.numel() for p in params),
-            "peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None}
+            "peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+            # this worker process's peak resident memory (Linux: KiB)
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def main():
@@ -212,12 +215,13 @@ def main():
     print(f"\none training step, SwinUNETR(feature_size {bb['feature_size']}, depths {bb['depths']}, "
           f"downsample {bb['downsample']}, use_v2 {bb['use_v2']}) + PSAT + partial OT "
           f"({rows[0][1]['align']['max_iter']} iterations) + AdamW; median of {args.steps} after {args.warmup} warm-up (s)")
-    print("| threads | batch | input | med3d | PyTorch | PyTorch allocator | med3d / PyTorch | parameters (med3d / PyTorch) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| threads | batch | input | med3d | PyTorch | PyTorch allocator | med3d / PyTorch | peak RSS GB (med3d / PyTorch) | parameters (med3d / PyTorch) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    gb = lambda r: f"{r['peak_rss_bytes'] / 1e9:.2f}" if r.get("peak_rss_bytes") else "-"
     for n, ours, label, theirs in rows:
         print(f"| {n} | {ours['batch']} | {ours['side']}^3 | {ours['median_ms'] / 1e3:.2f} | "
               f"{theirs['median_ms'] / 1e3:.2f} | {label} | {ours['median_ms'] / theirs['median_ms']:.2f} | "
-              f"{ours['parameters']} / {theirs['parameters']} |")
+              f"{gb(ours)} / {gb(theirs)} | {ours['parameters']} / {theirs['parameters']} |")
 
 
 if __name__ == "__main__":

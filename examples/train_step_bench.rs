@@ -159,10 +159,16 @@ fn main() -> Result<()> {
             "parameters": opt.numel(),
             "last_loss": loss,
             "step_ms": times,
-            "median_ms": sorted[sorted.len() / 2],
+            // as Python's statistics.median: the mean of the middle two for an even count
+            "median_ms": if sorted.len() % 2 == 0 {
+                (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
+            } else {
+                sorted[sorted.len() / 2]
+            },
             "device": format!("{dev:?}"),
             "bf16": autocast,
             "peak_cuda_allocated_bytes": med3dinsight::runtime::torch::cuda_peak_memory(0).filter(|_| dev.is_cuda()).map(|p| p.0),
+            "peak_rss_bytes": med3dinsight::runtime::memory::peak_rss_bytes(),
         })
     );
     Ok(())
