@@ -123,6 +123,12 @@ def torch_side(spec, steps, warmup, threads):
     net.train()
     psat.train()
     times = []
+    parts = []  # per timed step: forward incl. the losses, backward, optimiser (ms)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     for i in range(warmup + steps):
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
@@ -144,8 +150,13 @@ def torch_side(spec, steps, warmup, threads):
             plan = lp.detach().exp()
             _ = (plan.sum(), plan.diagonal().sum())
         loss = w["text"] * pot + w["recon"] * torch.nn.functional.mse_loss(logits, x)
+        _ = loss.item()  # med3d reads the loss value here too
+        sync()
+        t_fwd = time.perf_counter()
         opt.zero_grad()
         loss.backward()
+        sync()
+        t_bwd = time.perf_counter()
         if op["clip_grad_norm"] > 0:
             torch.nn.utils.clip_grad_norm_(params, op["clip_grad_norm"])
         else:
@@ -154,12 +165,17 @@ def torch_side(spec, steps, warmup, threads):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
-            times.append((time.perf_counter() - t) * 1e3)
+            end = time.perf_counter()
+            times.append((end - t) * 1e3)
+            parts.append(((t_fwd - t) * 1e3, (t_bwd - t_fwd) * 1e3, (end - t_bwd) * 1e3))
     return {"step_ms": times, "median_ms": statistics.median(times), "last_loss": loss.item(),
             "parameters": sum(p.numel() for p in params),
             "peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
             # this worker process's peak resident memory (Linux: KiB)
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "forward_ms": statistics.median(p[0] for p in parts),
+            "backward_ms": statistics.median(p[1] for p in parts),
+            "optimizer_ms": statistics.median(p[2] for p in parts)}
 
 
 def main():
@@ -211,6 +227,12 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps([{"threads": n, "pytorch_allocator": label, "med3d": ours, "pytorch": theirs}
                                                for n, ours, label, theirs in rows], indent=1))
+    print("per part, median ms (forward includes the losses and the alignment solver):")
+    print("| threads | PyTorch allocator | forward med3d / PyTorch | backward med3d / PyTorch | optimiser med3d / PyTorch |")
+    print("|---|---|---|---|---|")
+    for n, ours, label, theirs in rows:
+        cell = lambda k: f"{ours[k]:.0f} / {theirs[k]:.0f}"
+        print(f"| {n} | {label} | {cell('forward_ms')} | {cell('backward_ms')} | {cell('optimizer_ms')} |")
     bb = rows[0][1]["backbone"]
     print(f"\none training step, SwinUNETR(feature_size {bb['feature_size']}, depths {bb['depths']}, "
           f"downsample {bb['downsample']}, use_v2 {bb['use_v2']}) + PSAT + partial OT "

@@ -122,25 +122,52 @@ fn main() -> Result<()> {
     }
     let lr = cfg.optimizer.lr;
     let mut times = Vec::new();
+    // per timed step: (forward incl. the losses, backward, optimiser) ms
+    let mut parts: Vec<[f64; 3]> = Vec::new();
     let mut loss = f64::NAN;
+    let sync = || {
+        if let Device::Cuda(d) = dev {
+            tch::Cuda::synchronize(d as i64);
+        }
+    };
     for i in 0..a.warmup + a.steps {
         let t = Instant::now();
         let l = model.losses(&vols, &planes, &bins, &ys, true, autocast, None)?;
         loss = l.total.double_value(&[]);
+        sync();
+        let t_fwd = t.elapsed();
         l.total.backward();
+        sync();
+        let t_bwd = t.elapsed();
         let norm = opt.grad_norm();
         if cfg.optimizer.clip_grad_norm > 0.0 {
             opt.clip(cfg.optimizer.clip_grad_norm, norm);
         }
         opt.step(lr);
         opt.zero_grad();
-        if let Device::Cuda(d) = dev {
-            tch::Cuda::synchronize(d as i64);
-        }
+        sync();
         if i >= a.warmup {
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+            let total = t.elapsed();
+            times.push(total.as_secs_f64() * 1e3);
+            parts.push([
+                t_fwd.as_secs_f64() * 1e3,
+                (t_bwd - t_fwd).as_secs_f64() * 1e3,
+                (total - t_bwd).as_secs_f64() * 1e3,
+            ]);
         }
     }
+    let part_median = |k: usize| {
+        let mut v: Vec<f64> = parts.iter().map(|p| p[k]).collect();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n == 0 {
+            f64::NAN
+        } else if n.is_multiple_of(2) {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        } else {
+            v[n / 2]
+        }
+    };
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     println!(
@@ -160,7 +187,7 @@ fn main() -> Result<()> {
             "last_loss": loss,
             "step_ms": times,
             // as Python's statistics.median: the mean of the middle two for an even count
-            "median_ms": if sorted.len() % 2 == 0 {
+            "median_ms": if sorted.len().is_multiple_of(2) {
                 (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
             } else {
                 sorted[sorted.len() / 2]
@@ -169,6 +196,9 @@ fn main() -> Result<()> {
             "bf16": autocast,
             "peak_cuda_allocated_bytes": med3dinsight::runtime::torch::cuda_peak_memory(0).filter(|_| dev.is_cuda()).map(|p| p.0),
             "peak_rss_bytes": med3dinsight::runtime::memory::peak_rss_bytes(),
+            "forward_ms": part_median(0),
+            "backward_ms": part_median(1),
+            "optimizer_ms": part_median(2),
         })
     );
     Ok(())
