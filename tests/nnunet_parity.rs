@@ -146,7 +146,7 @@ fn case(plans_file: &str, classes: i64, shape: &str, seed: i64) {
         "{plans_file}: {} variables + {} aliases, {} parameters; logits agree: {e1:.1e} (their weights), {e2:.1e} (ours)",
         vars.len(),
         net.aliases().len(),
-        ConvUnet::parameter_count(&vs)
+        vars.values().map(|t| t.numel()).sum::<usize>()
     );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -6,12 +6,14 @@
 //! export for nnU-Net (`--format nnunet`) is what `torch.load` reads and
 //! nnU-Net's own `load_pretrained_weights` accepts, and nnunetv2's network
 //! with those weights gives med3d's output.
+mod common;
 mod pretrain_fixture;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::python;
 use med3dinsight::export::NON_BACKBONE;
 use med3dinsight::model::backbone::BackboneConfig;
 use med3dinsight::model::nnunet::ConvUnet;
@@ -26,15 +28,6 @@ const STEPS: u64 = 4;
 
 fn plans() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nnunet/tiny_ResEncUNetPlans.json")
-}
-
-fn python() -> String {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    if venv.exists() {
-        venv.display().to_string()
-    } else {
-        "python3".into()
-    }
 }
 
 /// The tiny ResEnc plans and a one-layer PSAT, dropout off.
@@ -96,15 +89,13 @@ fn pretrains_resumes_and_exports_for_nnunet() {
     let cache = Fixture::default().write(d.path());
     let cfg = config(d.path());
     let run = d.path().join("run");
-    let (ok, log) = med3d(&[
-        "pretrain",
-        "--cache",
-        &s(&cache),
-        "--config",
-        &s(&cfg),
-        "--out",
-        &s(&run),
-    ]);
+    let pretrain = |out: &Path, extra: &[&str]| {
+        let (c, f, o) = (s(&cache), s(&cfg), s(out));
+        let mut args = vec!["pretrain", "--cache", &c, "--config", &f, "--out", &o];
+        args.extend_from_slice(extra);
+        med3d(&args)
+    };
+    let (ok, log) = pretrain(&run, &[]);
     assert!(ok, "pretrain failed:\n{log}");
     assert_eq!(checkpoint::list(&run).len(), STEPS as usize);
 
@@ -140,16 +131,7 @@ fn pretrains_resumes_and_exports_for_nnunet() {
     for step in 3..=STEPS {
         std::fs::remove_dir_all(checkpoint::dir(&cut).join(format!("step-{step:08}"))).unwrap();
     }
-    let (ok, log) = med3d(&[
-        "pretrain",
-        "--cache",
-        &s(&cache),
-        "--config",
-        &s(&cfg),
-        "--out",
-        &s(&cut),
-        "--resume",
-    ]);
+    let (ok, log) = pretrain(&cut, &["--resume"]);
     assert!(ok, "resume failed:\n{log}");
     let resumed = weights(&cut, STEPS);
     let gap = diff(&resumed, &w4, "");

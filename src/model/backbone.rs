@@ -94,9 +94,7 @@ impl NnunetConfig {
         };
         Ok([2 - t[0] as usize, 2 - t[1] as usize, 2 - t[2] as usize])
     }
-}
 
-impl NnunetConfig {
     /// The plans' spacing, patch size and CT window in med3d's axes.
     pub fn plans_input(&self) -> Result<PlansInput> {
         let r = self.resolved()?;

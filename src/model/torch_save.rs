@@ -2,7 +2,9 @@
 //! (PyTorch's zip format, pickle protocol 2): `<archive>/data.pkl` holds
 //! a dict of `collections.OrderedDict`s of tensors rebuilt by
 //! `torch._utils._rebuild_tensor_v2` from storages `<archive>/data/<k>`,
-//! one per tensor, each record aligned to 64 bytes as PyTorch aligns them.
+//! each record aligned to 64 bytes as PyTorch aligns them. Names that hold
+//! the same tensor (a shallow clone: the same data) share one storage, as
+//! in a `state_dict()` whose modules are registered twice.
 //! Only globals that `torch.load(weights_only=True)` allows are named.
 use std::io::Write;
 use std::path::Path;
@@ -86,11 +88,19 @@ pub fn save_nested(path: &Path, outer_key: &str, named: &[(String, Tensor)]) -> 
     p.string(outer_key);
     p.ordered_dict();
     p.op(b'(');
-    let mut storages = Vec::with_capacity(named.len());
-    for (i, (name, t)) in named.iter().enumerate() {
+    // (name of the first tensor, its CPU contiguous data) per storage key;
+    // a tensor whose data another name already holds reuses its key.
+    let mut storages: Vec<(&str, Tensor)> = Vec::new();
+    let mut by_data: std::collections::HashMap<(usize, Kind, Vec<i64>), usize> = std::collections::HashMap::new();
+    for (name, t) in named {
         let t = t.detach().to_device(Device::Cpu).contiguous();
         let kind = t.kind();
         let storage = storage_name(kind)?;
+        let id = (t.data_ptr() as usize, kind, t.size());
+        let key = *by_data.entry(id).or_insert_with(|| {
+            storages.push((name.as_str(), t.shallow_clone()));
+            storages.len() - 1
+        });
         p.string(name);
         p.global("torch._utils", "_rebuild_tensor_v2");
         p.op(b'(');
@@ -98,7 +108,7 @@ pub fn save_nested(path: &Path, outer_key: &str, named: &[(String, Tensor)]) -> 
         p.op(b'(');
         p.string("storage");
         p.global("torch", storage);
-        p.string(&i.to_string());
+        p.string(&key.to_string());
         p.string("cpu");
         p.int(t.numel() as i64);
         p.op(b't');
@@ -110,7 +120,6 @@ pub fn save_nested(path: &Path, outer_key: &str, named: &[(String, Tensor)]) -> 
         p.ordered_dict(); // backward hooks
         p.op(b't');
         p.op(b'R');
-        storages.push(t);
     }
     p.op(b'u'); // SETITEMS
     p.op(b's'); // SETITEM
@@ -131,11 +140,11 @@ pub fn save_nested(path: &Path, outer_key: &str, named: &[(String, Tensor)]) -> 
         };
         record(&mut z, "data.pkl", &p.0)?;
         record(&mut z, "byteorder", b"little")?;
-        for (i, t) in storages.iter().enumerate() {
+        for (i, (name, t)) in storages.iter().enumerate() {
             let n = t.numel() * t.kind().elt_size_in_bytes();
             let mut bytes = vec![0u8; n];
             t.f_copy_data_u8(&mut bytes, t.numel())
-                .with_context(|| format!("cannot read tensor {}", named[i].0))?;
+                .with_context(|| format!("cannot read tensor {name}"))?;
             record(&mut z, &format!("data/{i}"), &bytes)?;
         }
         record(&mut z, "version", b"3\n")?;
@@ -164,8 +173,12 @@ mod tests {
         let named = vec![
             ("enc.w".to_string(), a.transpose(0, 2)),
             ("enc.n".to_string(), b.shallow_clone()),
+            ("dec.enc.n".to_string(), b.shallow_clone()),
         ];
         save_nested(&path, "network_weights", &named).unwrap();
+        // the second name of `b` shares its storage
+        let zip = zip::ZipArchive::new(std::fs::File::open(&path).unwrap()).unwrap();
+        assert_eq!(zip.file_names().filter(|n| n.contains("/data/")).count(), 2);
         let back: std::collections::HashMap<String, Tensor> = crate::encoders::torch_pickle::read(&path)
             .unwrap()
             .into_iter()
@@ -174,6 +187,7 @@ mod tests {
         assert_eq!(w.size(), vec![4, 3, 2]);
         assert!(w.equal(&a.transpose(0, 2)));
         assert!(back["network_weights.enc.n"].equal(&b));
+        assert!(back["network_weights.dec.enc.n"].equal(&b));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -19,7 +19,7 @@
 //! (each block's second norm at 0, so every block starts as its skip).
 use anyhow::{ensure, Result};
 use tch::nn::{Init, Path};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::blocks::{he_std, path_name, BasicBlockD, Ops, StackedConvs, Stage};
 use super::spec::{NetClass, UnetSpec};
@@ -247,15 +247,6 @@ impl ConvUnet {
             logits,
         })
     }
-
-    /// Parameters (floating-point elements) of the network.
-    pub fn parameter_count(vs: &tch::nn::VarStore) -> i64 {
-        vs.variables()
-            .values()
-            .filter(|t| t.kind() == Kind::Float || t.kind() == Kind::Double)
-            .map(|t| t.numel() as i64)
-            .sum()
-    }
 }
 
 #[cfg(test)]
@@ -263,7 +254,7 @@ mod tests {
     use super::*;
     use serde_json::json;
     use tch::nn::VarStore;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     fn spec(class: &str, depth_key: &str) -> UnetSpec {
         let a = json!({
