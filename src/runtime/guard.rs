@@ -91,14 +91,18 @@ pub fn boundary<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// to allocate: CUDA's caching allocator or the CPU allocator.
 pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
     let text = format!("{e:#}").to_ascii_lowercase();
-    // oneDNN reports a scratchpad it could not allocate as a primitive it
-    // could not create: under memory pressure that is the same failure.
+    // oneDNN reports a scratchpad or workspace it could not allocate as a
+    // primitive it could not create, or (when the allocation fails as the
+    // primitive runs) could not execute: under memory pressure that is the
+    // same failure (seen under an address-space limit in
+    // tests/gpu_readiness.rs).
     [
         "out of memory",
         "can't allocate memory",
         "not enough memory",
         "cannot allocate memory",
         "could not create a primitive",
+        "could not execute a primitive",
     ]
     .iter()
     .any(|p| text.contains(p))
@@ -144,5 +148,9 @@ mod tests {
         let e = boundary(|| Ok(Tensor::empty([1i64 << 60], (Kind::Float, tch::Device::Cpu)))).unwrap_err();
         assert!(is_out_of_memory(&e), "{e:#}");
         assert_eq!(boundary(|| Ok(3)).unwrap(), 3);
+        // oneDNN's words for a scratchpad it could not allocate
+        for m in ["could not create a primitive", "could not execute a primitive"] {
+            assert!(is_out_of_memory(&anyhow::anyhow!("{m}")), "{m}");
+        }
     }
 }
