@@ -112,10 +112,11 @@ fn real_main() -> Result<End> {
             cache,
             config,
             captions,
+            out,
         } => {
             let exp = Experiment::load(&config)?;
             let cache = cache.unwrap_or_else(|| exp.cache_dir());
-            pipeline::embed(&exp, &cache, captions).map(End::from)
+            pipeline::embed(&exp, &cache, captions, out).map(End::from)
         }
         Cmd::Pretrain {
             cache,
@@ -176,6 +177,26 @@ fn real_main() -> Result<End> {
                 None => None,
             };
             pipeline::evaluate(&run, &cache, sw, out).map(End::from)
+        }
+        Cmd::EvaluateAlignment {
+            run,
+            cache,
+            embeddings,
+            step,
+            out,
+            dump,
+            batch,
+        } => {
+            let req = med3dinsight::train::alignment_eval::Request {
+                run,
+                cache,
+                embeddings,
+                step,
+                out,
+                dump,
+                batch,
+            };
+            pipeline::evaluate_alignment(&req).map(End::from)
         }
         Cmd::Encode(args) => {
             let r = med3dinsight::embed::encode::encode(&args)?;

@@ -1,5 +1,7 @@
 //! Alignment of the 3D model's plane-slice embeddings with the frozen 2D
-//! embeddings: optimal-transport plans and the losses built on them.
+//! embeddings: optimal-transport plans and the losses built on them, and
+//! the metrics of how well two sets of embeddings are aligned (`metrics`).
+pub mod metrics;
 pub mod ot;
 pub mod pot_fused;
 

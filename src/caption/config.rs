@@ -71,6 +71,26 @@ pub struct CaptionConfig {
     /// flagged `repeated`.
     pub repeated_threshold: usize,
     pub openai: Option<OpenAiConfig>,
+    pub descriptor: DescriptorConfig,
+}
+
+/// The offline `descriptor` backend's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DescriptorConfig {
+    /// State the plane, slice number and position (the first sentence) and
+    /// the in-plane axis names. `false` gives captions of the content alone,
+    /// for measuring alignment beyond what the plane-slice input tells
+    /// (`med3d evaluate-alignment --embeddings`).
+    pub plane_and_position: bool,
+}
+
+impl Default for DescriptorConfig {
+    fn default() -> Self {
+        DescriptorConfig {
+            plane_and_position: true,
+        }
+    }
 }
 
 impl Default for CaptionConfig {
@@ -82,6 +102,7 @@ impl Default for CaptionConfig {
             policy: FlagPolicy::default(),
             repeated_threshold: 10,
             openai: None,
+            descriptor: DescriptorConfig::default(),
         }
     }
 }

@@ -91,7 +91,8 @@ fn symmetry(s: &ArrayView2<f32>, threshold: f32, x0: usize, x1: usize) -> Option
     (total > 0.0).then(|| 1.0 - diff / total)
 }
 
-/// The description of one slice.
+/// The description of one slice; `where_words`: state the plane, slice
+/// number and position, and the in-plane axis names (else the content alone).
 pub fn describe(
     vol: &Array3<f32>,
     rec: &CaseRecord,
@@ -99,6 +100,7 @@ pub fn describe(
     plane: Plane,
     index: usize,
     position: f64,
+    where_words: bool,
 ) -> Result<String> {
     let ax = plane.axis();
     let n = vol.shape()[ax];
@@ -110,17 +112,22 @@ pub fn describe(
     let s = vol.index_axis(Axis(ax), index);
     let [(a0, d0), (a1, d1)] = in_plane(plane);
     let sp = rec.geometry.spacing;
-    let mut out = format!(
-        "{} {} slice {} of {}, {} of the {}-to-{} axis ({}%).",
-        capitalise(plane.name()),
-        rec.modality,
-        index + 1,
-        n,
-        region(position, plane),
-        axis_words(plane).0,
-        axis_words(plane).1,
-        (position * 100.0).round() as i64
-    );
+    let mut out = if where_words {
+        format!(
+            "{} {} slice {} of {}, {} of the {}-to-{} axis ({}%).",
+            capitalise(plane.name()),
+            rec.modality,
+            index + 1,
+            n,
+            region(position, plane),
+            axis_words(plane).0,
+            axis_words(plane).1,
+            (position * 100.0).round() as i64
+        )
+    } else {
+        format!("{} slice.", rec.modality)
+    };
+    let (d0, d1) = if where_words { (d0, d1) } else { ("across", "down") };
     let mut fg: Vec<f32> = Vec::new();
     let (mut lo0, mut hi0, mut lo1, mut hi1) = (usize::MAX, 0, usize::MAX, 0);
     for ((i, j), &v) in s.indexed_iter() {
@@ -226,7 +233,7 @@ mod tests {
             vol[[3, y, 1]] = v(700.0); // bone
         }
         let rec = record(Modality::CT, [-1000.0, 1000.0], [1.5, 2.0, 3.0]);
-        let t = describe(&vol, &rec, 0.0, Plane::Axial, 1, 0.5).unwrap();
+        let t = describe(&vol, &rec, 0.0, Plane::Axial, 1, 0.5, true).unwrap();
         assert!(
             t.starts_with("Axial CT slice 2 of 3, near the middle of the inferior-to-superior axis (50%)."),
             "{t}"
@@ -238,6 +245,18 @@ mod tests {
         let (a, b, c, d) = (v(-600.0) as f64, v(-100.0) as f64, v(40.0) as f64, v(700.0) as f64);
         let want = 1.0 - ((a - d).abs() + (b - c).abs()) / (a + b + c + d);
         assert!(t.contains(&format!("symmetry {want:.2}")), "{t}");
+        // the content alone: nothing says which plane or where, the rest is the same
+        let c = describe(&vol, &rec, 0.0, Plane::Axial, 1, 0.5, false).unwrap();
+        assert!(c.starts_with("CT slice. Foreground covers 33%"), "{c}");
+        assert!(c.contains("spanning 6 mm across by 4 mm down"), "{c}");
+        let words = [
+            "axial", "coronal", "sagittal", "middle", "superior", "anterior", "50%", "slice 2",
+        ];
+        assert!(words.iter().all(|w| !c.to_lowercase().contains(w)), "{c}");
+        assert_eq!(
+            c.split_once(". ").unwrap().1.replace("across", "left-right"),
+            t.split_once("). ").unwrap().1.replace("anterior-posterior", "down")
+        );
     }
 
     #[test]
@@ -249,12 +268,12 @@ mod tests {
             }
         }
         let rec = record(Modality::MR, [10.0, 900.0], [1.0, 1.0, 1.0]);
-        let t = describe(&vol, &rec, 0.0, Plane::Sagittal, 2, 0.67).unwrap();
+        let t = describe(&vol, &rec, 0.0, Plane::Sagittal, 2, 0.67, true).unwrap();
         assert!(t.contains("in the patient's right part"), "{t}");
         assert!(t.contains("p10 0.10, median 0.40, p90 0.60"), "{t}");
         assert!(!t.contains("symmetry"), "{t}");
-        let e = describe(&vol, &rec, 0.0, Plane::Sagittal, 0, 0.0).unwrap();
+        let e = describe(&vol, &rec, 0.0, Plane::Sagittal, 0, 0.0, true).unwrap();
         assert!(e.ends_with("holds no foreground."), "{e}");
-        assert!(describe(&vol, &rec, 0.0, Plane::Sagittal, 9, 1.0).is_err());
+        assert!(describe(&vol, &rec, 0.0, Plane::Sagittal, 9, 1.0, true).is_err());
     }
 }

@@ -129,9 +129,16 @@ impl Asker<'_> {
             }
             _ => Ok((
                 String::new(),
-                prompt::hash(&serde_json::json!({
-                    "backend": "descriptor", "model": descriptor::MODEL, "foreground_threshold": self.threshold,
-                })),
+                if self.cfg.descriptor.plane_and_position {
+                    prompt::hash(&serde_json::json!({
+                        "backend": "descriptor", "model": descriptor::MODEL, "foreground_threshold": self.threshold,
+                    }))
+                } else {
+                    prompt::hash(&serde_json::json!({
+                        "backend": "descriptor", "model": descriptor::MODEL, "foreground_threshold": self.threshold,
+                        "plane_and_position": false,
+                    }))
+                },
             )),
         }
     }
@@ -229,7 +236,15 @@ fn describe_one(
     rec.attempts = 1;
     let vol = volume.get_or_insert_with(|| descriptor::load_volume(cache, &row.case));
     let text = match vol {
-        Ok(v) => descriptor::describe(v, case, asker.threshold, row.plane, row.index, row.position),
+        Ok(v) => descriptor::describe(
+            v,
+            case,
+            asker.threshold,
+            row.plane,
+            row.index,
+            row.position,
+            asker.cfg.descriptor.plane_and_position,
+        ),
         Err(e) => Err(anyhow::anyhow!("{e:#}")),
     };
     match text {

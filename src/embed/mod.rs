@@ -128,13 +128,20 @@ pub use crate::caption::store::read_ok_captions;
 pub struct RunOptions {
     /// Captions file; default `<cache>/captions.jsonl`.
     pub captions: Option<PathBuf>,
+    /// Tables folder; default `<cache>/embeddings` (the one pretraining
+    /// reads). Another folder holds tables of other captions of the same
+    /// slices, e.g. for `med3d evaluate-alignment --embeddings`.
+    pub out: Option<PathBuf>,
 }
 
 /// Runs the stage over a cache.
 pub fn run(cfg: &EmbedConfig, cache: &Path, opts: &RunOptions) -> Result<Summary> {
     cfg.validate()?;
     let rows = read_index(cache)?;
-    let out_dir = crate::artifacts::cache::embeddings_dir(cache);
+    let out_dir = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| crate::artifacts::cache::embeddings_dir(cache));
     let parts = out_dir.join("parts");
     std::fs::create_dir_all(&parts).with_context(|| format!("cannot create {}", parts.display()))?;
     sweep_stale_tmp(&out_dir)?;

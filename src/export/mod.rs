@@ -72,33 +72,7 @@ pub use card::card_path;
 
 use crate::train::run_dir::RunRecord;
 
-/// The checkpoint folder of `step` (default: the latest) with a clear
-/// error naming the run when it is missing.
-pub fn find_checkpoint(run: &Path, step: Option<u64>) -> Result<PathBuf> {
-    ensure!(run.is_dir(), "{}: no such run folder", run.display());
-    let all = checkpoint::list(run);
-    match step {
-        None => checkpoint::latest(run).ok_or_else(|| {
-            anyhow!(
-                "{}: the run holds no complete checkpoint (nothing under {}); run `med3d pretrain` first",
-                run.display(),
-                checkpoint::dir(run).display()
-            )
-        }),
-        Some(s) => match all.iter().find(|(k, _)| *k == s) {
-            Some((_, p)) => Ok(p.clone()),
-            None if all.is_empty() => bail!(
-                "{}: no checkpoint at step {s}: the run holds no complete checkpoint",
-                run.display()
-            ),
-            None => bail!(
-                "{}: no checkpoint at step {s}; the run holds steps {}",
-                run.display(),
-                all.iter().map(|(k, _)| k.to_string()).collect::<Vec<_>>().join(", ")
-            ),
-        },
-    }
-}
+pub use crate::train::checkpoint::find as find_checkpoint;
 
 fn variant(req: &Request) -> Variant {
     match (req.format, req.encoder_only) {

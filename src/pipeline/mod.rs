@@ -98,17 +98,12 @@ pub fn caption(exp: &Experiment, cache: &Path, out: &Path, shard: Shard) -> Resu
     Ok(s.failed == 0 && s.stopped.is_none())
 }
 
-pub fn embed(exp: &Experiment, cache: &Path, captions: Option<PathBuf>) -> Result<bool> {
+pub fn embed(exp: &Experiment, cache: &Path, captions: Option<PathBuf>, out: Option<PathBuf>) -> Result<bool> {
+    let dir = out.clone().unwrap_or_else(|| cache.to_path_buf());
     let s = guarded("embed", || {
-        embed::run(&exp.embed, cache, &embed::RunOptions { captions })
+        embed::run(&exp.embed, cache, &embed::RunOptions { captions, out })
     })?;
-    println!(
-        "{}",
-        Done {
-            summary: &s,
-            out: cache
-        }
-    );
+    println!("{}", Done { summary: &s, out: &dir });
     for t in std::iter::once(&s.text).chain(s.image.as_ref()) {
         eprint_failures(
             t.failures
@@ -197,6 +192,13 @@ pub fn evaluate(
     Ok(r.failed_cases == 0)
 }
 
+/// `med3d evaluate-alignment`: the report's summary line on stdout.
+pub fn evaluate_alignment(req: &crate::train::alignment_eval::Request) -> Result<bool> {
+    let r = guarded("evaluate-alignment", || crate::train::alignment_eval::run(req))?;
+    println!("{}", r.line);
+    Ok(true)
+}
+
 /// `med3d run`: every stage of one experiment in order, skipping what is done.
 pub fn run(config: &Path, w: Option<usize>) -> Result<End> {
     let exp = Experiment::load(config)?;
@@ -211,7 +213,7 @@ pub fn run(config: &Path, w: Option<usize>) -> Result<End> {
         Shard::ALL,
     )
     .with_context(|| at("caption"))?;
-    let embedded = embed(&exp, &cache, None).with_context(|| at("embed"))?;
+    let embedded = embed(&exp, &cache, None, None).with_context(|| at("embed"))?;
     let pretrained = pretrain(&exp, &cache, &exp.run_dir(), true).with_context(|| at("pretrain"))?;
     // Weights for downstream networks, from the finished run only.
     let mut exported = true;

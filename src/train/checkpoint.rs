@@ -17,7 +17,7 @@
 //! from step 0 unasked.
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::Tensor;
@@ -192,6 +192,34 @@ pub fn latest(run: &Path) -> Option<PathBuf> {
         }
     }
     list(run).pop().map(|(_, p)| p)
+}
+
+/// The checkpoint folder of `step` (default: the latest) with a clear
+/// error naming the run when it is missing.
+pub fn find(run: &Path, step: Option<u64>) -> Result<PathBuf> {
+    ensure!(run.is_dir(), "{}: no such run folder", run.display());
+    let all = list(run);
+    match step {
+        None => latest(run).ok_or_else(|| {
+            anyhow!(
+                "{}: the run holds no complete checkpoint (nothing under {}); run `med3d pretrain` first",
+                run.display(),
+                dir(run).display()
+            )
+        }),
+        Some(s) => match all.iter().find(|(k, _)| *k == s) {
+            Some((_, p)) => Ok(p.clone()),
+            None if all.is_empty() => bail!(
+                "{}: no checkpoint at step {s}: the run holds no complete checkpoint",
+                run.display()
+            ),
+            None => bail!(
+                "{}: no checkpoint at step {s}; the run holds steps {}",
+                run.display(),
+                all.iter().map(|(k, _)| k.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        },
+    }
 }
 
 pub fn read_state(ckpt: &Path) -> Result<State> {

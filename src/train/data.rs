@@ -61,6 +61,12 @@ impl Dataset {
     /// Reads the index, the embedding tables (`text` required, `image`
     /// when present) and every case's volume header.
     pub fn open(cache: &Path, cfg: &PretrainConfig) -> Result<Dataset> {
+        Dataset::open_with_tables(cache, &cache::embeddings_dir(cache), cfg)
+    }
+
+    /// As `open`, with the tables taken from `tables` (a folder laid out as
+    /// `<cache>/embeddings/`, e.g. `med3d embed --out` of other captions).
+    pub fn open_with_tables(cache: &Path, tables: &Path, cfg: &PretrainConfig) -> Result<Dataset> {
         let rows = read_index(cache)?;
         let mut targets = Vec::new();
         let mut valid = vec![true; rows.len()];
@@ -70,7 +76,7 @@ impl Dataset {
             h.update(b"\n");
         }
         for name in ["text", "image"] {
-            let p = cache::table_path(cache, name);
+            let p = tables.join(format!("{name}.safetensors"));
             if !p.exists() {
                 if name == "text" {
                     bail!("{}: no text embeddings (run `med3d embed` first)", p.display());

@@ -16,6 +16,7 @@
 //!
 //! Named `train` for what the code does; users call the stage `pretrain`
 //! (`med3d pretrain`), and fine-tuning lives in `downstream`.
+pub mod alignment_eval;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -126,15 +126,32 @@ impl Pretrainer {
         let out = self.backbone.forward_t(volumes, train)?;
         // [B, C, d, h, w] -> [B, N, C]: the bottleneck as memory tokens.
         let memory = out.bottleneck.flatten(2, -1).transpose(1, 2);
-        let emb = match &self.head {
-            Head::Psat(p) => p.forward(&memory, planes, bins, train),
+        Ok((self.head_forward(&memory, planes, bins, train), out.logits))
+    }
+
+    fn head_forward(&self, memory: &Tensor, planes: &Tensor, bins: &Tensor, train: bool) -> Vec<(String, Tensor)> {
+        match &self.head {
+            Head::Psat(p) => p.forward(memory, planes, bins, train),
             Head::Pool(p) => {
                 let pooled =
                     memory.mean_dim([1i64].as_slice(), false, None) + p.plane_slice.forward(&(planes * p.bins + bins));
                 p.proj.iter().map(|(n, l)| (n.clone(), l.forward(&pooled))).collect()
             }
-        };
-        Ok((emb, out.logits))
+        }
+    }
+
+    /// The memory tokens [1, N, C] of one volume [1, 1, X, Y, Z] (eval mode).
+    pub fn memory(&self, volume: &Tensor) -> Result<Tensor> {
+        let out = self.backbone.forward_t(volume, false)?;
+        Ok(out.bottleneck.flatten(2, -1).transpose(1, 2))
+    }
+
+    /// Eval-mode read-outs of one volume's `memory` [1, N, C] at R (plane,
+    /// bin) queries: (target, [R, width]).
+    pub fn read_out_memory(&self, memory: &Tensor, planes: &Tensor, bins: &Tensor) -> Vec<(String, Tensor)> {
+        let r = planes.size()[0];
+        let m = memory.expand([r, -1, -1], false);
+        self.head_forward(&m, planes, bins, false)
     }
 
     /// The losses of a micro-batch. `volumes` [B, 1, X, Y, Z], `planes` and
