@@ -11,7 +11,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(BIN)
 
-.PHONY: setup build demo test real-data gpu-check gpu-bundle test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain experiment-brain-resenc lint clean
+.PHONY: setup build demo test real-data gpu-check gpu-bundle test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain experiment-brain-resenc experiment-real lint clean
 
 setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched data/models/tiny-vlm/.made gloo-headers
 
@@ -103,6 +103,11 @@ GPU_BUNDLE ?= work/gpu-bundle
 gpu-bundle: build
 	cargo build --release --example ot_bench --example train_step_bench
 	scripts/gpu_check.sh --prepare $(GPU_BUNDLE)
+
+# Real scans of different subjects (README, "Experiment on real scans"):
+# pretraining runs, alignment metrics, leave-one-subject-out fine-tuning.
+experiment-real: build real-data
+	$(PY) scripts/real_experiments.py --config experiments/real.yaml
 
 bench: build
 	$(PY) bench/preprocess_bench.py
