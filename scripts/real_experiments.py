@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -178,18 +179,21 @@ def main():
 def table(r):
     lines = [f"Pretraining corpus ({len(r['corpus'])} volumes): {', '.join(r['corpus'])}", ""]
     lines += [
-        "Alignment on the held-out subjects' volumes (text target; retrieval R@1 with chance in brackets):",
+        "Alignment on the held-out subjects' volumes (text target; chance in brackets; content = captions with the "
+        "plane and position words left out):",
         "",
-        "| run | R@1 all | R@1 same plane+bin | R@1 same plane+bin, content-only captions | modality gap | plane acc. (3D) | position MAE (3D; baseline) |",
-        "|---|---|---|---|---|---|---|",
+        "| run | R@1 all | median rank all | R@1 same plane+bin | R@1 same plane+bin, content | median rank all, content "
+        "| modality gap | plane acc. (3D) | position MAE (3D; baseline) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for tag, rep in r["alignment"].items():
         c, k = rep["captions"], rep["content"]
-        ra, rg, kg = c["retrieval_all"], c["retrieval_same_plane_bin"], k["retrieval_same_plane_bin"]
+        ra, rg, ka, kg = (c["retrieval_all"], c["retrieval_same_plane_bin"], k["retrieval_all"], k["retrieval_same_plane_bin"])
         ro = c["readout_3d"]
         lines.append(
-            f"| {tag} | {ra['r_at_1']:.3f} ({ra['chance_r_at_1']:.3f}) | {rg['r_at_1']:.3f} ({rg['chance_r_at_1']:.3f}) "
-            f"| {kg['r_at_1']:.3f} ({kg['chance_r_at_1']:.3f}) | {c['modality_gap']:.3f} | {ro['plane_accuracy']:.3f} "
+            f"| {tag} | {ra['r_at_1']:.3f} ({ra['chance_r_at_1']:.3f}) | {ra['median_rank']:.1f} ({ra['chance_median_rank']:.1f}) "
+            f"| {rg['r_at_1']:.3f} ({rg['chance_r_at_1']:.3f}) | {kg['r_at_1']:.3f} ({kg['chance_r_at_1']:.3f}) "
+            f"| {ka['median_rank']:.1f} ({ka['chance_median_rank']:.1f}) | {c['modality_gap']:.3f} | {ro['plane_accuracy']:.3f} "
             f"| {ro['position_mae']:.3f} ({ro['position_baseline_mae']:.3f}) |"
         )
     lines.append("")
@@ -214,4 +218,7 @@ def table(r):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--table"]:  # the tables again from a results.json
+        print(table(json.loads(Path(sys.argv[2]).read_text())))
+    else:
+        main()
