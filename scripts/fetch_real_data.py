@@ -246,6 +246,9 @@ DERIVED = {
     "derived/cranium_ct.nii": "20e401d5c98ca1dc9a74792bdb0a844ec95246b205071f703b4cfb87c45dd9f5",
     "derived/itk_head_brainmask.nii": "4cc9a32ebb4edb2089ae480761cf036c26cba70b523f49ee7cc401e5a6e8273f",
     "derived/stent_ct.nii": "d047797e1ae66b5a3be389f38812c4ade1a86ebfcfa5fefd9d64151d2fce1642",
+    "derived/ts_ct_dicom_organs.nii": "8c531aa207ea12432112955b698d749bbaef07b72c1915a29d30b4a176d47ec4",
+    "derived/ts_ct_organs.nii": "e485361bfa87a01fe025674b3dfb619d29228a36cc1e2456aa4000c6097d1067",
+    "derived/ts_mr_organs.nii": "0bf74eef5f997a9cf0fbe269ec062dbe3cc2b95d2aee75b9887d6765be5c20fe",
 }
 
 
@@ -275,7 +278,13 @@ def derive(out):
       0..2000 as shipped). It stores no geometry: 1 mm isotropic is assumed,
       the array's first axis becomes the slice (z) axis, affine identity.
     - colin27_brainmask.nii: ch2bet > 0 (1 = brain, on ch2's grid).
-    - itk_head_brainmask.nii: ITK's skull-stripped classes > 0 (1 = brain)."""
+    - itk_head_brainmask.nii: ITK's skull-stripped classes > 0 (1 = brain).
+    - ts_{ct,mr,ct_dicom}_organs.nii: TotalSegmentator's label maps cut to
+      the large abdominal organs, one class list for CT and MR (its `total`
+      and `total_mr` tasks number them alike: 1 spleen, 2 kidney_right,
+      3 kidney_left, 5 liver, 6 stomach): 1 spleen, 2 kidneys, 3 liver,
+      4 stomach, 0 everything else. The DICOM series' map is turned onto
+      the series' own grid (dcm2niix wrote its rows bottom-up)."""
     import plistlib
 
     import nibabel as nib
@@ -313,6 +322,25 @@ def derive(out):
         if img.shape != grid.shape or not np.allclose(img.affine, grid.affine):
             sys.exit(f"{src}: not on {ref}'s grid")
         made.append(save_nifti(d / name, (np.asarray(img.dataobj) > 0).astype(np.uint8), grid.affine))
+
+    organs = np.zeros(256, np.uint8)
+    organs[[1, 2, 3, 5, 6]] = [1, 2, 2, 3, 4]
+    for name, src in (
+        ("ts_ct_organs.nii", "example_seg.nii.gz"),
+        ("ts_mr_organs.nii", "example_seg_mr.nii.gz"),
+        ("ts_ct_dicom_organs.nii", "example_seg_dicom.nii.gz"),
+    ):
+        img = nib.load(str(out / "totalsegmentator" / src))
+        lab, affine = np.asarray(img.dataobj), img.affine
+        if lab.dtype != np.uint8:
+            sys.exit(f"{src}: label map is {lab.dtype}, expected uint8")
+        if src == "example_seg_dicom.nii.gz":
+            # dcm2niix stores the rows bottom-up: the series' own grid (as
+            # med3d and pydicom read it) is this one with axis 1 reversed
+            flip = np.eye(4)
+            flip[1, 1], flip[1, 3] = -1.0, lab.shape[1] - 1
+            lab, affine = np.ascontiguousarray(lab[:, ::-1, :]), affine @ flip
+        made.append(save_nifti(d / name, organs[lab], affine))
     return made
 
 
@@ -343,7 +371,8 @@ def write_manifests(out):
     five patients with their lesion masks (class 1 vs background);
     chest.yaml: slicerio's chest CT with its 7-segment label map;
     totalseg.yaml, spine.yaml: organs, vertebrae; brainmask.yaml: brain vs
-    background on two heads (Colin27, ITK's); atlas.yaml: Colin27 with AAL's
+    background on two heads (Colin27, ITK's); organs.yaml: TotalSegmentator's
+    CT, MR and DICOM CT with 4 large organs on one class list; atlas.yaml: Colin27 with AAL's
     116 regions (one subject: for a look, not for folds)."""
     def manifest(name, cases, labelled):
         lines = [f"name: {name}", "cases:"]
@@ -361,6 +390,11 @@ def write_manifests(out):
     manifest("totalseg", [c for c in CASES if c[0].startswith("ts_") and c[2]], True)
     manifest("spine", [c for c in CASES if c[0].startswith("spine_")], True)
     manifest("brainmask", [c for c in CASES if c[0] in ("colin27", "itk_head")], True)
+    manifest(
+        "organs",
+        [(c[0], c[1], f"derived/{c[0]}_organs.nii", c[3]) for c in CASES if c[0] in ("ts_ct", "ts_mr", "ts_ct_dicom")],
+        True,
+    )
     manifest("atlas", [("colin27", "mricron/ch2.nii.gz", "mricron/aal.nii.gz", "MR")], True)
 
 
