@@ -11,7 +11,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(BIN)
 
-.PHONY: setup build demo test real-data gpu-check gpu-bundle test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain experiment-brain-resenc experiment-real lint clean
+.PHONY: setup build demo test real-data gpu-check gpu-bundle test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain experiment-brain-resenc experiment-real experiment-real-organs lint clean
 
 setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched data/models/tiny-vlm/.made gloo-headers
 
@@ -108,6 +108,11 @@ gpu-bundle: build
 # pretraining runs, alignment metrics, leave-one-subject-out fine-tuning.
 experiment-real: build real-data
 	$(PY) scripts/real_experiments.py --config experiments/real.yaml
+
+# The same on TotalSegmentator's four large organs (its own corpus: those
+# three subjects left out of pretraining instead).
+experiment-real-organs: build real-data
+	$(PY) scripts/real_experiments.py --config experiments/real-organs.yaml --sets organs
 
 bench: build
 	$(PY) bench/preprocess_bench.py
