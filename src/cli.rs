@@ -181,28 +181,7 @@ pub enum Cmd {
     /// How well a pretraining run's 3D read-outs align with a cache's 2D
     /// target embeddings: retrieval (all slices; same plane and bin),
     /// modality gap, plane and position read-outs.
-    EvaluateAlignment {
-        #[arg(long)]
-        run: PathBuf,
-        /// Cache with embeddings (held-out volumes, or the training cache).
-        #[arg(long)]
-        cache: PathBuf,
-        /// Target tables folder; default: <cache>/embeddings.
-        #[arg(long)]
-        embeddings: Option<PathBuf>,
-        /// Checkpoint step; default: the latest.
-        #[arg(long)]
-        step: Option<u64>,
-        /// JSON report; default: <run>/alignment.json.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Write the normalised embeddings (x_<target>.npy, y_<target>.npy) and rows.json here.
-        #[arg(long)]
-        dump: Option<PathBuf>,
-        /// Slices read out per head call.
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-    },
+    EvaluateAlignment(med3dinsight::train::alignment_eval::Request),
     /// What a bug report needs: med3d, libtorch, CUDA (compiled, loaded,
     /// usable), the driver and GPUs, NCCL/Gloo, threads, and any mismatch.
     Doctor {

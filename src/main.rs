@@ -178,26 +178,7 @@ fn real_main() -> Result<End> {
             };
             pipeline::evaluate(&run, &cache, sw, out).map(End::from)
         }
-        Cmd::EvaluateAlignment {
-            run,
-            cache,
-            embeddings,
-            step,
-            out,
-            dump,
-            batch,
-        } => {
-            let req = med3dinsight::train::alignment_eval::Request {
-                run,
-                cache,
-                embeddings,
-                step,
-                out,
-                dump,
-                batch,
-            };
-            pipeline::evaluate_alignment(&req).map(End::from)
-        }
+        Cmd::EvaluateAlignment(req) => pipeline::evaluate_alignment(&req).map(End::from),
         Cmd::Encode(args) => {
             let r = med3dinsight::embed::encode::encode(&args)?;
             println!("{}", serde_json::to_string(&r)?);

@@ -71,20 +71,29 @@ pub struct Retrieval {
     pub chance_median_rank: f64,
 }
 
-/// For each query row i, the rank (1 = best) of `y[i]` among `y[j]` for the
-/// j that `candidate(i, j)` admits (j = i always counts), by `x[i] . y[j]`;
-/// a tie counts against the query. Queries with no other candidate are
-/// left out.
-pub fn retrieval(x: &[f64], y: &[f64], d: usize, candidate: impl Fn(usize, usize) -> bool) -> Retrieval {
+/// The similarities `x[i] . y[j]`, [n, n] row-major (cosines of normalised rows).
+pub fn similarity(x: &[f64], y: &[f64], d: usize) -> Vec<f64> {
     let n = x.len() / d;
+    let mut out = Vec::with_capacity(n * n);
+    for xi in x.chunks(d) {
+        out.extend(y.chunks(d).map(|yj| dot(xi, yj)));
+    }
+    out
+}
+
+/// For each query row i of `sim` [n, n] (`similarity`), the rank (1 = best)
+/// of column i among the columns j that `candidate(i, j)` admits (j = i
+/// always counts); a tie counts against the query. Queries with no other
+/// candidate are left out.
+pub fn retrieval(sim: &[f64], n: usize, candidate: impl Fn(usize, usize) -> bool) -> Retrieval {
     let (mut ranks, mut sizes) = (Vec::new(), Vec::new());
     for i in 0..n {
-        let xi = &x[i * d..(i + 1) * d];
-        let own = dot(xi, &y[i * d..(i + 1) * d]);
+        let row = &sim[i * n..(i + 1) * n];
+        let own = row[i];
         let (mut size, mut above) = (1usize, 0usize);
         for j in (0..n).filter(|&j| j != i && candidate(i, j)) {
             size += 1;
-            if dot(xi, &y[j * d..(j + 1) * d]) >= own {
+            if row[j] >= own {
                 above += 1;
             }
         }
@@ -119,13 +128,12 @@ pub fn modality_gap(x: &[f64], y: &[f64], d: usize) -> f64 {
     dist2(&cx, &cy).sqrt()
 }
 
-/// (mean cosine of the matched pairs x[i].y[i], mean over the pairs i != j).
-pub fn pair_cosines(x: &[f64], y: &[f64], d: usize) -> (f64, f64) {
-    let n = x.len() / d;
+/// (mean of the matched similarities sim[i, i], mean over the pairs i != j).
+pub fn pair_cosines(sim: &[f64], n: usize) -> (f64, f64) {
     let (mut on, mut off) = (0.0, 0.0);
     for i in 0..n {
         for j in 0..n {
-            let c = dot(&x[i * d..(i + 1) * d], &y[j * d..(j + 1) * d]);
+            let c = sim[i * n + j];
             if i == j {
                 on += c;
             } else {
@@ -219,14 +227,14 @@ mod tests {
     #[test]
     fn identical_sets_retrieve_perfectly_with_no_gap() {
         let x = unit(&[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.2]]);
-        let r = retrieval(&x, &x, 2, |_, _| true);
+        let r = retrieval(&similarity(&x, &x, 2), 4, |_, _| true);
         assert_eq!((r.queries, r.r_at_1, r.median_rank), (4, 1.0, 1.0));
         assert_eq!(
             (r.chance_r_at_1, r.chance_r_at_5, r.chance_median_rank),
             (0.25, 1.0, 2.5)
         );
         assert!(modality_gap(&x, &x, 2).abs() < 1e-15);
-        let (on, _) = pair_cosines(&x, &x, 2);
+        let (on, _) = pair_cosines(&similarity(&x, &x, 2), 4);
         assert!((on - 1.0).abs() < 1e-12);
     }
 
@@ -234,12 +242,13 @@ mod tests {
     fn reversed_sets_rank_last_and_candidates_restrict() {
         let x = unit(&[[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]);
         let y = unit(&[[0.0, 1.0], [0.8, 0.6], [1.0, 0.0]]);
-        let r = retrieval(&x, &y, 2, |_, _| true);
+        let sim = similarity(&x, &y, 2);
+        let r = retrieval(&sim, 3, |_, _| true);
         // row 0 ranks y0 third, row 1 ranks y1 first, row 2 ranks y2 third
         assert_eq!(r.median_rank, 3.0);
         assert!((r.r_at_1 - 1.0 / 3.0).abs() < 1e-12);
         // only pairs {0, 2}: row 1 has no other candidate
-        let r = retrieval(&x, &y, 2, |i, j| i != 1 && j != 1);
+        let r = retrieval(&sim, 3, |i, j| i != 1 && j != 1);
         assert_eq!((r.queries, r.r_at_1, r.median_rank), (2, 0.0, 2.0));
         // a shifted set has a gap of the shift
         let z: Vec<f64> = x

@@ -77,7 +77,12 @@ pub fn embeddings_dir(cache: &Path) -> PathBuf {
 
 /// `embeddings/<name>.safetensors` (`text`, `image`).
 pub fn table_path(cache: &Path, name: &str) -> PathBuf {
-    embeddings_dir(cache).join(format!("{name}.safetensors"))
+    table_in(&embeddings_dir(cache), name)
+}
+
+/// Table `name` in a tables folder (`embeddings/`, or one `embed --out` wrote).
+pub fn table_in(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.safetensors"))
 }
 
 /// A stage's report beside `dir`'s other files: `<stage>-report<shard suffix>.json`.

@@ -127,19 +127,16 @@ impl Asker<'_> {
                 let h = openai::Request::new(o, &text).identity();
                 Ok((text, h))
             }
-            _ => Ok((
-                String::new(),
-                if self.cfg.descriptor.plane_and_position {
-                    prompt::hash(&serde_json::json!({
-                        "backend": "descriptor", "model": descriptor::MODEL, "foreground_threshold": self.threshold,
-                    }))
-                } else {
-                    prompt::hash(&serde_json::json!({
-                        "backend": "descriptor", "model": descriptor::MODEL, "foreground_threshold": self.threshold,
-                        "plane_and_position": false,
-                    }))
-                },
-            )),
+            _ => Ok((String::new(), {
+                let mut id = serde_json::json!({
+                    "backend": "descriptor", "model": descriptor::MODEL, "foreground_threshold": self.threshold,
+                });
+                // absent when true: the records of default captions keep their hash
+                if !self.cfg.descriptor.plane_and_position {
+                    id["plane_and_position"] = false.into();
+                }
+                prompt::hash(&id)
+            })),
         }
     }
 

@@ -29,7 +29,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint;
-use super::data::Dataset;
+use super::data::{fit_input, Dataset};
 use super::model::Pretrainer;
 use super::run_dir::RunRecord;
 use crate::align::metrics::{self, Retrieval};
@@ -40,18 +40,28 @@ use crate::model::state_dict::load_named;
 /// Neighbours of the position read-out.
 pub const POSITION_K: usize = 5;
 
-#[derive(Debug, Clone)]
+/// The arguments of `med3d evaluate-alignment`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Request {
+    #[arg(long)]
     pub run: PathBuf,
+    /// Cache with embeddings (held-out volumes, or the training cache).
+    #[arg(long)]
     pub cache: PathBuf,
-    /// Target tables; default: `<cache>/embeddings`.
+    /// Target tables folder; default: <cache>/embeddings.
+    #[arg(long)]
     pub embeddings: Option<PathBuf>,
     /// Checkpoint step; default: the latest.
+    #[arg(long)]
     pub step: Option<u64>,
-    /// Report; default: `<run>/alignment.json`.
+    /// JSON report; default: <run>/alignment.json.
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Write the normalised embeddings (x_<target>.npy, y_<target>.npy) and rows.json here.
+    #[arg(long)]
     pub dump: Option<PathBuf>,
     /// Slices read out per head call.
+    #[arg(long, default_value_t = 64)]
     pub batch: usize,
 }
 
@@ -176,13 +186,11 @@ pub fn run(req: &Request) -> Result<Report> {
     let batch = req.batch.max(1);
     for (ci, case) in ds.cases.iter().enumerate() {
         let (data, shape) = read_volume(&case.volume).with_context(|| format!("case {}", case.id))?;
-        let mut v = Tensor::from_slice(&data).view([1, 1, shape[0] as i64, shape[1] as i64, shape[2] as i64]);
-        if let Some(size) = cfg.input_size {
-            if size.iter().zip(shape).any(|(&a, b)| a != b as i64) {
-                v = v.upsample_trilinear3d(size.as_slice(), false, None, None, None);
-            }
-        }
-        let v = v.to_kind(Kind::Float).to_device(dev);
+        let v = Tensor::from_slice(&data).view([1, shape[0] as i64, shape[1] as i64, shape[2] as i64]);
+        let v = fit_input(v, cfg.input_size)
+            .unsqueeze(0)
+            .to_kind(Kind::Float)
+            .to_device(dev);
         let positions: Vec<f64> = case.rows.iter().map(|&r| ds.rows[r].position).collect();
         let indices: Vec<i64> = case.rows.iter().map(|&r| ds.rows[r].index as i64).collect();
         let planes: Vec<i64> = case.rows.iter().map(|&r| ds.rows[r].plane.id() as i64).collect();
@@ -239,12 +247,13 @@ pub fn run(req: &Request) -> Result<Report> {
             npy_f32(&dir.join(format!("x_{name}.npy")), n, d, &x)?;
             npy_f32(&dir.join(format!("y_{name}.npy")), n, d, &y)?;
         }
-        let (matched_cosine, unmatched_cosine) = metrics::pair_cosines(&x, &y, d);
+        let sim = metrics::similarity(&x, &y, d);
+        let (matched_cosine, unmatched_cosine) = metrics::pair_cosines(&sim, n);
         targets.push(TargetReport {
             name: name.clone(),
             dim: d,
-            retrieval_all: metrics::retrieval(&x, &y, d, |_, _| true),
-            retrieval_same_plane_bin: metrics::retrieval(&x, &y, d, |i, j| {
+            retrieval_all: metrics::retrieval(&sim, n, |_, _| true),
+            retrieval_same_plane_bin: metrics::retrieval(&sim, n, |i, j| {
                 rows[i].case != rows[j].case && rows[i].plane == rows[j].plane && rows[i].bin == rows[j].bin
             }),
             modality_gap: metrics::modality_gap(&x, &y, d),

@@ -76,7 +76,7 @@ impl Dataset {
             h.update(b"\n");
         }
         for name in ["text", "image"] {
-            let p = tables.join(format!("{name}.safetensors"));
+            let p = cache::table_in(tables, name);
             if !p.exists() {
                 if name == "text" {
                     bail!("{}: no text embeddings (run `med3d embed` first)", p.display());
@@ -312,15 +312,13 @@ impl BatchMaker {
             let shift = a.intensity_shift * (2.0 * u_shift - 1.0);
             v = (v * scale + shift).clamp(0.0, 1.0);
         }
-        if let Some(size) = self.cfg.input_size {
-            if size.iter().zip(shape).any(|(&a, b)| a != b as i64) {
-                v = v
-                    .unsqueeze(0)
-                    .upsample_trilinear3d(size.as_slice(), false, None, None, None)
-                    .squeeze_dim(0);
-            }
-        }
-        Ok((v, row.plane.id() as i64, position, index, row_i))
+        Ok((
+            fit_input(v, self.cfg.input_size),
+            row.plane.id() as i64,
+            position,
+            index,
+            row_i,
+        ))
     }
 
     /// Micro-batch `k`.
@@ -354,6 +352,18 @@ impl BatchMaker {
             batch.targets.push((t.name.clone(), y));
         }
         Ok(batch)
+    }
+}
+
+/// A volume [1, X, Y, Z] as the model takes it: resized (trilinear) to
+/// `pretrain.input_size` when that is set and differs.
+pub fn fit_input(v: Tensor, input_size: Option<[i64; 3]>) -> Tensor {
+    match input_size {
+        Some(size) if v.size()[1..] != size[..] => v
+            .unsqueeze(0)
+            .upsample_trilinear3d(size.as_slice(), false, None, None, None)
+            .squeeze_dim(0),
+        _ => v,
     }
 }
 

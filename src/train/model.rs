@@ -124,9 +124,10 @@ impl Pretrainer {
         train: bool,
     ) -> Result<(Vec<(String, Tensor)>, Tensor)> {
         let out = self.backbone.forward_t(volumes, train)?;
-        // [B, C, d, h, w] -> [B, N, C]: the bottleneck as memory tokens.
-        let memory = out.bottleneck.flatten(2, -1).transpose(1, 2);
-        Ok((self.head_forward(&memory, planes, bins, train), out.logits))
+        Ok((
+            self.head_forward(&tokens(&out.bottleneck), planes, bins, train),
+            out.logits,
+        ))
     }
 
     fn head_forward(&self, memory: &Tensor, planes: &Tensor, bins: &Tensor, train: bool) -> Vec<(String, Tensor)> {
@@ -142,8 +143,7 @@ impl Pretrainer {
 
     /// The memory tokens [1, N, C] of one volume [1, 1, X, Y, Z] (eval mode).
     pub fn memory(&self, volume: &Tensor) -> Result<Tensor> {
-        let out = self.backbone.forward_t(volume, false)?;
-        Ok(out.bottleneck.flatten(2, -1).transpose(1, 2))
+        Ok(tokens(&self.backbone.forward_t(volume, false)?.bottleneck))
     }
 
     /// Eval-mode read-outs of one volume's `memory` [1, N, C] at R (plane,
@@ -241,6 +241,11 @@ impl Pretrainer {
         out.total = total;
         Ok(out)
     }
+}
+
+/// [B, C, d, h, w] -> [B, N, C]: the bottleneck as memory tokens.
+fn tokens(bottleneck: &Tensor) -> Tensor {
+    bottleneck.flatten(2, -1).transpose(1, 2)
 }
 
 /// Every rank's rows of `x` [B, D] in rank order [W x B, D]; this rank's
