@@ -124,8 +124,8 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
     lap.done("load");
     let source_geometry = Geometry::of(&image);
     let tr = orient::ras_transform(&image).with_context(|| format!("{}", case.image.display()))?;
-    let image = orient::apply(&image, &tr);
-    let label = label.map(|l| orient::apply(&l, &tr));
+    let image = orient::apply_owned(image, &tr);
+    let label = label.map(|l| orient::apply_owned(l, &tr));
     lap.done("orient");
     let (grid, shape) = resample::target_grid(&image.affine, image.shape(), cfg.spacing)
         .with_context(|| format!("{}", case.image.display()))?;

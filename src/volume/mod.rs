@@ -11,6 +11,7 @@ pub mod nifti;
 pub mod nrrd;
 pub mod orient;
 pub mod resample;
+pub mod voxbuf;
 
 use std::path::Path;
 
@@ -222,7 +223,7 @@ pub fn source_sha256(path: &Path, series_uid: Option<&str>) -> Result<String> {
 fn f_to_c_order(src: &[f32], [nx, ny, nz]: [usize; 3]) -> Vec<f32> {
     const TILE: usize = 32;
     debug_assert_eq!(src.len(), nx * ny * nz);
-    let mut dst = vec![0f32; src.len()];
+    let mut dst = voxbuf::zeroed(src.len());
     for j in 0..ny {
         for i0 in (0..nx).step_by(TILE) {
             for k0 in (0..nz).step_by(TILE) {

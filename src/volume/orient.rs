@@ -27,7 +27,6 @@ pub fn to_ras(vol: &Volume) -> Result<Volume> {
 /// Applies a permutation/flip from `ras_transform` (so a label can follow
 /// its image exactly).
 pub fn apply(vol: &Volume, tr: &[(usize, bool); 3]) -> Volume {
-    let in_shape = vol.shape();
     if tr.iter().enumerate().all(|(a, &(i, f))| a == i && !f) {
         return vol.clone();
     }
@@ -39,7 +38,56 @@ pub fn apply(vol: &Volume, tr: &[(usize, bool); 3]) -> Volume {
     }
     let permuted = view.permuted_axes([tr[0].0, tr[1].0, tr[2].0]);
     let data = permuted.as_standard_layout().into_owned();
-    // new voxel index o maps to old index: old[i] = flip ? n_i - 1 - o[a] : o[a]
+    Volume {
+        data,
+        affine: matmul4(&vol.affine, &index_map(vol.shape(), tr)),
+    }
+}
+
+/// `apply` taking the volume: when the axes keep their order (flips only,
+/// the common case of LPS/LAS scans) the voxels are flipped in place, with
+/// no second full-size array; otherwise as `apply`.
+pub fn apply_owned(mut vol: Volume, tr: &[(usize, bool); 3]) -> Volume {
+    if tr.iter().enumerate().any(|(a, &(i, _))| a != i) || !vol.data.is_standard_layout() {
+        return apply(&vol, tr);
+    }
+    let [nx, ny, nz] = vol.shape();
+    let affine = matmul4(&vol.affine, &index_map([nx, ny, nz], tr));
+    if let Some(data) = vol.data.as_slice_mut() {
+        flip_in_place(data, [nx, ny, nz], [tr[0].1, tr[1].1, tr[2].1]);
+    }
+    vol.affine = affine;
+    vol
+}
+
+/// Reverses the chosen axes of a C-order (nx, ny, nz) array in place, by
+/// swapping whole contiguous runs where the axis allows.
+fn flip_in_place(data: &mut [f32], [nx, ny, nz]: [usize; 3], [fx, fy, fz]: [bool; 3]) {
+    let plane = ny * nz;
+    if fx {
+        for i in 0..nx / 2 {
+            let (lo, hi) = data.split_at_mut((nx - 1 - i) * plane);
+            lo[i * plane..(i + 1) * plane].swap_with_slice(&mut hi[..plane]);
+        }
+    }
+    if fy || fz {
+        for p in data.chunks_exact_mut(plane) {
+            if fy {
+                for j in 0..ny / 2 {
+                    let (lo, hi) = p.split_at_mut((ny - 1 - j) * nz);
+                    lo[j * nz..(j + 1) * nz].swap_with_slice(&mut hi[..nz]);
+                }
+            }
+            if fz {
+                p.chunks_exact_mut(nz).for_each(|row| row.reverse());
+            }
+        }
+    }
+}
+
+/// The index transform of a permutation/flip: new voxel index o maps to old
+/// index old[i] = flip ? n_i - 1 - o[a] : o[a].
+fn index_map(in_shape: [usize; 3], tr: &[(usize, bool); 3]) -> [[f64; 4]; 4] {
     let mut t = identity4();
     t[0][0] = 0.0;
     t[1][1] = 0.0;
@@ -52,10 +100,7 @@ pub fn apply(vol: &Volume, tr: &[(usize, bool); 3]) -> Volume {
             t[i][a] = 1.0;
         }
     }
-    Volume {
-        data,
-        affine: matmul4(&vol.affine, &t),
-    }
+    t
 }
 
 #[cfg(test)]
@@ -76,6 +121,13 @@ mod tests {
         let data = Array3::from_shape_fn((4, 5, 6), |(i, j, k)| (i * 100 + j * 10 + k) as f32);
         let vol = Volume { data, affine };
         let ras = to_ras(&vol).unwrap();
+        // flips only, in place, equal to the copying way
+        let flips = ras_transform(&vol).unwrap().map(|(_, f)| f);
+        let tr = [(0, flips[0]), (1, flips[1]), (2, flips[2])];
+        for t in [tr, [(0, true), (1, false), (2, false)], [(0, false), (1, true), (2, true)]] {
+            let (a, b) = (apply(&vol, &t), apply_owned(vol.clone(), &t));
+            assert_eq!((a.data, a.affine), (b.data, b.affine), "{t:?}");
+        }
         assert_eq!(ras.orientation().unwrap(), "RAS");
         assert_eq!(ras.shape(), [6, 4, 5]);
         for (idx, &v) in ras.data.indexed_iter() {

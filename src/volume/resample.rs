@@ -217,7 +217,7 @@ fn interp_axis(src: &Array3<f32>, ax: usize, table: &[(usize, usize, f32)]) -> A
     let (n_in, n_out) = (sh[ax], table.len());
     let inner: usize = sh[ax + 1..].iter().product();
     let s = src.as_slice().expect("standard layout");
-    let mut out = vec![0f32; out_shape.iter().product()];
+    let mut out = crate::volume::voxbuf::zeroed(out_shape.iter().product());
     if n_in * inner == 0 {
         return Array3::from_shape_vec(out_shape, out).expect("shape");
     }

@@ -136,7 +136,7 @@ pub fn decode_c_order(
     shape: [usize; 3],
 ) -> Vec<f32> {
     let size = dtype.size();
-    let mut out = vec![0f32; bytes.len() / size];
+    let mut out = crate::volume::voxbuf::zeroed(bytes.len() / size);
     let per = shape.iter().product::<usize>();
     if per == 0 {
         return out;

@@ -166,7 +166,7 @@ fn read_c_order_streamed(path: &Path, limits: &ReadOptions) -> Option<NiftiImage
     if gz && (offset as u64).saturating_add(need as u64) > limits.max_decompressed_bytes {
         return None;
     }
-    let mut data = vec![0f32; need / size];
+    let mut data = crate::volume::voxbuf::zeroed(need / size);
     let mut slab = vec![0u8; SLAB * plane * size];
     for volume in data.chunks_exact_mut(per) {
         for k0 in (0..shape[2]).step_by(SLAB) {
