@@ -116,6 +116,7 @@ experiment-real-organs: build real-data
 
 bench: build
 	$(PY) bench/preprocess_bench.py
+	$(PY) bench/preprocess_bench.py --format nii
 	$(MAKE) bench-caption
 	$(MAKE) bench-embed
 	$(MAKE) bench-pretrain
