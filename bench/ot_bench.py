@@ -143,6 +143,10 @@ def main():
             f"{r['pot_torch_bwd']:.1f}", f"{r['med3d_bwd']:.2f} ({r['tch_bwd']:.0f})",
             f"{r['pot_torch_bwd'] / r['med3d_bwd']:.1f}x", f"{r['plan_err']:.1e}",
         ]) + " |")
+    # the ratio line, last
+    print("ratio POT-numpy / med3d forward, POT-torch / med3d forward+backward: " + "; ".join(
+        f"threads {r['threads']} B {r['b']}: {r['pot_np'] / r['med3d']:.1f}x, {r['pot_torch_bwd'] / r['med3d_bwd']:.1f}x"
+        for r in rows))
 
 
 if __name__ == "__main__":

@@ -244,6 +244,12 @@ def main():
         print(f"| {n} | {ours['batch']} | {ours['side']}^3 | {ours['median_ms'] / 1e3:.2f} | "
               f"{theirs['median_ms'] / 1e3:.2f} | {label} | {ours['median_ms'] / theirs['median_ms']:.2f} | "
               f"{gb(ours)} / {gb(theirs)} | {ours['parameters']} / {theirs['parameters']} |")
+    # the ratio line, last
+    print("ratio med3d / PyTorch step time (peak RSS): " + "; ".join(
+        f"threads {n} PyTorch allocator {label}: {ours['median_ms'] / theirs['median_ms']:.2f}"
+        + (f" ({ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:.2f})"
+           if ours.get("peak_rss_bytes") and theirs.get("peak_rss_bytes") else "")
+        for n, ours, label, theirs in rows))
 
 
 if __name__ == "__main__":
