@@ -124,7 +124,11 @@ mod tests {
         // flips only, in place, equal to the copying way
         let flips = ras_transform(&vol).unwrap().map(|(_, f)| f);
         let tr = [(0, flips[0]), (1, flips[1]), (2, flips[2])];
-        for t in [tr, [(0, true), (1, false), (2, false)], [(0, false), (1, true), (2, true)]] {
+        for t in [
+            tr,
+            [(0, true), (1, false), (2, false)],
+            [(0, false), (1, true), (2, true)],
+        ] {
             let (a, b) = (apply(&vol, &t), apply_owned(vol.clone(), &t));
             assert_eq!((a.data, a.affine), (b.data, b.affine), "{t:?}");
         }
