@@ -48,15 +48,13 @@ pub fn apply(vol: &Volume, tr: &[(usize, bool); 3]) -> Volume {
 /// the common case of LPS/LAS scans) the voxels are flipped in place, with
 /// no second full-size array; otherwise as `apply`.
 pub fn apply_owned(mut vol: Volume, tr: &[(usize, bool); 3]) -> Volume {
-    if tr.iter().enumerate().any(|(a, &(i, _))| a != i) || !vol.data.is_standard_layout() {
+    let shape = vol.shape();
+    let permutes = tr.iter().enumerate().any(|(a, &(i, _))| a != i);
+    let Some(data) = vol.data.as_slice_mut().filter(|_| !permutes) else {
         return apply(&vol, tr);
-    }
-    let [nx, ny, nz] = vol.shape();
-    let affine = matmul4(&vol.affine, &index_map([nx, ny, nz], tr));
-    if let Some(data) = vol.data.as_slice_mut() {
-        flip_in_place(data, [nx, ny, nz], [tr[0].1, tr[1].1, tr[2].1]);
-    }
-    vol.affine = affine;
+    };
+    flip_in_place(data, shape, [tr[0].1, tr[1].1, tr[2].1]);
+    vol.affine = matmul4(&vol.affine, &index_map(shape, tr));
     vol
 }
 
