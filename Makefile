@@ -117,6 +117,7 @@ experiment-real-organs: build real-data
 bench: build
 	$(PY) bench/preprocess_bench.py
 	$(PY) bench/preprocess_bench.py --format nii
+	$(PY) bench/preprocess_bench.py --format dcm
 	$(MAKE) bench-caption
 	$(MAKE) bench-embed
 	$(MAKE) bench-pretrain

@@ -32,11 +32,19 @@ size of the whole process tree, sampled every 50 ms (what a pool of workers
 really occupies, shared pages counted once).
 
 Usage: python bench/preprocess_bench.py [--ct 3] [--workers N] [--repeat 1]
-       [--only med3d|monai] [--format nii.gz|nii]
+       [--only med3d|monai] [--format nii.gz|nii|dcm]
 --format nii runs the same volumes uncompressed (plain copies made once
 under work/bench/data/plain/); the floor is then only reading the files.
+--format dcm runs them as DICOM series, one uncompressed int16 file per
+axial slice (written once under work/bench/data/dicom/<source stem>/ by
+tests/python/dicom_synth.py: the same voxels and patient-space affine as
+the NIfTI; CT stored as HU + 1024 with RescaleIntercept -1024, MR with
+slope 1, intercept 0). med3d's manifest names the series folder; MONAI
+reads it with LoadImaged(reader="PydicomReader"). The floor is only
+reading every file of each series.
 The last line printed is the ratio line.
-Writes work/bench/preprocess.json. Nothing here asserts on timings.
+Writes work/bench/preprocess.json (preprocess-<format>.json for the other
+formats). Nothing here asserts on timings.
 """
 import argparse
 import json
@@ -129,6 +137,54 @@ def plain_copies(cases: list) -> list:
     return out
 
 
+# Stored value = voxel * slope + intercept recovers the NIfTI's voxels exactly.
+DICOM_RESCALE = {"CT": (1.0, -1024.0), "MR": (1.0, 0.0)}
+
+
+def dicom_series(cases: list) -> list:
+    """The same cases as DICOM series folders (written once from the NIfTI,
+    one file per slice along voxel axis 2, named in order and not nested:
+    MONAI's PydicomReader only globs the folder's top level)."""
+    import nibabel as nib
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests" / "python"))
+    import dicom_synth
+
+    top = DATA / "dicom"
+    top.mkdir(parents=True, exist_ok=True)
+    out = []
+    for c in cases:
+        src = Path(c["image"])
+        dst = top / src.name.removesuffix(".gz").removesuffix(".nii")
+        if not dst.exists():
+            t = time.perf_counter()
+            img = nib.load(src)
+            vol = np.asarray(img.dataobj)
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            r = DICOM_RESCALE[c["modality"]]
+            dicom_synth.write_series(vol, img.affine, tmp, rescale=lambda k, r=r: r, shuffle=False,
+                                     modality=c["modality"])
+            tmp.rename(dst)
+            print(f"wrote {dst.relative_to(ROOT)}/ ({vol.shape[2]} slices, {input_bytes(dst) / 1e6:.0f} MB) "
+                  f"in {time.perf_counter() - t:.1f} s", flush=True)
+        out.append({**c, "image": str(dst)})
+    return out
+
+
+def input_files(path) -> list:
+    """A case's input files: the file itself, or every file under a series folder."""
+    p = Path(path)
+    if not p.is_dir():
+        return [p]
+    return sorted(f for f in p.rglob("*") if f.is_file())
+
+
+def input_bytes(path) -> int:
+    return sum(f.stat().st_size for f in input_files(path))
+
+
 def ensure_data(n_ct: int) -> list:
     """The cases, generating the synthetic CTs that are missing."""
     import nibabel as nib
@@ -183,19 +239,22 @@ def write_configs(cases: list) -> tuple:
 
 # ---------------------------------------------------------------- MONAI side
 
-def monai_transform(modality: str):
+def monai_transform(modality: str, dicom: bool):
     from monai.transforms import (
         Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd,
         ResizeWithPadOrCropd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd, Spacingd,
     )
 
     k = "image"
+    # a folder is a series; PydicomReader's default affine_lps_to_ras=True
+    # gives the RAS affine the NIfTI reader gives
+    reader = "PydicomReader" if dicom else None
     if modality == "CT":
         scale = ScaleIntensityRanged(k, a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], b_min=0.0, b_max=1.0, clip=True)
     else:
         scale = ScaleIntensityRangePercentilesd(k, lower=MR_PERCENTILES[0], upper=MR_PERCENTILES[1], b_min=0.0, b_max=1.0, clip=True)
     return Compose([
-        LoadImaged(k, image_only=True),
+        LoadImaged(k, reader=reader, image_only=True),
         EnsureChannelFirstd(k),
         Orientationd(k, axcodes="RAS"),
         Spacingd(k, pixdim=SPACING, mode="bilinear"),
@@ -215,7 +274,7 @@ def monai_one(args: tuple) -> str:
     import numpy as np
 
     case, out = args
-    d = monai_transform(case["modality"])({"image": case["image"]})
+    d = monai_transform(case["modality"], Path(case["image"]).is_dir())({"image": case["image"]})
     arr = np.asarray(d["image"].detach().cpu().numpy()[0], dtype=np.float16)
     p = Path(out) / f"{case['id']}.npy"
     tmp = p.with_name(p.name + ".tmp.npy")
@@ -379,10 +438,16 @@ def parity(cases: list, med3d_out: str, monai_out: str) -> dict:
 
 
 FLOOR_CHILD = r"""
-import sys, time, zlib
+import os, sys, time, zlib
 t0, c0 = time.perf_counter(), time.process_time()
 n = 0
-for path in sys.argv[1:]:
+paths = []
+for arg in sys.argv[1:]:  # a folder (a DICOM series) stands for every file under it
+    if os.path.isdir(arg):
+        paths += sorted(os.path.join(d, f) for d, _, fs in os.walk(arg) for f in fs)
+    else:
+        paths.append(arg)
+for path in paths:
     data = open(path, "rb").read()
     if not path.endswith(".gz"):
         n += len(data)
@@ -405,7 +470,7 @@ print(time.perf_counter() - t0, time.process_time() - c0, n)
 
 def floor(cases: list) -> dict:
     """The physical floor of reading the inputs: only inflating them (only
-    reading, for plain files), one process, one core. Two inflaters: zlib
+    reading, for plain files and DICOM series folders), one process, one core. Two inflaters: zlib
     (C, through Python, streamed in 1 MiB chunks) and `gzip -dc > /dev/null`.
     The lower CPU time is the floor."""
     paths = [c["image"] for c in cases]
@@ -433,7 +498,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="the 'all cores' worker count (default: cpu count)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration; the fastest is reported")
     ap.add_argument("--only", choices=["med3d", "monai"], help="run one side only (for profiling)")
-    ap.add_argument("--format", choices=["nii.gz", "nii"], default="nii.gz", help="the inputs gzipped (as generated) or plain")
+    ap.add_argument("--format", choices=["nii.gz", "nii", "dcm"], default="nii.gz",
+                    help="the inputs gzipped (as generated), plain, or as DICOM series")
     ap.add_argument("--monai-child", nargs=3, metavar=("CASES_JSON", "OUT", "WORKERS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.monai_child:
@@ -446,19 +512,22 @@ def main() -> None:
     cases = ensure_data(a.ct)
     if a.format == "nii":
         cases = plain_copies(cases)
+    elif a.format == "dcm":
+        cases = dicom_series(cases)
     _, exp = write_configs(cases)
     cases_json = WORK / "cases.json"
     cases_json.write_text(json.dumps(cases))
     for c in cases:  # warm the page cache, so neither side pays the first read
-        with open(c["image"], "rb") as f:
-            while f.read(1 << 24):
-                pass
+        for path in input_files(c["image"]):
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
     n = len(cases)
     load0 = os.getloadavg()
     if load0[0] > 0.5 * (os.cpu_count() or 1):
         print(f"note: load average {load0[0]:.1f} on {os.cpu_count()} CPUs: other work is running, wall-clock numbers will be noisy")
-    mb = sum(Path(c["image"]).stat().st_size for c in cases) / 1e6
-    print(f"{n} volumes ({a.ct} CT {'x'.join(map(str, CT_SHAPE))} int16 + MNI152 T1), {mb:.0f} MB as .{a.format}; "
+    mb = sum(input_bytes(c["image"]) for c in cases) / 1e6
+    print(f"{n} volumes ({a.ct} CT {'x'.join(map(str, CT_SHAPE))} int16 + MNI152 T1), {mb:.0f} MB as {'DICOM series' if a.format == 'dcm' else '.' + a.format}; "
           f"all cores = {a.workers} workers", flush=True)
 
     startup = None

@@ -23,10 +23,10 @@ clip_grad_norm_ and torch.optim.AdamW (or Adam). Inputs: random volumes
 same for every step. Warm-up steps are excluded; median of --steps.
 
 med3d's CPU step also sets glibc's allocator to keep freed memory
-(mallopt: no mmap for large blocks, no trimming; README, pretrain); the
+(mallopt: no mmap for large blocks, never trim; README, pretrain); the
 PyTorch side is timed as it runs by default and again with the same
-settings (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=huge) when
---pytorch-malloc both (the default).
+settings (the same two mallopt calls, through ctypes, before torch is
+imported) when --pytorch-malloc both (the default).
 """
 import argparse
 import json
@@ -43,7 +43,20 @@ TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 EXAMPLE = TARGET / "release" / "examples" / "train_step_bench"
 
 
+def same_mallopt():
+    """The allocator setting med3d's CPU training sets for itself
+    (src/runtime/memory.rs), the same two mallopt calls: no mmap for large
+    blocks, never trim the heap (-1 is SIZE_MAX in glibc)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD
+
+
 def torch_side(spec, steps, warmup, threads):
+    if os.environ.get("MED3D_BENCH_MALLOPT") == "1":
+        same_mallopt()
     import torch
     from monai.networks.nets import SwinUNETR
 
@@ -216,7 +229,7 @@ def main():
               file=sys.stderr, flush=True)
         variants = [("default", {})]
         if args.pytorch_malloc == "both" and args.device == "cpu":
-            variants.append(("malloc", {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}))
+            variants.append(("malloc", {"MED3D_BENCH_MALLOPT": "1"}))
         for label, env in variants:
             theirs = json.loads(subprocess.run(
                 [sys.executable, __file__, "--worker", json.dumps(ours), "--steps", str(args.steps),

@@ -16,7 +16,10 @@ pub fn reuse_freed_memory() {
     // SAFETY: mallopt only changes glibc allocator thresholds.
     unsafe {
         mallopt(M_MMAP_MAX, 0);
-        mallopt(M_TRIM_THRESHOLD, c_int::MAX);
+        // -1 becomes SIZE_MAX inside glibc (the threshold is a size_t):
+        // never trim. c_int::MAX (2 GiB) still let glibc hand a freed top
+        // of the heap back after a step and fault it in again the next.
+        mallopt(M_TRIM_THRESHOLD, -1);
     }
 }
 

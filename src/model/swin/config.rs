@@ -48,8 +48,10 @@ pub struct SwinUnetrConfig {
     /// SwinUNETR-v2: a residual conv block before each Swin stage.
     pub use_v2: bool,
     /// Compute window attention with `scaled_dot_product_attention` (MONAI's
-    /// `use_flash_attention`, here also when training). Same result up to
-    /// rounding; off reproduces MONAI's default arithmetic.
+    /// `use_flash_attention`) where it is the faster path: on CUDA, and on
+    /// the CPU when no gradient is taken (CPU training keeps the explicit
+    /// path, which is faster there). Same result up to rounding; off
+    /// reproduces MONAI's default arithmetic.
     pub fused_attention: bool,
 }
 

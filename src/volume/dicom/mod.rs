@@ -333,46 +333,38 @@ pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>, limits: &ReadOption
     let asm = series::assemble(&geoms, &labels, &series::Tolerance::default())?;
     let [nx, ny, nz] = asm.shape;
     let per = nx * ny;
-    // Decode file by file (each file opened once), in parallel.
-    let mut by_file: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new(); // file -> (frame, z)
-    for (z, &si) in asm.order.iter().enumerate() {
-        let (fi, k) = slices[si];
-        by_file.entry(fi).or_default().push((k, z));
-    }
-    // (slice index along axis 2, its decoded pixels) per file
-    type Decoded = Result<Vec<(usize, Vec<f32>)>>;
-    let decoded: Vec<Decoded> = by_file
-        .into_par_iter()
-        .map(|(fi, frames)| {
-            let f = files[fi];
-            let obj = header::open_full(&f.path)?;
-            frames
-                .into_iter()
-                .map(|(k, z)| {
-                    let v = pixels::decode_frame(&obj, f, k, limits)?;
-                    if v.len() != per {
-                        return Err(DicomError::Decode {
-                            label: header::frame_label(f, k),
-                            detail: format!("decoded {} pixels, expected {per}", v.len()),
-                        }
-                        .into());
-                    }
-                    Ok((z, v))
-                })
-                .collect()
-        })
-        .collect();
-    // data[[x, y, z]] = frame_z[y * nx + x]
-    let mut data = Array3::<f32>::zeros((nx, ny, nz));
-    for r in decoded {
-        for (z, v) in r? {
-            for y in 0..ny {
-                for x in 0..nx {
-                    data[[x, y, z]] = v[y * nx + x];
-                }
-            }
+    // Decode file by file (each file opened once), in parallel, every frame
+    // straight into its place in one stack of frames (z slowest, x
+    // fastest: the volume in F order), then one tiled transpose to the C
+    // order of `Volume`. No per-frame buffers are kept, and no strided
+    // scatter: writing frame z into data[[x, y, z]] one voxel at a time
+    // touched a new cache line per voxel.
+    let mut stack = crate::volume::voxbuf::zeroed(per * nz);
+    {
+        let mut slots: Vec<Option<&mut [f32]>> = stack.chunks_mut(per.max(1)).map(Some).collect();
+        let mut jobs: BTreeMap<usize, Vec<(usize, &mut [f32])>> = BTreeMap::new(); // file -> (frame, its place)
+        for (z, &si) in asm.order.iter().enumerate() {
+            let (fi, k) = slices[si];
+            let slot = slots.get_mut(z).and_then(Option::take).ok_or_else(|| DicomError::Decode {
+                label: header::frame_label(files[fi], k),
+                detail: format!("slice {z} of {nz} is claimed twice or lies outside the stack"),
+            })?;
+            jobs.entry(fi).or_default().push((k, slot));
         }
+        jobs.into_par_iter()
+            .map(|(fi, frames)| -> Result<()> {
+                let f = files[fi];
+                let obj = header::open_full(&f.path)?;
+                for (k, out) in frames {
+                    pixels::decode_frame_into(&obj, f, k, limits, out)?;
+                }
+                Ok(())
+            })
+            .collect::<Result<Vec<()>>>()?;
     }
+    let data = Array3::from_shape_vec((nx, ny, nz), crate::volume::f_to_c_order(&stack, [nx, ny, nz]))
+        .map_err(|e| anyhow::anyhow!("{}: assembling the volume: {e}", scan.root.display()))?;
+    drop(stack);
     let mut rescale: Vec<[f64; 2]> = Vec::new();
     let mut tss: Vec<String> = Vec::new();
     let mut lut = false;

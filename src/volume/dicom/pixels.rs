@@ -94,6 +94,20 @@ pub fn decode_frame(
     k: usize,
     limits: &ReadOptions,
 ) -> Result<Vec<f32>, DicomError> {
+    let mut out = vec![0f32; f.pixel.rows as usize * f.pixel.cols as usize];
+    decode_frame_into(obj, f, k, limits, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_frame`] into `out`, which must hold exactly Rows x Columns
+/// values (the frame's place in a volume being assembled).
+pub fn decode_frame_into(
+    obj: &DefaultDicomObject,
+    f: &FileHeader,
+    k: usize,
+    limits: &ReadOptions,
+    out: &mut [f32],
+) -> Result<(), DicomError> {
     let label = frame_label(f, k);
     let fb = frame_bytes(&f.pixel).ok_or_else(|| DicomError::UnsupportedPixelFormat {
         label: label.clone(),
@@ -200,12 +214,15 @@ pub fn decode_frame(
             &owned[..fb]
         }
     };
-    Ok(samples_to_f32(
-        raw,
-        &f.pixel,
-        f.frames[k].rescale,
-        f.modality_lut.as_ref(),
-    ))
+    let samples = raw.len() / usize::from(f.pixel.bits_allocated / 8).max(1);
+    if samples != out.len() {
+        return Err(DicomError::Decode {
+            label,
+            detail: format!("decoded {samples} pixels, expected {}", out.len()),
+        });
+    }
+    samples_to_f32_into(raw, &f.pixel, f.frames[k].rescale, f.modality_lut.as_ref(), out);
+    Ok(())
 }
 
 /// The image size a compressed stream declares for itself, (columns, rows,
@@ -398,48 +415,72 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 /// LUT if there is one, else the rescale (skipped when it is the identity,
 /// so integer values stay exact).
 pub fn samples_to_f32(raw: &[u8], p: &PixelFormat, rescale: Rescale, lut: Option<&ModalityLut>) -> Vec<f32> {
-    let ba = u32::from(p.bits_allocated);
+    let mut out = vec![0f32; raw.len() / usize::from(p.bits_allocated / 8).max(1)];
+    samples_to_f32_into(raw, p, rescale, lut, &mut out);
+    out
+}
+
+/// [`samples_to_f32`] into `out` (one value per whole sample of `raw`;
+/// extra room in `out` is left as it is), sample by sample with no
+/// intermediate buffer.
+pub fn samples_to_f32_into(raw: &[u8], p: &PixelFormat, rescale: Rescale, lut: Option<&ModalityLut>, out: &mut [f32]) {
     let bs = u32::from(p.bits_stored.clamp(1, p.bits_allocated.max(1)));
     let shift = 64 - bs;
-    let to_int = |u: u64| -> i64 {
+    let signed = p.signed;
+    let to_int = move |u: u64| -> i64 {
         let m = u << shift;
-        if p.signed {
+        if signed {
             (m as i64) >> shift
         } else {
             (m >> shift) as i64
         }
     };
-    let ints: Vec<i64> = match ba {
-        8 => raw.iter().map(|&b| to_int(u64::from(b))).collect(),
-        16 => raw
-            .chunks_exact(2)
-            .map(|c| to_int(u64::from(u16::from_le_bytes([c[0], c[1]]))))
-            .collect(),
-        _ => raw
-            .chunks_exact(4)
-            .map(|c| to_int(u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))))
-            .collect(),
+    // One pass per (sample width, value mapping): the match is outside the
+    // loops so that each loop is a plain conversion.
+    fn convert<const B: usize>(raw: &[u8], out: &mut [f32], to_int: impl Fn(u64) -> i64, map: impl Fn(i64) -> f32) {
+        let word = |c: &[u8]| -> u64 {
+            match B {
+                1 => u64::from(c[0]),
+                2 => u64::from(u16::from_le_bytes([c[0], c[1]])),
+                _ => u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            }
+        };
+        for (o, c) in out.iter_mut().zip(raw.chunks_exact(B)) {
+            *o = map(to_int(word(c)));
+        }
+    }
+    let bytes = match p.bits_allocated {
+        8 => 1,
+        16 => 2,
+        _ => 4,
     };
     if let Some(l) = lut {
         let last = l.data.len().saturating_sub(1) as i64;
-        return ints
-            .iter()
-            .map(|&x| {
-                let i = if x < l.first_mapped {
-                    0
-                } else {
-                    (x - l.first_mapped).min(last)
-                };
-                l.data.get(i as usize).copied().unwrap_or(0) as f32
-            })
-            .collect();
+        let first = l.first_mapped;
+        let map = |x: i64| -> f32 {
+            let i = if x < first { 0 } else { (x - first).min(last) };
+            l.data.get(i as usize).copied().unwrap_or(0) as f32
+        };
+        return match bytes {
+            1 => convert::<1>(raw, out, to_int, map),
+            2 => convert::<2>(raw, out, to_int, map),
+            _ => convert::<4>(raw, out, to_int, map),
+        };
     }
     if rescale.slope == 1.0 && rescale.intercept == 0.0 {
-        return ints.iter().map(|&x| x as f32).collect();
+        return match bytes {
+            1 => convert::<1>(raw, out, to_int, |x| x as f32),
+            2 => convert::<2>(raw, out, to_int, |x| x as f32),
+            _ => convert::<4>(raw, out, to_int, |x| x as f32),
+        };
     }
-    ints.iter()
-        .map(|&x| (x as f64 * rescale.slope + rescale.intercept) as f32)
-        .collect()
+    let (slope, intercept) = (rescale.slope, rescale.intercept);
+    let map = move |x: i64| (x as f64 * slope + intercept) as f32;
+    match bytes {
+        1 => convert::<1>(raw, out, to_int, map),
+        2 => convert::<2>(raw, out, to_int, map),
+        _ => convert::<4>(raw, out, to_int, map),
+    }
 }
 
 #[cfg(test)]
