@@ -220,24 +220,47 @@ pub fn source_sha256(path: &Path, series_uid: Option<&str>) -> Result<String> {
 /// that every cache line read and written is used whole: ndarray's generic
 /// `as_standard_layout` walks the source with a stride of a whole plane and
 /// was half of the load time of a 512x512x300 CT.
-fn f_to_c_order(src: &[f32], [nx, ny, nz]: [usize; 3]) -> Vec<f32> {
-    const TILE: usize = 32;
-    debug_assert_eq!(src.len(), nx * ny * nz);
+fn f_to_c_order(src: &[f32], shape: [usize; 3]) -> Vec<f32> {
+    debug_assert_eq!(src.len(), shape.iter().product::<usize>());
     let mut dst = voxbuf::zeroed(src.len());
+    f_planes_into_c_order(src, shape, 0, &mut dst);
+    dst
+}
+
+/// Writes `planes`, the k-planes k0.. of an F-ordered `shape` volume (each
+/// plane nx * ny values, x fastest), into their places in `dst`, the same
+/// volume in C order; as many planes as `planes` holds whole (and the
+/// volume has left).
+pub(crate) fn f_planes_into_c_order(planes: &[f32], [nx, ny, nz]: [usize; 3], k0: usize, dst: &mut [f32]) {
+    // Through a 32 x 32 tile, as the NIfTI reader's slab decode: each
+    // plane's row piece is copied in whole (contiguous reads), each C-order
+    // row piece written in whole from a tile column (contiguous writes).
+    // Gathering every value straight from 32 planes was 3x slower.
+    const T: usize = 32;
+    let plane = nx * ny;
+    if plane == 0 {
+        return;
+    }
+    let k1 = (k0 + planes.len() / plane).min(nz);
+    let mut tile = [[0f32; T]; T];
     for j in 0..ny {
-        for i0 in (0..nx).step_by(TILE) {
-            for k0 in (0..nz).step_by(TILE) {
-                for i in i0..(i0 + TILE).min(nx) {
-                    // dst[i, j, k] = src[i + nx * (j + ny * k)]
-                    let row = &mut dst[(i * ny + j) * nz..][k0..(k0 + TILE).min(nz)];
-                    for (dk, d) in row.iter_mut().enumerate() {
-                        *d = src[i + nx * (j + ny * (k0 + dk))];
+        for i0 in (0..nx).step_by(T) {
+            let i1 = (i0 + T).min(nx);
+            for kt in (k0..k1).step_by(T) {
+                let kt1 = (kt + T).min(k1);
+                for k in kt..kt1 {
+                    let src = (k - k0) * plane + j * nx;
+                    tile[k - kt][..i1 - i0].copy_from_slice(&planes[src + i0..src + i1]);
+                }
+                for i in i0..i1 {
+                    let row = (i * ny + j) * nz;
+                    for (d, t) in dst[row + kt..row + kt1].iter_mut().zip(&tile) {
+                        *d = t[i - i0];
                     }
                 }
             }
         }
     }
-    dst
 }
 
 /// Reads a NIfTI file (any of the supported names) into a `Volume`, after
@@ -273,6 +296,22 @@ mod tests {
             let want = Array3::from_shape_vec((shape[0], shape[1], shape[2]).f(), src.clone()).unwrap();
             let got = Array3::from_shape_vec(shape, f_to_c_order(&src, shape)).unwrap();
             assert_eq!(got, want, "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn f_planes_written_slab_by_slab_match_the_whole_transpose() {
+        // slabs of 3 planes over 8 (the last one short), tiles cut by 32
+        for (shape, step) in [([37, 5, 8], 3), ([70, 3, 40], 33), ([4, 4, 1], 1)] {
+            let plane = shape[0] * shape[1];
+            let n = plane * shape[2];
+            let src: Vec<f32> = (0..n).map(|v| v as f32).collect();
+            let mut dst = vec![f32::NAN; n];
+            for k0 in (0..shape[2]).step_by(step) {
+                let k1 = (k0 + step).min(shape[2]);
+                f_planes_into_c_order(&src[k0 * plane..k1 * plane], shape, k0, &mut dst);
+            }
+            assert_eq!(dst, f_to_c_order(&src, shape), "{shape:?} by {step}");
         }
     }
 }

@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use dicom_object::DefaultDicomObject;
 use ndarray::Array3;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -306,7 +307,9 @@ pub struct DicomVolume {
 
 /// Loads one series (by UID, or the only one) from a folder or file.
 pub fn load(path: &Path, series_uid: Option<&str>, limits: &ReadOptions) -> Result<DicomVolume> {
+    let t = std::time::Instant::now();
     let scan = scan(path)?;
+    tracing::debug!(path = %path.display(), files = scan.files.len(), ms = format!("{:.1}", t.elapsed().as_secs_f64() * 1e3), "DICOM headers scanned");
     load_from_scan(&scan, series_uid, limits)
 }
 
@@ -331,40 +334,13 @@ pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>, limits: &ReadOption
         .collect();
     let geoms: Vec<series::SliceGeom> = slices.iter().map(|&(fi, k)| files[fi].frames[k].geom.clone()).collect();
     let asm = series::assemble(&geoms, &labels, &series::Tolerance::default())?;
-    let [nx, ny, nz] = asm.shape;
-    let per = nx * ny;
-    // Decode file by file (each file opened once), in parallel, every frame
-    // straight into its place in one stack of frames (z slowest, x
-    // fastest: the volume in F order), then one tiled transpose to the C
-    // order of `Volume`. No per-frame buffers are kept, and no strided
-    // scatter: writing frame z into data[[x, y, z]] one voxel at a time
-    // touched a new cache line per voxel.
-    let mut stack = crate::volume::voxbuf::zeroed(per * nz);
-    {
-        let mut slots: Vec<Option<&mut [f32]>> = stack.chunks_mut(per.max(1)).map(Some).collect();
-        let mut jobs: BTreeMap<usize, Vec<(usize, &mut [f32])>> = BTreeMap::new(); // file -> (frame, its place)
-        for (z, &si) in asm.order.iter().enumerate() {
-            let (fi, k) = slices[si];
-            let slot = slots.get_mut(z).and_then(Option::take).ok_or_else(|| DicomError::Decode {
-                label: header::frame_label(files[fi], k),
-                detail: format!("slice {z} of {nz} is claimed twice or lies outside the stack"),
-            })?;
-            jobs.entry(fi).or_default().push((k, slot));
-        }
-        jobs.into_par_iter()
-            .map(|(fi, frames)| -> Result<()> {
-                let f = files[fi];
-                let obj = header::open_full(&f.path)?;
-                for (k, out) in frames {
-                    pixels::decode_frame_into(&obj, f, k, limits, out)?;
-                }
-                Ok(())
-            })
-            .collect::<Result<Vec<()>>>()?;
-    }
-    let data = Array3::from_shape_vec((nx, ny, nz), crate::volume::f_to_c_order(&stack, [nx, ny, nz]))
-        .map_err(|e| anyhow::anyhow!("{}: assembling the volume: {e}", scan.root.display()))?;
-    drop(stack);
+    let t = std::time::Instant::now();
+    let data = decode_stack(&files, &slices, &asm.order, asm.shape, limits)?;
+    tracing::debug!(
+        frames = slices.len(),
+        ms = format!("{:.1}", t.elapsed().as_secs_f64() * 1e3),
+        "DICOM frames decoded"
+    );
     let mut rescale: Vec<[f64; 2]> = Vec::new();
     let mut tss: Vec<String> = Vec::new();
     let mut lut = false;
@@ -405,6 +381,67 @@ pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>, limits: &ReadOption
         provenance,
         stored_dtype: files[0].pixel.dtype_name(),
     })
+}
+
+/// Frames decoded and transposed at a time: one slab of 32 planes (32 MB
+/// for 512 x 512) is decoded in parallel, then written into the C-order
+/// volume through 32 x 32 tiles, as the NIfTI reader does; no full-size
+/// frame stack and no strided per-voxel scatter.
+const SLAB: usize = 32;
+
+/// The volume in C order (data[[x, y, z]] = frame z at row y, column x),
+/// frame z being `slices[order[z]]` = (file, frame). Each file is opened
+/// once: its parsed object is kept from the first slab that needs it to
+/// the last (multi-frame files span slabs).
+fn decode_stack(
+    files: &[&FileHeader],
+    slices: &[(usize, usize)],
+    order: &[usize],
+    [nx, ny, nz]: [usize; 3],
+    limits: &ReadOptions,
+) -> Result<Array3<f32>> {
+    use std::collections::HashMap;
+    let per = nx * ny;
+    if order.len() != nz || per == 0 {
+        anyhow::bail!("{} frames for {nz} slices of {nx}x{ny}", order.len());
+    }
+    let frame_at = |z: usize| slices[order[z]];
+    // the last slice each file serves, to drop its object after it
+    let mut last: HashMap<usize, usize> = HashMap::new();
+    for z in 0..nz {
+        last.insert(frame_at(z).0, z);
+    }
+    let mut data = crate::volume::voxbuf::zeroed(per * nz);
+    let mut slab = vec![0f32; per * SLAB.min(nz)];
+    let mut open: HashMap<usize, DefaultDicomObject> = HashMap::new();
+    for k0 in (0..nz).step_by(SLAB) {
+        let k1 = (k0 + SLAB).min(nz);
+        let mut needed: Vec<usize> = (k0..k1)
+            .map(|z| frame_at(z).0)
+            .filter(|fi| !open.contains_key(fi))
+            .collect();
+        needed.sort_unstable();
+        needed.dedup();
+        let opened: Vec<(usize, DefaultDicomObject)> = needed
+            .into_par_iter()
+            .map(|fi| Ok((fi, header::open_full(&files[fi].path)?)))
+            .collect::<Result<_>>()?;
+        open.extend(opened);
+        let planes = &mut slab[..(k1 - k0) * per];
+        planes
+            .par_chunks_mut(per)
+            .enumerate()
+            .map(|(dz, out)| -> Result<()> {
+                let (fi, k) = frame_at(k0 + dz);
+                let obj = open.get(&fi).context("a frame's file was not opened")?;
+                pixels::decode_frame_into(obj, files[fi], k, limits, out)?;
+                Ok(())
+            })
+            .collect::<Result<Vec<()>>>()?;
+        crate::volume::f_planes_into_c_order(planes, [nx, ny, nz], k0, &mut data);
+        open.retain(|fi, _| last.get(fi).is_some_and(|&z| z >= k1));
+    }
+    Ok(Array3::from_shape_vec((nx, ny, nz), data)?)
 }
 
 /// A content hash of the files of a DICOM input, for the cache's skip test:
