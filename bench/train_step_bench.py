@@ -2,7 +2,7 @@
 same model in PyTorch eager, on the same CPU threads, side by side.
 
     .venv/bin/python bench/train_step_bench.py [--config experiments/demo.yaml] [--threads 1,all]
-        [--steps 5] [--warmup 1] [--size 64] [--batch 4] [--feature-size 12]
+        [--steps 5] [--warmup 2] [--size 64] [--batch 4] [--feature-size 12]
         [--device cpu|cuda] [--bf16] [--json OUT]
 
 On CUDA (--device cuda; --bf16 for bf16 autocast on both sides, as
@@ -196,7 +196,7 @@ def main():
     ap.add_argument("--config", default=str(ROOT / "experiments" / "demo.yaml"))
     ap.add_argument("--threads", default="1,all")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--size", type=int)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--feature-size", type=int)
