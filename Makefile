@@ -136,6 +136,7 @@ bench-dist: build
 bench-pretrain: build
 	cargo build --release --example ot_bench --example train_step_bench
 	$(PY) bench/ot_bench.py
+	$(PY) bench/attention_paths.py
 	$(PY) bench/train_step_bench.py
 
 # Caption client: requests/s and CPU per request against a fast local server.

@@ -172,8 +172,9 @@ impl WindowAttention {
         // explicit path on a 500 x 3 x 343 x 4 window batch), whereas with a
         // gradient it falls back to the math path, whose safe softmax adds
         // isneginf + all + where passes over the whole score tensor (~10% of
-        // a CPU training step, bench/train_step_bench.py). MONAI's own rule
-        // is the same minus CUDA training.
+        // a CPU training step, bench/train_step_bench.py; both paths side by
+        // side: bench/attention_paths.py). MONAI's own rule is the same
+        // minus CUDA training.
         let sdpa = self.fused && (x.device().is_cuda() || !(q.requires_grad() || bias.requires_grad()));
         let out = if sdpa {
             let bias = match mask {
