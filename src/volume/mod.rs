@@ -232,25 +232,38 @@ fn f_to_c_order(src: &[f32], shape: [usize; 3]) -> Vec<f32> {
 /// volume in C order; as many planes as `planes` holds whole (and the
 /// volume has left).
 pub(crate) fn f_planes_into_c_order(planes: &[f32], [nx, ny, nz]: [usize; 3], k0: usize, dst: &mut [f32]) {
-    // Through a 32 x 32 tile, as the NIfTI reader's slab decode: each
-    // plane's row piece is copied in whole (contiguous reads), each C-order
-    // row piece written in whole from a tile column (contiguous writes).
-    // Gathering every value straight from 32 planes was 3x slower.
-    const T: usize = 32;
     let plane = nx * ny;
     if plane == 0 {
         return;
     }
     let k1 = (k0 + planes.len() / plane).min(nz);
+    tiled_f_to_c([nx, ny, nz], k0..k1, dst, |k, j, i0, row| {
+        let start = (k - k0) * plane + j * nx + i0;
+        row.copy_from_slice(&planes[start..start + row.len()]);
+    });
+}
+
+/// The F-to-C transpose of the k-planes `ks` of a `shape` volume into
+/// `dst` (C order), through a 32 x 32 tile: `fill(k, j, i0, row)` writes
+/// source values (i0.., j, k) into `row` (contiguous reads, converted as
+/// the caller needs), and each C-order row piece is written in whole from
+/// a tile column (contiguous writes). Gathering every value straight from
+/// 32 planes was 3x slower.
+pub(crate) fn tiled_f_to_c(
+    [nx, ny, nz]: [usize; 3],
+    ks: std::ops::Range<usize>,
+    dst: &mut [f32],
+    mut fill: impl FnMut(usize, usize, usize, &mut [f32]),
+) {
+    const T: usize = 32;
     let mut tile = [[0f32; T]; T];
     for j in 0..ny {
         for i0 in (0..nx).step_by(T) {
             let i1 = (i0 + T).min(nx);
-            for kt in (k0..k1).step_by(T) {
-                let kt1 = (kt + T).min(k1);
+            for kt in ks.clone().step_by(T) {
+                let kt1 = (kt + T).min(ks.end);
                 for k in kt..kt1 {
-                    let src = (k - k0) * plane + j * nx;
-                    tile[k - kt][..i1 - i0].copy_from_slice(&planes[src + i0..src + i1]);
+                    fill(k, j, i0, &mut tile[k - kt][..i1 - i0]);
                 }
                 for i in i0..i1 {
                     let row = (i * ny + j) * nz;

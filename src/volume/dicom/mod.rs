@@ -307,9 +307,7 @@ pub struct DicomVolume {
 
 /// Loads one series (by UID, or the only one) from a folder or file.
 pub fn load(path: &Path, series_uid: Option<&str>, limits: &ReadOptions) -> Result<DicomVolume> {
-    let t = std::time::Instant::now();
     let scan = scan(path)?;
-    tracing::debug!(path = %path.display(), files = scan.files.len(), ms = format!("{:.1}", t.elapsed().as_secs_f64() * 1e3), "DICOM headers scanned");
     load_from_scan(&scan, series_uid, limits)
 }
 
@@ -334,13 +332,7 @@ pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>, limits: &ReadOption
         .collect();
     let geoms: Vec<series::SliceGeom> = slices.iter().map(|&(fi, k)| files[fi].frames[k].geom.clone()).collect();
     let asm = series::assemble(&geoms, &labels, &series::Tolerance::default())?;
-    let t = std::time::Instant::now();
     let data = decode_stack(&files, &slices, &asm.order, asm.shape, limits)?;
-    tracing::debug!(
-        frames = slices.len(),
-        ms = format!("{:.1}", t.elapsed().as_secs_f64() * 1e3),
-        "DICOM frames decoded"
-    );
     let mut rescale: Vec<[f64; 2]> = Vec::new();
     let mut tss: Vec<String> = Vec::new();
     let mut lut = false;

@@ -435,8 +435,7 @@ pub fn samples_to_f32_into(raw: &[u8], p: &PixelFormat, rescale: Rescale, lut: O
             (m >> shift) as i64
         }
     };
-    // One pass per (sample width, value mapping): the match is outside the
-    // loops so that each loop is a plain conversion.
+    // One loop per (sample width, value mapping), the choice made outside it.
     fn convert<const B: usize>(raw: &[u8], out: &mut [f32], to_int: impl Fn(u64) -> i64, map: impl Fn(i64) -> f32) {
         let word = |c: &[u8]| -> u64 {
             match B {
@@ -449,38 +448,33 @@ pub fn samples_to_f32_into(raw: &[u8], p: &PixelFormat, rescale: Rescale, lut: O
             *o = map(to_int(word(c)));
         }
     }
-    let bytes = match p.bits_allocated {
-        8 => 1,
-        16 => 2,
-        _ => 4,
-    };
+    fn by_width(
+        raw: &[u8],
+        bits_allocated: u16,
+        out: &mut [f32],
+        to_int: impl Fn(u64) -> i64,
+        map: impl Fn(i64) -> f32,
+    ) {
+        match bits_allocated {
+            8 => convert::<1>(raw, out, to_int, map),
+            16 => convert::<2>(raw, out, to_int, map),
+            _ => convert::<4>(raw, out, to_int, map),
+        }
+    }
+    let ba = p.bits_allocated;
     if let Some(l) = lut {
         let last = l.data.len().saturating_sub(1) as i64;
         let first = l.first_mapped;
-        let map = |x: i64| -> f32 {
+        return by_width(raw, ba, out, to_int, |x: i64| {
             let i = if x < first { 0 } else { (x - first).min(last) };
             l.data.get(i as usize).copied().unwrap_or(0) as f32
-        };
-        return match bytes {
-            1 => convert::<1>(raw, out, to_int, map),
-            2 => convert::<2>(raw, out, to_int, map),
-            _ => convert::<4>(raw, out, to_int, map),
-        };
+        });
     }
     if rescale.slope == 1.0 && rescale.intercept == 0.0 {
-        return match bytes {
-            1 => convert::<1>(raw, out, to_int, |x| x as f32),
-            2 => convert::<2>(raw, out, to_int, |x| x as f32),
-            _ => convert::<4>(raw, out, to_int, |x| x as f32),
-        };
+        return by_width(raw, ba, out, to_int, |x| x as f32);
     }
     let (slope, intercept) = (rescale.slope, rescale.intercept);
-    let map = move |x: i64| (x as f64 * slope + intercept) as f32;
-    match bytes {
-        1 => convert::<1>(raw, out, to_int, map),
-        2 => convert::<2>(raw, out, to_int, map),
-        _ => convert::<4>(raw, out, to_int, map),
-    }
+    by_width(raw, ba, out, to_int, |x| (x as f64 * slope + intercept) as f32)
 }
 
 #[cfg(test)]

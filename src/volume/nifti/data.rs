@@ -161,11 +161,9 @@ pub(super) fn decode_slab(
     by_dtype!(dtype, slab_into(src, big_endian, scaling, shape, k0, volume))
 }
 
-/// The transpose of `decode_slab` goes through a 32x32 tile, so that both
-/// the file-order rows read and the C-order rows written are contiguous
-/// runs; the tile is filled row by row as decoded (the conversion runs over
-/// contiguous input and output) and read by column on the way out. For each
-/// (i, j) the whole slab's k run is written before moving on.
+/// Each file-order row piece is decoded into the shared tiled transpose
+/// ([`crate::volume::tiled_f_to_c`]), so the conversion runs over
+/// contiguous input and output.
 fn slab_into<T: Raw<N>, const N: usize>(
     src: &[u8],
     big_endian: bool,
@@ -174,31 +172,15 @@ fn slab_into<T: Raw<N>, const N: usize>(
     k0: usize,
     volume: &mut [f32],
 ) {
-    const T: usize = 32;
     let k_end = (k0 + src.len() / (N * nx * ny)).min(nz);
-    let mut tile = [[0f32; T]; T];
-    for j in 0..ny {
-        for i0 in (0..nx).step_by(T) {
-            let i1 = (i0 + T).min(nx);
-            for kt in (k0..k_end).step_by(T) {
-                let kt1 = (kt + T).min(k_end);
-                for k in kt..kt1 {
-                    // file order: element (i, j, k) is at i + nx * (j + ny * k)
-                    let row = nx * (j + ny * (k - k0));
-                    let src_row = src[(row + i0) * N..(row + i1) * N].chunks_exact(N);
-                    for (t, c) in tile[k - kt].iter_mut().zip(src_row) {
-                        *t = element::<T, N>(c, big_endian, scaling);
-                    }
-                }
-                for i in i0..i1 {
-                    let row = (i * ny + j) * nz;
-                    for (d, t) in volume[row + kt..row + kt1].iter_mut().zip(&tile) {
-                        *d = t[i - i0];
-                    }
-                }
-            }
+    crate::volume::tiled_f_to_c([nx, ny, nz], k0..k_end, volume, |k, j, i0, row| {
+        // file order: element (i, j, k) is at i + nx * (j + ny * (k - k0))
+        let start = nx * (j + ny * (k - k0)) + i0;
+        let src_row = src[start * N..(start + row.len()) * N].chunks_exact(N);
+        for (t, c) in row.iter_mut().zip(src_row) {
+            *t = element::<T, N>(c, big_endian, scaling);
         }
-    }
+    });
 }
 
 /// Number of bytes the voxel data needs, or an error when the dims overflow.
