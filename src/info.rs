@@ -83,9 +83,10 @@ pub fn describe(path: &Path, series: Option<&str>, limits: &ReadOptions) -> Resu
         });
     }
     let d = dicom::load_from_scan(&scan, series, limits).with_context(|| format!("DICOM input {}", path.display()))?;
+    // The voxels were read through the bounded decode (`crate::alloc`);
+    // the statistics walk them where they are, with no second copy.
     let v = &d.volume;
-    let flat: Vec<f32> = v.data.iter().copied().collect();
-    let s = stats(&flat);
+    let s = stats(v.data.iter().copied());
     let p = &d.provenance;
     let [slope, inter] = p.rescale.first().copied().unwrap_or([1.0, 0.0]);
     Ok(Described::Image(Box::new(Info {
@@ -125,9 +126,9 @@ pub struct Stats {
 }
 
 /// Min, max, mean and population std (numpy's ddof=0) in f64.
-pub fn stats(values: &[f32]) -> Stats {
+pub fn stats(values: impl Iterator<Item = f32> + Clone) -> Stats {
     let (mut n, mut sum, mut min, mut max, mut bad) = (0usize, 0.0f64, f64::INFINITY, f64::NEG_INFINITY, 0usize);
-    for &v in values {
+    for v in values.clone() {
         if v.is_finite() {
             let v = f64::from(v);
             n += 1;
@@ -149,9 +150,8 @@ pub fn stats(values: &[f32]) -> Stats {
     }
     let mean = sum / n as f64;
     let var = values
-        .iter()
         .filter(|v| v.is_finite())
-        .map(|&v| (f64::from(v) - mean).powi(2))
+        .map(|v| (f64::from(v) - mean).powi(2))
         .sum::<f64>()
         / n as f64;
     Stats {
@@ -170,7 +170,7 @@ pub fn nrrd_info(path: &Path, limits: &ReadOptions) -> Result<Info> {
     let img = nrrd::read(path, limits)?;
     let h = &img.header;
     let aff = h.affine().with_context(|| path.display().to_string())?;
-    let s = stats(&img.data);
+    let s = stats(img.data.iter().copied());
     let segs = nrrd::segments(h);
     Ok(Info {
         path: path.display().to_string(),
@@ -205,7 +205,7 @@ pub fn info(path: &Path, limits: &ReadOptions) -> Result<Info> {
     let img = nifti::read(path, limits)?;
     let h = &img.header;
     let aff = h.affine();
-    let s = stats(&img.data);
+    let s = stats(img.data.iter().copied());
     Ok(Info {
         path: path.display().to_string(),
         format: format!(

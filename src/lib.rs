@@ -10,6 +10,7 @@
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub mod align;
+pub mod alloc;
 pub mod artifacts;
 pub mod caption;
 pub mod config;

@@ -136,18 +136,19 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
         .iter()
         .try_fold(4u64, |a, &d| a.checked_mul(d as u64))
         .unwrap_or(u64::MAX);
-    if grid_bytes > limits.max_decompressed_bytes {
-        bail!(
-            "{}: resampling to {:?} mm needs a {:?} grid ({} MiB as float32), more than the {} MiB one case may \
-             expand to: the affine (voxel size {:?} mm) is implausible, or raise `preprocess.max_decompressed_mib`",
-            case.image.display(),
-            cfg.spacing,
-            shape,
-            grid_bytes >> 20,
-            limits.max_decompressed_bytes >> 20,
-            image.spacing()
-        );
-    }
+    let what = format!(
+        "resampling to {:?} mm (voxel size {:?} mm in the affine) on a {shape:?} grid of float32",
+        cfg.spacing,
+        image.spacing()
+    );
+    let image_label = case.image.display().to_string();
+    let want = crate::alloc::Want {
+        label: &image_label,
+        what: &what,
+        n: 0,
+        declared: grid_bytes,
+    };
+    limits.expansion().check(&want)?;
     let mut image = resample::resample_to(&image, &grid, shape, resample::Interp::Linear)?;
     let label = label
         .map(|l| resample::resample_to(&l, &grid, shape, resample::Interp::Nearest))

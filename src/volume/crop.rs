@@ -122,7 +122,7 @@ pub fn resize(vol: &Volume, shape: [usize; 3], interp: Interp) -> Result<Volume>
                 .collect(),
         )
     });
-    let data = interp_axes(&vol.data, &tables);
+    let data = interp_axes(&vol.data, &tables)?;
     let mut affine = vol.affine;
     let scale: [f64; 3] = std::array::from_fn(|a| in_shape[a] as f64 / shape[a] as f64);
     let origin: [f64; 3] = std::array::from_fn(|a| (scale[a] - 1.0) / 2.0);

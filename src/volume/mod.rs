@@ -11,7 +11,6 @@ pub mod nifti;
 pub mod nrrd;
 pub mod orient;
 pub mod resample;
-pub mod voxbuf;
 
 use std::path::Path;
 
@@ -88,8 +87,9 @@ impl Volume {
         }
         let vox = match img.layout {
             // File order is first-axis-fastest: an F-ordered (nx, ny, nz) array.
-            nifti::Layout::File => f_to_c_order(&img.data[start..start + per], [nx, ny, nz]),
+            nifti::Layout::File => f_to_c_order(&img.data[start..start + per], [nx, ny, nz], &img.path)?,
             nifti::Layout::CPerVolume if img.data.len() == per => img.data,
+            // bounded: a copy of voxels already read
             nifti::Layout::CPerVolume => img.data[start..start + per].to_vec(),
         };
         let data = Array3::from_shape_vec((nx, ny, nz), vox)
@@ -145,11 +145,18 @@ impl ReadOptions {
 
     /// The error text for `what` (named with its file) decoding past the cap.
     pub fn exceeded(&self, what: &str) -> String {
-        format!(
-            "{what} decompresses to more than {} MiB, the cap on decompressed data; if the file is genuine, \
-             raise `preprocess.max_decompressed_mib` (or `--max-decompressed-mib` for `med3d info`/`convert`)",
-            self.max_decompressed_bytes >> 20
-        )
+        crate::alloc::cap_exceeded(what, self.max_decompressed_bytes)
+    }
+
+    /// The cap as an allocation supply (for data whose inflated size is
+    /// known only by inflating them).
+    pub fn cap(&self) -> crate::alloc::Supply {
+        crate::alloc::Supply::cap(self.max_decompressed_bytes)
+    }
+
+    /// The cap as the most one case may expand to (a resampled grid).
+    pub fn expansion(&self) -> crate::alloc::Supply {
+        crate::alloc::Supply::expansion(self.max_decompressed_bytes)
     }
 }
 
@@ -220,11 +227,12 @@ pub fn source_sha256(path: &Path, series_uid: Option<&str>) -> Result<String> {
 /// that every cache line read and written is used whole: ndarray's generic
 /// `as_standard_layout` walks the source with a stride of a whole plane and
 /// was half of the load time of a 512x512x300 CT.
-fn f_to_c_order(src: &[f32], shape: [usize; 3]) -> Vec<f32> {
+fn f_to_c_order(src: &[f32], shape: [usize; 3], path: &Path) -> Result<Vec<f32>> {
     debug_assert_eq!(src.len(), shape.iter().product::<usize>());
-    let mut dst = voxbuf::zeroed(src.len());
+    let what = format!("a {shape:?} volume in C order");
+    let mut dst = crate::alloc::like_f32(&path.display().to_string(), &what, src.len())?;
     f_planes_into_c_order(src, shape, 0, &mut dst);
-    dst
+    Ok(dst)
 }
 
 /// Writes `planes`, the k-planes k0.. of an F-ordered `shape` volume (each
@@ -307,7 +315,7 @@ mod tests {
             let n = shape.iter().product();
             let src: Vec<f32> = (0..n).map(|v| v as f32).collect();
             let want = Array3::from_shape_vec((shape[0], shape[1], shape[2]).f(), src.clone()).unwrap();
-            let got = Array3::from_shape_vec(shape, f_to_c_order(&src, shape)).unwrap();
+            let got = Array3::from_shape_vec(shape, f_to_c_order(&src, shape, Path::new("t")).unwrap()).unwrap();
             assert_eq!(got, want, "{shape:?}");
         }
     }

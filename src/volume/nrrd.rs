@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::Array3;
 
-use super::nifti::{decode, DataType};
+use super::nifti::{decode_into, DataType};
+use crate::alloc::{self, Supply, Want};
 use super::{affine::Mat4, ReadOptions, Volume};
 
 /// Whether a path names a NRRD file (by its extension).
@@ -386,29 +387,31 @@ pub fn read(path: &Path, limits: &ReadOptions) -> Result<NrrdImage> {
             } else {
                 h.byte_skip as u64
             };
-            ensure!(
-                left >= start.saturating_add(nbytes as u64),
-                "{}: sizes {:?} ({}) need {nbytes} bytes of data, but the file holds {}; it is truncated or its header is wrong",
-                name(),
-                h.sizes,
-                h.dtype.name(),
-                left.saturating_sub(start)
-            );
+            let what = format!("sizes {:?} ({})", h.sizes, h.dtype.name());
+            let want = Want {
+                label: &name(),
+                what: &what,
+                n: nbytes,
+                declared: nbytes as u64,
+            };
+            let mut raw = alloc::capacity(&want, &Supply::held(left.saturating_sub(start), "the file's data"))?;
             std::io::copy(&mut (&mut f).take(start), &mut std::io::sink())?;
-            let mut raw = Vec::with_capacity(nbytes);
             (&mut f).take(nbytes as u64).read_to_end(&mut raw)?;
             raw
         }
         Encoding::Gzip => {
             ensure!(h.byte_skip >= 0, "{}: `byte skip: -1` is for raw data only", name());
-            ensure!(
-                (nbytes as u64) <= limits.max_decompressed_bytes,
-                "{}",
-                limits.exceeded(&format!("{} (sizes {:?})", name(), h.sizes))
-            );
+            let what = format!("sizes {:?} ({})", h.sizes, h.dtype.name());
+            let want = Want {
+                label: &name(),
+                what: &what,
+                n: 0,
+                declared: nbytes as u64,
+            };
+            limits.cap().check(&want)?;
             let mut gz = flate2::read::MultiGzDecoder::new(f);
             std::io::copy(&mut (&mut gz).take(h.byte_skip as u64), &mut std::io::sink())?;
-            // grows with what inflates, up to the declared size
+            // bounded: grows with what inflates, up to the declared size (within the cap, above)
             let mut raw = Vec::with_capacity(nbytes.min(file_len.saturating_mul(4) as usize));
             (&mut gz)
                 .take(nbytes as u64)
@@ -450,7 +453,8 @@ pub fn read(path: &Path, limits: &ReadOptions) -> Result<NrrdImage> {
             });
         }
     };
-    let data = decode(&raw, h.dtype, h.big_endian, None);
+    let mut data = alloc::like_f32(&name(), &format!("sizes {:?}", h.sizes), n)?;
+    decode_into(&raw, h.dtype, h.big_endian, None, &mut data);
     Ok(NrrdImage {
         path: path.to_path_buf(),
         header: h,
@@ -523,14 +527,22 @@ pub fn to_volume(img: NrrdImage, volume_index: Option<usize>, overlap: Overlap) 
     let (si, sj, sk) = (stride[axes[0]], stride[axes[1]], stride[axes[2]]);
     let at = |l: usize, i: usize, j: usize, k: usize| l * ls + i * si + j * sj + k * sk;
     let segs = segments(h);
-    let mut out = vec![0f32; per];
+    // sized from the voxels read (`per` is at most their count)
+    let volume = format!("a {dims:?} volume");
+    let mut out = alloc::like_f32(&name, &volume, per)?;
     if !segs.is_empty() {
         let class_of = |layer: usize, v: f32| -> Option<usize> {
             segs.iter()
                 .position(|&(_, l, lv)| l == layer && lv as f32 == v)
                 .map(|s| s + 1)
         };
-        let mut owner = vec![0usize; per];
+        let want = Want {
+            label: &name,
+            what: &volume,
+            n: per,
+            declared: 0,
+        };
+        let mut owner: Vec<usize> = alloc::zeroed(&want, &Supply::in_memory::<f32>(img.data.len()))?;
         for k in 0..dims[2] {
             for j in 0..dims[1] {
                 for i in 0..dims[0] {

@@ -125,9 +125,9 @@ pub fn resample_to(vol: &Volume, out_affine: &Mat4, out_shape: [usize; 3], inter
         .fold(0.0f64, |a, v| a.max(v.abs()));
     let axis_aligned = (0..3).all(|i| (0..3).all(|j| i == j || m[i][j].abs() <= 1e-9 * scale.max(1.0)));
     let data = if axis_aligned {
-        separable(&vol.data, &m, out_shape, interp)
+        separable(&vol.data, &m, out_shape, interp)?
     } else {
-        general(&vol.data, &m, out_shape, interp)
+        general(&vol.data, &m, out_shape, interp)?
     };
     Ok(Volume {
         data,
@@ -171,7 +171,7 @@ pub(crate) fn axis_table(
         .collect()
 }
 
-fn separable(data: &Array3<f32>, m: &Mat4, out_shape: [usize; 3], interp: Interp) -> Array3<f32> {
+fn separable(data: &Array3<f32>, m: &Mat4, out_shape: [usize; 3], interp: Interp) -> Result<Array3<f32>> {
     let in_shape = data.shape();
     let tables: AxisTables = std::array::from_fn(|ax| {
         let identity = out_shape[ax] == in_shape[ax] && m[ax][ax] == 1.0 && m[ax][3] == 0.0;
@@ -186,7 +186,7 @@ pub(crate) type AxisTables = [Option<Vec<(usize, usize, f32)>>; 3];
 
 /// Applies 1-D interpolation tables (None: axis unchanged) axis by axis,
 /// shrinking axes first so the intermediate arrays stay small.
-pub(crate) fn interp_axes(data: &Array3<f32>, tables: &AxisTables) -> Array3<f32> {
+pub(crate) fn interp_axes(data: &Array3<f32>, tables: &AxisTables) -> Result<Array3<f32>> {
     let in_shape = data.shape().to_vec();
     let out_len = |ax: usize| tables[ax].as_ref().map_or(in_shape[ax], Vec::len);
     let mut order = [0usize, 1, 2];
@@ -200,16 +200,16 @@ pub(crate) fn interp_axes(data: &Array3<f32>, tables: &AxisTables) -> Array3<f32
     for &ax in &order {
         let Some(table) = &tables[ax] else { continue };
         let src = cur.as_ref().unwrap_or(data);
-        cur = Some(interp_axis(src, ax, table));
+        cur = Some(interp_axis(src, ax, table)?);
     }
-    cur.unwrap_or_else(|| data.clone())
+    Ok(cur.unwrap_or_else(|| data.clone()))
 }
 
 /// One 1-D pass along `ax`. The array is seen in C order as (outer, n, inner)
 /// around that axis, so each output line along `ax` is a blend of two
 /// contiguous input lines of `inner` values (or, for the last axis, of two
 /// values of the same row).
-fn interp_axis(src: &Array3<f32>, ax: usize, table: &[(usize, usize, f32)]) -> Array3<f32> {
+fn interp_axis(src: &Array3<f32>, ax: usize, table: &[(usize, usize, f32)]) -> Result<Array3<f32>> {
     let src = src.as_standard_layout();
     let sh = src.shape();
     let mut out_shape = [sh[0], sh[1], sh[2]];
@@ -217,9 +217,11 @@ fn interp_axis(src: &Array3<f32>, ax: usize, table: &[(usize, usize, f32)]) -> A
     let (n_in, n_out) = (sh[ax], table.len());
     let inner: usize = sh[ax + 1..].iter().product();
     let s = src.as_slice().expect("standard layout");
-    let mut out = crate::volume::voxbuf::zeroed(out_shape.iter().product());
+    // The grid's size was checked against the cap by whoever chose it (the
+    // preprocess stage, through `crate::alloc`); this only cannot abort.
+    let mut out = grid_buffer(out_shape)?;
     if n_in * inner == 0 {
-        return Array3::from_shape_vec(out_shape, out).expect("shape");
+        return Ok(Array3::from_shape_vec(out_shape, out)?);
     }
     let blend = |x: f32, y: f32, w: f32| x + w * (y - x);
     for (s, d) in s.chunks_exact(n_in * inner).zip(out.chunks_exact_mut(n_out * inner)) {
@@ -245,13 +247,23 @@ fn interp_axis(src: &Array3<f32>, ax: usize, table: &[(usize, usize, f32)]) -> A
             }
         }
     }
-    Array3::from_shape_vec(out_shape, out).expect("shape")
+    Ok(Array3::from_shape_vec(out_shape, out)?)
 }
 
-fn general(data: &Array3<f32>, m: &Mat4, out_shape: [usize; 3], interp: Interp) -> Array3<f32> {
+/// A zeroed output grid, allocated fallibly.
+fn grid_buffer(shape: [usize; 3]) -> Result<Vec<f32>> {
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .with_context(|| format!("a {shape:?} grid is impossibly large"))?;
+    Ok(crate::alloc::like_f32("resampling", &format!("a {shape:?} grid"), n)?)
+}
+
+fn general(data: &Array3<f32>, m: &Mat4, out_shape: [usize; 3], interp: Interp) -> Result<Array3<f32>> {
     let n = data.shape();
     let hi = [n[0] as f64 - 1.0, n[1] as f64 - 1.0, n[2] as f64 - 1.0];
-    Array3::from_shape_fn(out_shape, |(i, j, k)| {
+    let mut out = Array3::from_shape_vec(out_shape, grid_buffer(out_shape)?)?;
+    out.indexed_iter_mut().for_each(|((i, j, k), o)| *o = {
         let p = apply4(m, [i as f64, j as f64, k as f64]);
         let s = [p[0].clamp(0.0, hi[0]), p[1].clamp(0.0, hi[1]), p[2].clamp(0.0, hi[2])];
         match interp {
@@ -277,7 +289,8 @@ fn general(data: &Array3<f32>, m: &Mat4, out_shape: [usize; 3], interp: Interp) 
                 acc as f32
             }
         }
-    })
+    });
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -365,7 +378,7 @@ mod tests {
                 let identity = shape[ax] == data.shape()[ax] && m[ax][ax] == 1.0 && m[ax][3] == 0.0;
                 (!identity).then(|| axis_table(data.shape()[ax], shape[ax], m[ax][ax], m[ax][3], interp))
             });
-            let got = interp_axes(&data, &tables);
+            let got = interp_axes(&data, &tables).unwrap();
             let want = interp_axes_reference(&data, &tables);
             assert_eq!(got.shape(), want.shape());
             assert!(
@@ -380,7 +393,7 @@ mod tests {
             None,
             Some(axis_table(23, 40, 0.5, 0.1, Interp::Linear)),
         ];
-        let got = interp_axes(&t.to_owned(), &tables);
+        let got = interp_axes(&t.to_owned(), &tables).unwrap();
         assert_eq!(
             got,
             interp_axes_reference(&t.as_standard_layout().into_owned(), &tables)

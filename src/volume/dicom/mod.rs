@@ -332,7 +332,7 @@ pub fn load_from_scan(scan: &Scan, series_uid: Option<&str>, limits: &ReadOption
         .collect();
     let geoms: Vec<series::SliceGeom> = slices.iter().map(|&(fi, k)| files[fi].frames[k].geom.clone()).collect();
     let asm = series::assemble(&geoms, &labels, &series::Tolerance::default())?;
-    let data = decode_stack(&files, &slices, &asm.order, asm.shape, limits)?;
+    let data = decode_stack(&scan.root, &files, &slices, &asm.order, asm.shape, limits)?;
     let mut rescale: Vec<[f64; 2]> = Vec::new();
     let mut tss: Vec<String> = Vec::new();
     let mut lut = false;
@@ -386,6 +386,7 @@ const SLAB: usize = 32;
 /// once: its parsed object is kept from the first slab that needs it to
 /// the last (multi-frame files span slabs).
 fn decode_stack(
+    root: &Path,
     files: &[&FileHeader],
     slices: &[(usize, usize)],
     order: &[usize],
@@ -403,8 +404,34 @@ fn decode_stack(
     for z in 0..nz {
         last.insert(frame_at(z).0, z);
     }
-    let mut data = crate::volume::voxbuf::zeroed(per * nz);
-    let mut slab = vec![0f32; per * SLAB.min(nz)];
+    // Nothing is allocated before every file's header has been checked
+    // against its pixel data; the volume then against the series' whole
+    // supply (compressed files together within the cap: it is per case).
+    let (mut native, mut packed, mut declared) = (0u64, 0u64, 0u64);
+    for f in files {
+        pixels::check_file(f, limits)?;
+        declared = declared.saturating_add(pixels::declared_bytes(f));
+        let have = pixels::supply(f, limits).bytes();
+        if pixels::encapsulated(f) {
+            packed = packed.saturating_add(have);
+        } else {
+            native = native.saturating_add(have);
+        }
+    }
+    let supply = crate::alloc::Supply::held(
+        native.saturating_add(packed.min(limits.max_decompressed_bytes)),
+        "the series' pixel data (compressed files within the cap on decompressed data)",
+    );
+    let label = root.display().to_string();
+    let what = format!("{} frames of {nx}x{ny}", order.len());
+    let want = |n: usize, declared: u64| crate::alloc::Want {
+        label: &label,
+        what: &what,
+        n,
+        declared,
+    };
+    let mut data = crate::alloc::zeroed(&want(per * nz, declared), &supply)?;
+    let mut slab = crate::alloc::zeroed(&want(per * SLAB.min(nz), 0), &supply)?;
     let mut open: HashMap<usize, DefaultDicomObject> = HashMap::new();
     for k0 in (0..nz).step_by(SLAB) {
         let k1 = (k0 + SLAB).min(nz);

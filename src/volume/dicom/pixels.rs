@@ -13,10 +13,15 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use super::header::{frame_label, transfer_syntax_name, FileHeader, ModalityLut, PixelFormat, Rescale};
 use super::DicomError;
+use crate::alloc::{self, Supply, Want};
 use crate::volume::ReadOptions;
 
 const EXPLICIT_VR_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
+const JPEG_LOSSLESS: &str = "1.2.840.10008.1.2.4.57";
+const JPEG_LOSSLESS_SV1: &str = "1.2.840.10008.1.2.4.70";
 
 /// Refuses, with a named error, what this module cannot decode.
 pub fn check_supported(f: &FileHeader) -> Result<(), DicomError> {
@@ -94,9 +99,89 @@ pub fn decode_frame(
     k: usize,
     limits: &ReadOptions,
 ) -> Result<Vec<f32>, DicomError> {
-    let mut out = vec![0f32; f.pixel.rows as usize * f.pixel.cols as usize];
+    let label = frame_label(f, k);
+    let what = format!("frame {} of {}x{} at {} bits", k + 1, f.pixel.cols, f.pixel.rows, f.pixel.bits_allocated);
+    let want = Want {
+        label: &label,
+        what: &what,
+        n: f.pixel.rows as usize * f.pixel.cols as usize,
+        declared: frame_bytes(&f.pixel).map_or(u64::MAX, |b| b as u64),
+    };
+    let mut out = alloc::zeroed(&want, &supply(f, limits)).map_err(|e| refused(f, e))?;
     decode_frame_into(obj, f, k, limits, &mut out)?;
     Ok(out)
+}
+
+/// Bytes of stored samples that the header of `f` declares for all its
+/// frames (u64::MAX when that overflows).
+pub fn declared_bytes(f: &FileHeader) -> u64 {
+    frame_bytes(&f.pixel).map_or(u64::MAX, |b| (b as u64).saturating_mul(f.frames.len() as u64))
+}
+
+/// Refuses a file whose header declares more stored samples, over all its
+/// frames, than its pixel data can [`supply`]; the error names the file.
+pub fn check_file(f: &FileHeader, limits: &ReadOptions) -> Result<(), DicomError> {
+    let label = f.path.display().to_string();
+    let what = format!(
+        "{} frame(s) of {}x{} at {} bits",
+        f.frames.len(),
+        f.pixel.cols,
+        f.pixel.rows,
+        f.pixel.bits_allocated
+    );
+    let want = Want {
+        label: &label,
+        what: &what,
+        n: 0,
+        declared: declared_bytes(f),
+    };
+    supply(f, limits).check(&want).map_err(|e| refused(f, e))
+}
+
+/// What the pixel data of `f` can supply, in bytes of stored samples: a
+/// native element's own bytes; for encapsulated data its fragments times
+/// the most their codec can expand (RLE's PackBits 2 bytes to 128; the
+/// Huffman-coded JPEG processes DICOM allows spend at least one bit per
+/// sample (lossless) or per 8x8 block (DCT)), and never more than the cap,
+/// which alone bounds JPEG-LS, JPEG 2000 and deflate.
+pub fn supply(f: &FileHeader, limits: &ReadOptions) -> Supply {
+    if !encapsulated(f) {
+        return Supply::held(f.pixel_bytes, "the PixelData");
+    }
+    let bps = u64::from(f.pixel.bits_allocated / 8).max(1);
+    let per_byte = match f.transfer_syntax.as_str() {
+        RLE_LOSSLESS => Some(64),
+        JPEG_BASELINE | JPEG_EXTENDED => Some(512 * bps),
+        JPEG_LOSSLESS | JPEG_LOSSLESS_SV1 => Some(8 * bps),
+        _ => None,
+    };
+    let cap = limits.cap();
+    match per_byte {
+        Some(r) => cap.tighter(Supply::held(
+            f.pixel_bytes.saturating_mul(r),
+            "the most the PixelData fragments can decode to",
+        )),
+        None => cap,
+    }
+}
+
+/// Whether the pixel data of `f` are encapsulated (compressed fragments).
+pub fn encapsulated(f: &FileHeader) -> bool {
+    TransferSyntaxRegistry
+        .get(&f.transfer_syntax)
+        .is_some_and(|t| t.is_encapsulated_pixel_data())
+}
+
+/// A refused buffer as the DICOM error users match on: native data too
+/// short are a truncated file; compressed data, an undecodable one.
+pub fn refused(f: &FileHeader, e: alloc::Refused) -> DicomError {
+    let native = !encapsulated(f);
+    let (label, detail) = (e.label.clone(), e.detail());
+    if native && e.is_short() {
+        DicomError::Truncated { label, detail }
+    } else {
+        DicomError::Decode { label, detail }
+    }
 }
 
 /// [`decode_frame`] into `out`, which must hold exactly Rows x Columns
@@ -113,20 +198,10 @@ pub fn decode_frame_into(
         label: label.clone(),
         detail: "image too large".into(),
     })?;
-    let ts = TransferSyntaxRegistry.get(&f.transfer_syntax);
-    let encapsulated = ts.is_some_and(|t| t.is_encapsulated_pixel_data());
-    if encapsulated && (fb as u64).saturating_mul(f.frames.len() as u64) > limits.max_decompressed_bytes {
-        return Err(DicomError::Decode {
-            label: label.clone(),
-            detail: limits.exceeded(&format!(
-                "{} frame(s) of {}x{} at {} bits: the file",
-                f.frames.len(),
-                f.pixel.cols,
-                f.pixel.rows,
-                f.pixel.bits_allocated
-            )),
-        });
-    }
+    let encapsulated = encapsulated(f);
+    // A decoder sizes its output from the header: the file's frames must
+    // fit in what its pixel data can supply before any of them is decoded.
+    check_file(f, limits)?;
     let el = obj
         .get(tags::PIXEL_DATA)
         .ok_or_else(|| DicomError::MissingPixelData(label.clone()))?;
@@ -333,6 +408,7 @@ pub fn rle_decode(frag: &[u8], pixels: usize, bytes_per_sample: usize) -> Result
             frag.len()
         ));
     }
+    // bounded: the fragment's length times PackBits' expansion, checked above
     let mut out = vec![0u8; pixels * bytes_per_sample];
     for seg in 0..nseg {
         let start = word(1 + seg).ok_or("RLE header is cut short")?;
@@ -415,6 +491,7 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 /// LUT if there is one, else the rescale (skipped when it is the identity,
 /// so integer values stay exact).
 pub fn samples_to_f32(raw: &[u8], p: &PixelFormat, rescale: Rescale, lut: Option<&ModalityLut>) -> Vec<f32> {
+    // bounded: one value per sample of `raw`, already in memory
     let mut out = vec![0f32; raw.len() / usize::from(p.bits_allocated / 8).max(1)];
     samples_to_f32_into(raw, p, rescale, lut, &mut out);
     out

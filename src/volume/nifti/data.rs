@@ -125,26 +125,36 @@ pub fn decode(bytes: &[u8], dtype: DataType, big_endian: bool, scaling: Option<(
 /// planes a sweep measured no faster.
 pub(super) const SLAB: usize = 32;
 
-/// Like `decode`, for elements in file order that make up volumes of
+/// `decode` into `out` (one value per whole element of `bytes`), for a
+/// buffer the caller allocated through [`crate::alloc`].
+pub fn decode_into(bytes: &[u8], dtype: DataType, big_endian: bool, scaling: Option<(f64, f64)>, out: &mut [f32]) {
+    fn run<T: Raw<N>, const N: usize>(bytes: &[u8], be: bool, scaling: Option<(f64, f64)>, out: &mut [f32]) {
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
+            *o = element::<T, N>(c, be, scaling);
+        }
+    }
+    by_dtype!(dtype, run(bytes, big_endian, scaling, out))
+}
+
+/// Like `decode_into`, for elements in file order that make up volumes of
 /// `shape` (3D; any number of them): writes each volume in C order (last
 /// axis fastest), so the caller needs no transpose of its own.
-pub fn decode_c_order(
+pub fn decode_c_order_into(
     bytes: &[u8],
     dtype: DataType,
     big_endian: bool,
     scaling: Option<(f64, f64)>,
     shape: [usize; 3],
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
     let size = dtype.size();
-    let mut out = crate::volume::voxbuf::zeroed(bytes.len() / size);
     let per = shape.iter().product::<usize>();
     if per == 0 {
-        return out;
+        return;
     }
     for (src, volume) in bytes.chunks_exact(per * size).zip(out.chunks_exact_mut(per)) {
         decode_slab(src, dtype, big_endian, scaling, shape, 0, volume);
     }
-    out
 }
 
 /// Decodes `src`, the file-order k-planes k0.. of one volume of `shape`,
@@ -211,7 +221,11 @@ mod tests {
         ] {
             let raw: Vec<u8> = (0..2 * per * dtype.size()).map(|b| (b * 7 % 251) as u8).collect();
             let file = decode(&raw, dtype, be, scaling);
-            let c = decode_c_order(&raw, dtype, be, scaling, [nx, ny, nz]);
+            let mut c = vec![f32::NAN; file.len()];
+            decode_c_order_into(&raw, dtype, be, scaling, [nx, ny, nz], &mut c);
+            let mut flat = vec![f32::NAN; file.len()];
+            decode_into(&raw, dtype, be, scaling, &mut flat);
+            assert!(flat.iter().zip(&file).all(|(a, b)| a.to_bits() == b.to_bits()));
             for t in 0..2 {
                 let want = Array3::from_shape_vec((nx, ny, nz).f(), file[t * per..(t + 1) * per].to_vec()).unwrap();
                 let got = Array3::from_shape_vec((nx, ny, nz), c[t * per..(t + 1) * per].to_vec()).unwrap();

@@ -17,7 +17,7 @@ mod header;
 mod read;
 mod write;
 
-pub use data::{data_nbytes, decode, decode_c_order, DataType};
+pub use data::{data_nbytes, decode, decode_c_order_into, decode_into, DataType};
 pub use header::{parse_header, NiftiHeader};
 pub use read::{read, read_as, read_header, Layout, NiftiImage};
 pub use write::write_nifti1;

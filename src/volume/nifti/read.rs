@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::data::{data_nbytes, decode, decode_c_order, decode_slab, DataType, SLAB};
+use super::data::{data_nbytes, decode_c_order_into, decode_into, decode_slab, DataType, SLAB};
 use super::header::{parse_header, NiftiHeader};
+use crate::alloc::{self, Supply, Want};
 use crate::volume::ReadOptions;
 
 /// The most header bytes a NIfTI file has before its voxels or extensions
@@ -118,8 +119,10 @@ pub fn read_header(path: &Path) -> Result<NiftiHeader> {
 /// first bytes, then the voxels are inflated and decoded `SLAB` k-planes at
 /// a time straight into their C-order places. None for anything but a
 /// well-formed single file (a pair, a short or corrupt file, ...): `read_as`
-/// then goes the general way, which names the problem.
-fn read_c_order_streamed(path: &Path, limits: &ReadOptions) -> Option<NiftiImage> {
+/// then goes the general way, which names the problem. An error only when
+/// the header declares more voxel data than the file can supply: refused
+/// before anything is allocated for them.
+fn read_c_order_streamed(path: &Path, limits: &ReadOptions) -> Option<Result<NiftiImage>> {
     if pair_paths(path).is_some() {
         return None;
     }
@@ -132,6 +135,7 @@ fn read_c_order_streamed(path: &Path, limits: &ReadOptions) -> Option<NiftiImage
     } else {
         Box::new(std::io::BufReader::new(file))
     };
+    // bounded: a NIfTI header's size
     let mut head = Vec::with_capacity(540);
     (&mut stream).take(540).read_to_end(&mut head).ok()?;
     let header = parse_header(&head).ok()?;
@@ -142,32 +146,33 @@ fn read_c_order_streamed(path: &Path, limits: &ReadOptions) -> Option<NiftiImage
     let need = data_nbytes(&header, dtype).ok()?;
     let min = if header.version == 1 { 348 } else { 540 };
     let offset = (header.vox_offset as usize).max(min);
-    let skip = offset.saturating_sub(head.len()) as u64;
-    if std::io::copy(&mut (&mut stream).take(skip), &mut std::io::sink()).ok()? != skip {
-        return None;
-    }
-    // The voxels: those the header read took, then the rest of the stream.
-    let mut voxels = head.get(offset..).unwrap_or(&[]).chain(stream);
     let sh = header.shape();
     let shape = [sh[0], *sh.get(1).unwrap_or(&1), *sh.get(2).unwrap_or(&1)];
     let (size, plane, per) = (dtype.size(), shape[0] * shape[1], shape.iter().product::<usize>());
     if per == 0 {
         return None;
     }
-    // Nothing is allocated for more voxels than the file holds: a header
-    // that declares more goes the general way, which reads what is there
-    // and names the shortfall.
-    if !holds(path, gz, offset, need)? {
+    let supply = supply_of(path, gz, offset, need, limits)?;
+    let label = path.display().to_string();
+    let what = format!("header dims {:?} ({})", header.shape(), dtype.name());
+    let want = Want {
+        label: &label,
+        what: &what,
+        n: need / size,
+        declared: need as u64,
+    };
+    let mut data = match alloc::zeroed(&want, &supply) {
+        Ok(d) => d,
+        Err(e) => return Some(Err(e.into())),
+    };
+    let skip = offset.saturating_sub(head.len()) as u64;
+    if std::io::copy(&mut (&mut stream).take(skip), &mut std::io::sink()).ok()? != skip {
         return None;
     }
-    // The gzip trailer's size is only a checksum of sorts (mod 2^32, and
-    // anyone can write it): what inflates past the cap goes the general
-    // way too, which stops inflating there and says so.
-    if gz && (offset as u64).saturating_add(need as u64) > limits.max_decompressed_bytes {
-        return None;
-    }
-    let mut data = crate::volume::voxbuf::zeroed(need / size);
-    let mut slab = vec![0u8; SLAB * plane * size];
+    // The voxels: those the header read took, then the rest of the stream.
+    let mut voxels = head.get(offset..).unwrap_or(&[]).chain(stream);
+    // bounded: SLAB planes of a volume whose whole size was refused or allowed above
+    let mut slab = vec![0u8; SLAB.min(shape[2]) * plane * size];
     for volume in data.chunks_exact_mut(per) {
         for k0 in (0..shape[2]).step_by(SLAB) {
             let bytes = &mut slab[..(SLAB.min(shape[2] - k0)) * plane * size];
@@ -185,34 +190,41 @@ fn read_c_order_streamed(path: &Path, limits: &ReadOptions) -> Option<NiftiImage
     if std::io::copy(&mut (&mut voxels).take(left.saturating_add(1)), &mut std::io::sink()).ok()? > left {
         return None;
     }
-    Some(NiftiImage {
+    Some(Ok(NiftiImage {
         path: path.to_path_buf(),
         shape: header.shape(),
         header,
         dtype,
         data,
         layout: Layout::CPerVolume,
-    })
+    }))
 }
 
-/// Whether `path` can hold `offset + need` bytes of (inflated) image: for a
-/// plain file its length says; for gzip the trailer's ISIZE (the inflated
-/// size mod 2^32 of the last member) must match, which a single-member
-/// file of that size always does. None: the file cannot be read.
-fn holds(path: &Path, gz: bool, offset: usize, need: usize) -> Option<bool> {
+/// What the voxel data of a single file at `offset` can supply: for a plain
+/// file, its bytes after the offset; for gzip, whose inflated size is known
+/// only by inflating, the cap, once the trailer's ISIZE (the inflated size
+/// mod 2^32 of the last member, which anyone can write) agrees with the
+/// header. None: the file cannot be read, or the trailer disagrees (a
+/// multi-member or damaged stream, which the general way inflates, within
+/// the cap, and names).
+fn supply_of(path: &Path, gz: bool, offset: usize, need: usize, limits: &ReadOptions) -> Option<Supply> {
     let total = (offset as u64).checked_add(need as u64)?;
     let mut f = std::fs::File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
     if !gz {
-        return Some(len >= total);
+        return Some(Supply::held(len.saturating_sub(offset as u64), "the file's voxel data"));
     }
     if len < 18 {
-        return Some(false);
+        return None;
     }
     f.seek(std::io::SeekFrom::End(-4)).ok()?;
     let mut isize = [0u8; 4];
     f.read_exact(&mut isize).ok()?;
-    Some(u32::from_le_bytes(isize) as u64 == total & 0xffff_ffff)
+    if u32::from_le_bytes(isize) as u64 != total & 0xffff_ffff {
+        return None;
+    }
+    // the header's bytes inflate under the same cap
+    Some(Supply::cap(limits.max_decompressed_bytes.saturating_sub(offset as u64)))
 }
 
 /// Reads and decodes a whole NIfTI image, voxels in file order.
@@ -224,7 +236,7 @@ pub fn read(path: &Path, limits: &ReadOptions) -> Result<NiftiImage> {
 pub fn read_as(path: &Path, layout: Layout, limits: &ReadOptions) -> Result<NiftiImage> {
     if layout == Layout::CPerVolume {
         if let Some(img) = read_c_order_streamed(path, limits) {
-            return Ok(img);
+            return img;
         }
     }
     read_whole(path, layout, limits)
@@ -269,24 +281,28 @@ fn read_whole(path: &Path, layout: Layout, limits: &ReadOptions) -> Result<Nifti
     let dtype = header.data_type().with_context(ctx)?;
     let need = data_nbytes(&header, dtype).with_context(ctx)?;
     let have = bytes.len().saturating_sub(offset);
-    if have < need {
-        bail!(
-            "{}: header dims {:?} ({}) need {need} bytes of voxel data after offset {offset}, but the file holds {have}; \
-             the file is truncated or its header is wrong",
-            path.display(),
-            header.shape(),
-            dtype.name()
-        );
-    }
+    let label = path.display().to_string();
+    let what = format!("header dims {:?} ({})", header.shape(), dtype.name());
+    let want = Want {
+        label: &label,
+        what: &what,
+        n: need / dtype.size(),
+        declared: need as u64,
+    };
+    let of = match is_gz(path) {
+        true => "the inflated file's voxel data",
+        false => "the file's voxel data",
+    };
+    let mut data = alloc::zeroed(&want, &Supply::held(have as u64, of))?;
     let raw = &bytes[offset..offset + need];
-    let data = match layout {
-        Layout::File => decode(raw, dtype, header.big_endian, header.scaling()),
+    match layout {
+        Layout::File => decode_into(raw, dtype, header.big_endian, header.scaling(), &mut data),
         Layout::CPerVolume => {
             let sh = header.shape();
             let volume = [sh[0], *sh.get(1).unwrap_or(&1), *sh.get(2).unwrap_or(&1)];
-            decode_c_order(raw, dtype, header.big_endian, header.scaling(), volume)
+            decode_c_order_into(raw, dtype, header.big_endian, header.scaling(), volume, &mut data)
         }
-    };
+    }
     Ok(NiftiImage {
         path: path.to_path_buf(),
         shape: header.shape(),
@@ -333,8 +349,9 @@ mod tests {
         for (name, bytes) in files {
             let p = d.path().join(name);
             std::fs::write(&p, &bytes).unwrap();
-            let a =
-                read_c_order_streamed(&p, &ReadOptions::default()).unwrap_or_else(|| panic!("{name}: not streamed"));
+            let a = read_c_order_streamed(&p, &ReadOptions::default())
+                .unwrap_or_else(|| panic!("{name}: not streamed"))
+                .unwrap();
             let b = read_whole(&p, Layout::CPerVolume, &ReadOptions::default()).unwrap();
             assert_eq!(
                 (&a.header, &a.shape, a.dtype, a.layout),
@@ -347,7 +364,11 @@ mod tests {
             // anything short or corrupt is left to the general way
             let cut = d.path().join(format!("cut_{name}"));
             std::fs::write(&cut, &bytes[..bytes.len() - 5]).unwrap();
-            assert!(read_c_order_streamed(&cut, &ReadOptions::default()).is_none(), "{name}");
+            // anything short is refused or left to the general way, never decoded
+            assert!(
+                read_c_order_streamed(&cut, &ReadOptions::default()).is_none_or(|r| r.is_err()),
+                "{name}"
+            );
             assert!(
                 read_whole(&cut, Layout::CPerVolume, &ReadOptions::default()).is_err(),
                 "{name}"

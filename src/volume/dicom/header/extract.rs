@@ -284,7 +284,13 @@ pub fn header_of(
         problem.get_or_insert(e);
         None
     });
-    let has_pixel_data = obj.get(tags::PIXEL_DATA).is_some();
+    let pixel_data = obj.get(tags::PIXEL_DATA);
+    let has_pixel_data = pixel_data.is_some();
+    let pixel_bytes = match pixel_data.map(|e| e.value()) {
+        Some(Value::Primitive(p)) => p.calculate_byte_len() as u64,
+        Some(Value::PixelSequence(seq)) => seq.fragments().iter().map(|f| f.len() as u64).sum(),
+        _ => 0,
+    };
     let float_pixel_data =
         obj.get(tags::FLOAT_PIXEL_DATA).is_some() || obj.get(tags::DOUBLE_FLOAT_PIXEL_DATA).is_some();
     Ok(Some(FileHeader {
@@ -296,6 +302,7 @@ pub fn header_of(
         problem,
         pixel,
         has_pixel_data: has_pixel_data || float_pixel_data,
+        pixel_bytes,
         float_pixel_data,
         truncated: None,
         frames: frames_h,

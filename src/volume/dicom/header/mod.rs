@@ -83,6 +83,10 @@ pub struct FileHeader {
     pub transfer_syntax: String,
     pub pixel: PixelFormat,
     pub has_pixel_data: bool,
+    /// Bytes the PixelData element holds: its value for native data, the
+    /// sum of its fragments for encapsulated data (what a decode may be
+    /// sized against, see [`crate::alloc`]).
+    pub pixel_bytes: u64,
     /// Float / double-float pixel data (not supported, but named).
     pub float_pixel_data: bool,
     /// Set when the header parsed but the pixel data did not.
