@@ -50,8 +50,8 @@ pub struct Want<'a> {
 pub enum Supply {
     /// Bytes that are there: a file's length, an element's value length, the
     /// sum of a pixel sequence's fragments (times its codec's most
-    /// expansion). `of` names them for the error: "the file", "the
-    /// PixelData".
+    /// expansion). `of` names them for the error, with its verb: "the
+    /// file holds", "the PixelData fragments decode to at most".
     Held { bytes: u64, of: &'static str },
     /// Compressed input whose inflated size is known only by inflating:
     /// the cap on decompressed data, in bytes.
@@ -87,9 +87,10 @@ impl Supply {
 
     pub fn bytes(&self) -> u64 {
         match *self {
-            Supply::Held { bytes, .. } | Supply::Cap { bytes } | Supply::Expand { bytes } | Supply::InMemory { bytes } => {
-                bytes
-            }
+            Supply::Held { bytes, .. }
+            | Supply::Cap { bytes }
+            | Supply::Expand { bytes }
+            | Supply::InMemory { bytes } => bytes,
         }
     }
 
@@ -143,9 +144,9 @@ impl Refused {
     pub fn detail(&self) -> String {
         let (what, declared) = (&self.what, self.declared);
         match &self.why {
-            Why::Short(Supply::Held { bytes, of }) => format!(
-                "{what} need {declared} bytes, but {of} holds {bytes}; the file is truncated or its header is wrong"
-            ),
+            Why::Short(Supply::Held { bytes, of }) => {
+                format!("{what} need {declared} bytes, but {of} {bytes}; the file is truncated or its header is wrong")
+            }
             Why::Short(Supply::Cap { bytes }) => {
                 format!("{what} need {declared} bytes; {}", cap_exceeded("that", *bytes))
             }
@@ -289,7 +290,7 @@ mod tests {
     #[test]
     fn zeroed_is_zero_at_any_size() {
         for n in [0, 1, 1000, (8 << 20) / 4 + 12345] {
-            let v: Vec<f32> = zeroed(&want(n, 0), &Supply::held(0, "the file")).unwrap();
+            let v: Vec<f32> = zeroed(&want(n, 0), &Supply::held(0, "the file holds")).unwrap();
             assert_eq!(v.len(), n);
             assert!(v.iter().all(|&x| x == 0.0));
         }
@@ -298,13 +299,19 @@ mod tests {
     #[test]
     fn refuses_before_allocating_and_names_file_sizes_and_supply() {
         // 2^60 f32 would abort any allocator; the check comes first
-        let e = zeroed::<f32>(&want(1 << 60, 1 << 62), &Supply::held(128, "the PixelData")).unwrap_err();
+        let e = zeroed::<f32>(&want(1 << 60, 1 << 62), &Supply::held(128, "the PixelData holds")).unwrap_err();
         let s = e.to_string();
         assert!(e.is_short());
-        let want_text = format!("x.nii: header dims [n] need {} bytes, but the PixelData holds 128;", 1u64 << 62);
+        let want_text = format!(
+            "x.nii: header dims [n] need {} bytes, but the PixelData holds 128;",
+            1u64 << 62
+        );
         assert!(s.starts_with(&want_text), "{s}");
-        let e = capacity::<u8>(&want(10, 11), &Supply::cap(10 << 20).tighter(Supply::held(10, "the file")))
-            .unwrap_err();
+        let e = capacity::<u8>(
+            &want(10, 11),
+            &Supply::cap(10 << 20).tighter(Supply::held(10, "the file holds")),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("need 11 bytes, but the file holds 10"), "{e}");
         let e = zeroed::<u8>(&want(1, 5 << 20), &Supply::cap(4 << 20)).unwrap_err();
         assert!(
@@ -321,8 +328,77 @@ mod tests {
         let e = zeroed::<u8>(&want(n, 0), &Supply::in_memory::<u8>(n)).unwrap_err();
         assert!(!e.is_short() && e.to_string().contains("out of memory"), "{e}");
         let e = capacity::<u64>(&want(n, 0), &Supply::in_memory::<u8>(n)).unwrap_err();
-        assert!(e.to_string().contains("cannot allocate") || e.to_string().contains("impossibly"), "{e}");
+        assert!(
+            e.to_string().contains("cannot allocate") || e.to_string().contains("impossibly"),
+            "{e}"
+        );
         let e = zeroed::<u64>(&want(usize::MAX, 0), &Supply::in_memory::<u8>(1)).unwrap_err();
         assert!(e.to_string().contains("impossibly large"), "{e}");
+    }
+
+    /// The reader modules: everything that turns a file into values.
+    const READERS: [&str; 4] = ["src/volume", "src/artifacts", "src/info.rs", "src/convert.rs"];
+
+    /// Allocations that take a size: each must go through this module or
+    /// say why its size is not a header's.
+    const SIZED: [&str; 4] = ["vec![0", "Vec::with_capacity(", "zeroed(", ".resize("];
+
+    fn rust_files(p: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        if p.is_dir() {
+            for e in std::fs::read_dir(p).unwrap() {
+                rust_files(&e.unwrap().path(), out);
+            }
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p.to_path_buf());
+        }
+    }
+
+    /// Lines of `text` (before its tests) that allocate a size outside the
+    /// chokepoint without a `// bounded:` reason on the line or the one above.
+    fn unbounded(text: &str) -> Vec<(usize, String)> {
+        let mut found = Vec::new();
+        let mut prev = "";
+        for (i, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with("#[cfg(test)]") {
+                break;
+            }
+            let code = line.split("//").next().unwrap_or("");
+            let sized = SIZED.iter().any(|p| code.contains(p)) && !code.contains("alloc::zeroed(");
+            if sized && !line.contains("// bounded:") && !prev.contains("// bounded:") {
+                found.push((i + 1, line.trim().to_string()));
+            }
+            prev = line;
+        }
+        found
+    }
+
+    #[test]
+    fn the_check_below_finds_what_it_must() {
+        let text = "let a = vec![0f32; n];\n// bounded: eight corners\nlet b = Vec::with_capacity(8);\n\
+                    let c = crate::alloc::zeroed::<f32>(&w, &s)?;\nlet d = voxbuf::zeroed(n);\n\
+                    #[cfg(test)]\nlet e = vec![0u8; 9];\n";
+        let lines: Vec<usize> = unbounded(text).into_iter().map(|(l, _)| l).collect();
+        assert_eq!(lines, vec![1, 5]);
+    }
+
+    #[test]
+    fn no_reader_allocates_a_header_sized_buffer_outside_the_chokepoint() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        for r in READERS {
+            rust_files(&root.join(r), &mut files);
+        }
+        assert!(files.len() > 20, "reader modules not found under {}", root.display());
+        let mut bad = Vec::new();
+        for f in files {
+            for (line, text) in unbounded(&std::fs::read_to_string(&f).unwrap()) {
+                bad.push(format!("{}:{line}: {text}", f.strip_prefix(root).unwrap().display()));
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "allocate through crate::alloc (or say `// bounded: why` above the line):\n{}",
+            bad.join("\n")
+        );
     }
 }

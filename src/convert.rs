@@ -15,6 +15,7 @@ use crate::volume::{self, nifti, Volume};
 /// sform = the volume's affine.
 pub fn nifti_bytes(vol: &Volume) -> Vec<u8> {
     let [nx, ny, nz] = vol.shape();
+    // bounded: a copy of a volume in memory (a writer)
     let mut raw = Vec::with_capacity(nx * ny * nz * 4);
     for k in 0..nz {
         for j in 0..ny {

@@ -55,6 +55,7 @@ pub fn to_bytes(t: &Table) -> Result<Vec<u8>> {
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
+    // bounded: the size of a table in memory (a writer)
     let mut out = Vec::with_capacity(8 + h.len() + emb_len + t.rows());
     out.extend_from_slice(&(h.len() as u64).to_le_bytes());
     out.extend_from_slice(&h);
@@ -131,13 +132,26 @@ pub fn read(path: &Path) -> Result<Table> {
         .checked_mul(dim)
         .and_then(|v| v.checked_mul(4))
         .with_context(|| format!("{}: embeddings shape [{n}, {dim}] is impossibly large", path.display()))?;
-    let embeddings = slice(&emb, bytes_of)?
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let raw = slice(&emb, bytes_of)?;
+    let (label, what) = (path.display().to_string(), format!("embeddings [{n}, {dim}] (F32)"));
+    let want = crate::alloc::Want {
+        label: &label,
+        what: &what,
+        n: n * dim,
+        declared: bytes_of as u64,
+    };
+    let mut embeddings = crate::alloc::capacity(
+        &want,
+        &crate::alloc::Supply::held(raw.len() as u64, "the tensor's data holds"),
+    )?;
+    embeddings.extend(
+        raw.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+    );
     Ok(Table {
         dim,
         embeddings,
+        // bounded: a slice of the file, checked against the header above
         valid: slice(&valid, n)?.to_vec(),
         meta: meta_of(&h),
     })
@@ -160,6 +174,7 @@ pub fn read_meta(path: &Path) -> Result<BTreeMap<String, String>> {
             path.display()
         );
     }
+    // bounded: at most 100 MiB and the file's length, checked above
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)
         .with_context(|| format!("{}: truncated safetensors header", path.display()))?;

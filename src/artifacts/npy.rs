@@ -9,6 +9,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use crate::alloc::{self, Supply, Want};
+
 /// Element types the cache stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NpyDtype {
@@ -57,11 +59,12 @@ pub fn header(dtype: NpyDtype, shape: &[usize]) -> Vec<u8> {
     );
     let unpadded = 10 + dict.len() + 1;
     let total = unpadded.div_ceil(64) * 64;
+    // bounded: a header being written (a writer)
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&((total - 10) as u16).to_le_bytes());
     out.extend_from_slice(dict.as_bytes());
-    out.resize(total - 1, b' ');
+    out.resize(total - 1, b' '); // bounded: the header's padding
     out.push(b'\n');
     out
 }
@@ -174,10 +177,31 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<(String, Vec<usize>, usize)
     Ok((descr, shape, start + hlen))
 }
 
+/// The array's bytes copied out through the allocation chokepoint, as
+/// values of `size` bytes converted by `value`.
+fn copy_out<T: Copy>(path: &Path, n: &Npy, size: usize, value: impl Fn(&[u8]) -> T) -> Result<Vec<T>> {
+    // `open` checked the header's shape against the file's length
+    let count = n.data().len() / size.max(1);
+    let (label, what) = (
+        path.display().to_string(),
+        format!("shape {:?} ({})", n.shape, n.dtype.name()),
+    );
+    let want = Want {
+        label: &label,
+        what: &what,
+        n: count,
+        declared: (count as u64).saturating_mul(size as u64),
+    };
+    let mut out = alloc::capacity(&want, &Supply::held(n.data().len() as u64, "the file's data holds"))?;
+    out.extend(n.data().chunks_exact(size).map(value));
+    Ok(out)
+}
+
 /// Reads a C-order `.npy`; returns (dtype, shape, data).
 pub fn read(path: &Path) -> Result<(NpyDtype, Vec<usize>, Vec<u8>)> {
     let n = Npy::open(path)?;
-    Ok((n.dtype, n.shape.clone(), n.data().to_vec()))
+    let bytes = copy_out(path, &n, 1, |c| c[0])?;
+    Ok((n.dtype, n.shape.clone(), bytes))
 }
 
 /// Shape of a cached float16 volume, from its header.
@@ -189,11 +213,7 @@ pub fn volume_shape(path: &Path) -> Result<[usize; 3]> {
 pub fn read_volume(path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
     let n = Npy::open(path)?;
     let shape = n.volume(path, NpyDtype::F16)?;
-    let data = n
-        .data()
-        .chunks_exact(2)
-        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect();
+    let data = copy_out(path, &n, 2, |c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())?;
     Ok((data, shape))
 }
 
@@ -204,7 +224,7 @@ pub fn read_label(path: &Path, shape: [usize; 3]) -> Result<Vec<u8>> {
     if got != shape {
         bail!("{}: expected uint8 of shape {shape:?}, got {got:?}", path.display());
     }
-    Ok(n.data().to_vec())
+    copy_out(path, &n, 1, |c| c[0])
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub fn percentiles(data: &Array3<f32>, qs: &[f64]) -> Vec<f64> {
     let mut v: Vec<f32> = data.iter().copied().collect();
     let n = v.len();
     if n == 0 {
+        // bounded: one value per quantile asked for
         return vec![0.0; qs.len()];
     }
     qs.iter()

@@ -332,7 +332,11 @@ mod tests {
                 let k1 = (k0 + step).min(shape[2]);
                 f_planes_into_c_order(&src[k0 * plane..k1 * plane], shape, k0, &mut dst);
             }
-            assert_eq!(dst, f_to_c_order(&src, shape), "{shape:?} by {step}");
+            assert_eq!(
+                dst,
+                f_to_c_order(&src, shape, Path::new("t")).unwrap(),
+                "{shape:?} by {step}"
+            );
         }
     }
 }

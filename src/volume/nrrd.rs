@@ -15,8 +15,8 @@ use anyhow::{bail, ensure, Context, Result};
 use ndarray::Array3;
 
 use super::nifti::{decode_into, DataType};
-use crate::alloc::{self, Supply, Want};
 use super::{affine::Mat4, ReadOptions, Volume};
+use crate::alloc::{self, Supply, Want};
 
 /// Whether a path names a NRRD file (by its extension).
 pub fn is_nrrd_path(path: &Path) -> bool {
@@ -216,6 +216,7 @@ fn parse_header(text: &str, dir: &Path) -> Result<NrrdHeader> {
                     dirs.push(None);
                 }
             }
+            // bounded: `dimension` is at most 16
             dirs.resize(dimension, None);
             (dirs, [0.0; 3])
         }
@@ -394,7 +395,10 @@ pub fn read(path: &Path, limits: &ReadOptions) -> Result<NrrdImage> {
                 n: nbytes,
                 declared: nbytes as u64,
             };
-            let mut raw = alloc::capacity(&want, &Supply::held(left.saturating_sub(start), "the file's data"))?;
+            let mut raw = alloc::capacity(
+                &want,
+                &Supply::held(left.saturating_sub(start), "the file's data holds"),
+            )?;
             std::io::copy(&mut (&mut f).take(start), &mut std::io::sink())?;
             (&mut f).take(nbytes as u64).read_to_end(&mut raw)?;
             raw

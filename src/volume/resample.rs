@@ -55,8 +55,8 @@ pub fn target_grid(affine: &Mat4, shape: [usize; 3], pixdim: [f64; 3]) -> Result
         }
     }
     let to_out = matmul4(&inv_affine(&new).context("target affine is singular")?, affine);
-    let mut out_corners = Vec::with_capacity(8);
-    let mut world_corners = Vec::with_capacity(8);
+    // bounded: the 8 corners of a grid
+    let (mut out_corners, mut world_corners) = (Vec::with_capacity(8), Vec::with_capacity(8));
     for c in 0..8 {
         let p = [
             if c & 1 != 0 { shape[0] as f64 - 1.0 } else { 0.0 },
@@ -263,30 +263,32 @@ fn general(data: &Array3<f32>, m: &Mat4, out_shape: [usize; 3], interp: Interp) 
     let n = data.shape();
     let hi = [n[0] as f64 - 1.0, n[1] as f64 - 1.0, n[2] as f64 - 1.0];
     let mut out = Array3::from_shape_vec(out_shape, grid_buffer(out_shape)?)?;
-    out.indexed_iter_mut().for_each(|((i, j, k), o)| *o = {
-        let p = apply4(m, [i as f64, j as f64, k as f64]);
-        let s = [p[0].clamp(0.0, hi[0]), p[1].clamp(0.0, hi[1]), p[2].clamp(0.0, hi[2])];
-        match interp {
-            Interp::Nearest => data[[nearest_index(s[0]), nearest_index(s[1]), nearest_index(s[2])]],
-            Interp::Linear => {
-                let i0 = [s[0].floor() as usize, s[1].floor() as usize, s[2].floor() as usize];
-                let f = [s[0] - i0[0] as f64, s[1] - i0[1] as f64, s[2] - i0[2] as f64];
-                let i1 = [
-                    (i0[0] + 1).min(n[0] - 1),
-                    (i0[1] + 1).min(n[1] - 1),
-                    (i0[2] + 1).min(n[2] - 1),
-                ];
-                let mut acc = 0.0f64;
-                for c in 0..8 {
-                    let (x, wx) = if c & 1 != 0 { (i1[0], f[0]) } else { (i0[0], 1.0 - f[0]) };
-                    let (y, wy) = if c & 2 != 0 { (i1[1], f[1]) } else { (i0[1], 1.0 - f[1]) };
-                    let (z, wz) = if c & 4 != 0 { (i1[2], f[2]) } else { (i0[2], 1.0 - f[2]) };
-                    let w = wx * wy * wz;
-                    if w != 0.0 {
-                        acc += w * f64::from(data[[x, y, z]]);
+    out.indexed_iter_mut().for_each(|((i, j, k), o)| {
+        *o = {
+            let p = apply4(m, [i as f64, j as f64, k as f64]);
+            let s = [p[0].clamp(0.0, hi[0]), p[1].clamp(0.0, hi[1]), p[2].clamp(0.0, hi[2])];
+            match interp {
+                Interp::Nearest => data[[nearest_index(s[0]), nearest_index(s[1]), nearest_index(s[2])]],
+                Interp::Linear => {
+                    let i0 = [s[0].floor() as usize, s[1].floor() as usize, s[2].floor() as usize];
+                    let f = [s[0] - i0[0] as f64, s[1] - i0[1] as f64, s[2] - i0[2] as f64];
+                    let i1 = [
+                        (i0[0] + 1).min(n[0] - 1),
+                        (i0[1] + 1).min(n[1] - 1),
+                        (i0[2] + 1).min(n[2] - 1),
+                    ];
+                    let mut acc = 0.0f64;
+                    for c in 0..8 {
+                        let (x, wx) = if c & 1 != 0 { (i1[0], f[0]) } else { (i0[0], 1.0 - f[0]) };
+                        let (y, wy) = if c & 2 != 0 { (i1[1], f[1]) } else { (i0[1], 1.0 - f[1]) };
+                        let (z, wz) = if c & 4 != 0 { (i1[2], f[2]) } else { (i0[2], 1.0 - f[2]) };
+                        let w = wx * wy * wz;
+                        if w != 0.0 {
+                            acc += w * f64::from(data[[x, y, z]]);
+                        }
                     }
+                    acc as f32
                 }
-                acc as f32
             }
         }
     });
@@ -414,7 +416,7 @@ mod tests {
         // the general path agrees with the separable one
         let (aff, shape) = target_grid(&vol.affine, vol.shape(), [0.5, 2.0, 1.0]).unwrap();
         let inv = inv_affine(&vol.affine).unwrap();
-        let g = general(&vol.data, &matmul4(&inv, &aff), shape, Interp::Linear);
+        let g = general(&vol.data, &matmul4(&inv, &aff), shape, Interp::Linear).unwrap();
         assert!(g.iter().zip(out.data.iter()).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 }

@@ -420,7 +420,7 @@ fn decode_stack(
     }
     let supply = crate::alloc::Supply::held(
         native.saturating_add(packed.min(limits.max_decompressed_bytes)),
-        "the series' pixel data (compressed files within the cap on decompressed data)",
+        "the series' pixel data (compressed files within the cap on decompressed data) supply",
     );
     let label = root.display().to_string();
     let what = format!("{} frames of {nx}x{ny}", order.len());

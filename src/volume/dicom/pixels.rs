@@ -100,7 +100,13 @@ pub fn decode_frame(
     limits: &ReadOptions,
 ) -> Result<Vec<f32>, DicomError> {
     let label = frame_label(f, k);
-    let what = format!("frame {} of {}x{} at {} bits", k + 1, f.pixel.cols, f.pixel.rows, f.pixel.bits_allocated);
+    let what = format!(
+        "frame {} of {}x{} at {} bits",
+        k + 1,
+        f.pixel.cols,
+        f.pixel.rows,
+        f.pixel.bits_allocated
+    );
     let want = Want {
         label: &label,
         what: &what,
@@ -146,7 +152,7 @@ pub fn check_file(f: &FileHeader, limits: &ReadOptions) -> Result<(), DicomError
 /// which alone bounds JPEG-LS, JPEG 2000 and deflate.
 pub fn supply(f: &FileHeader, limits: &ReadOptions) -> Supply {
     if !encapsulated(f) {
-        return Supply::held(f.pixel_bytes, "the PixelData");
+        return Supply::held(f.pixel_bytes, "the PixelData holds");
     }
     let bps = u64::from(f.pixel.bits_allocated / 8).max(1);
     let per_byte = match f.transfer_syntax.as_str() {
@@ -159,7 +165,7 @@ pub fn supply(f: &FileHeader, limits: &ReadOptions) -> Supply {
     match per_byte {
         Some(r) => cap.tighter(Supply::held(
             f.pixel_bytes.saturating_mul(r),
-            "the most the PixelData fragments can decode to",
+            "the PixelData fragments decode to at most",
         )),
         None => cap,
     }

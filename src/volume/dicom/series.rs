@@ -208,6 +208,7 @@ pub fn assemble(slices: &[SliceGeom], labels: &[String], tol: &Tolerance) -> Res
             });
         }
     }
+    // bounded: one entry per slice header already in memory
     let mut pos = Vec::with_capacity(slices.len());
     for (i, s) in slices.iter().enumerate() {
         let p = s.position.ok_or_else(|| DicomError::MissingPosition(label(i)))?;

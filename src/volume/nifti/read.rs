@@ -59,6 +59,7 @@ fn read_maybe_gz(path: &Path, first: Option<u64>, limits: &ReadOptions) -> Resul
         // Inflate straight from the file: the compressed bytes are never
         // held in memory as a whole.
         let cap = limits.max_decompressed_bytes;
+        // bounded: the file's length (and the cap); grows with what inflates
         let mut out = Vec::with_capacity(len.saturating_mul(3).min(want).min(cap) as usize);
         flate2::read::MultiGzDecoder::new(file)
             .take(want.min(cap.saturating_add(1)))
@@ -69,6 +70,7 @@ fn read_maybe_gz(path: &Path, first: Option<u64>, limits: &ReadOptions) -> Resul
         }
         Ok(out)
     } else {
+        // bounded: the file's length
         let mut raw = Vec::with_capacity(len.min(want) as usize);
         file.take(want).read_to_end(&mut raw).with_context(cannot_read)?;
         Ok(raw)
@@ -212,7 +214,10 @@ fn supply_of(path: &Path, gz: bool, offset: usize, need: usize, limits: &ReadOpt
     let mut f = std::fs::File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
     if !gz {
-        return Some(Supply::held(len.saturating_sub(offset as u64), "the file's voxel data"));
+        return Some(Supply::held(
+            len.saturating_sub(offset as u64),
+            "the file's voxel data holds",
+        ));
     }
     if len < 18 {
         return None;
@@ -223,8 +228,9 @@ fn supply_of(path: &Path, gz: bool, offset: usize, need: usize, limits: &ReadOpt
     if u32::from_le_bytes(isize) as u64 != total & 0xffff_ffff {
         return None;
     }
-    // the header's bytes inflate under the same cap
-    Some(Supply::cap(limits.max_decompressed_bytes.saturating_sub(offset as u64)))
+    // (the few header bytes before the voxels are left to the read's own
+    // check against the cap, at the end of the stream)
+    Some(limits.cap())
 }
 
 /// Reads and decodes a whole NIfTI image, voxels in file order.
@@ -290,8 +296,8 @@ fn read_whole(path: &Path, layout: Layout, limits: &ReadOptions) -> Result<Nifti
         declared: need as u64,
     };
     let of = match is_gz(path) {
-        true => "the inflated file's voxel data",
-        false => "the file's voxel data",
+        true => "the inflated file's voxel data holds",
+        false => "the file's voxel data holds",
     };
     let mut data = alloc::zeroed(&want, &Supply::held(have as u64, of))?;
     let raw = &bytes[offset..offset + need];

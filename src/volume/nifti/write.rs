@@ -6,6 +6,7 @@ use crate::volume::affine::Mat4;
 /// given as raw little-endian bytes in file order). Used for test fixtures
 /// and for exporting processed volumes.
 pub fn write_nifti1(shape: &[usize], pixdim: [f64; 3], affine: &Mat4, datatype: i16, raw: &[u8]) -> Vec<u8> {
+    // bounded: a NIfTI-1 header
     let mut h = vec![0u8; 352];
     h[0..4].copy_from_slice(&348i32.to_le_bytes());
     let ndim = shape.len().min(7);
