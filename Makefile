@@ -93,7 +93,7 @@ test: build real-data
 	$(PY) -m pytest -q tests/python
 	bash scripts/check_cpu_libtorch.sh
 
-# The one-shot GPU check (README, "GPUs"): on a GPU machine, or --cpu here.
+# The one-shot GPU check (docs/install-and-gpu.md): on a GPU machine, or --cpu here.
 gpu-check: build
 	cargo build --release --example ot_bench --example train_step_bench
 	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
@@ -104,7 +104,7 @@ gpu-bundle: build
 	cargo build --release --example ot_bench --example train_step_bench
 	scripts/gpu_check.sh --prepare $(GPU_BUNDLE)
 
-# Real scans of different subjects (README, "Experiment on real scans"):
+# Real scans of different subjects (docs/experiments.md):
 # pretraining runs, alignment metrics, leave-one-subject-out fine-tuning.
 experiment-real: build real-data
 	$(PY) scripts/real_experiments.py --config experiments/real.yaml
@@ -144,12 +144,12 @@ bench-caption: build
 	cargo build --release --example caption_server
 	$(PY) bench/caption_bench.py
 
-# Pretrained vs scratch, and the caption-noise table (README, "Downstream
+# Pretrained vs scratch, and the caption-noise table (docs/experiments.md, "Downstream
 # results"): every step through med3d; ~30-60 min on 2 cores.
 experiment-brain: build brain-tissue
 	$(PY) scripts/downstream_experiments.py --config experiments/brain-tissue.yaml
 
-# The pretrained-vs-scratch rows on nnU-Net's ResEnc U-Net (README,
+# The pretrained-vs-scratch rows on nnU-Net's ResEnc U-Net (docs/experiments.md,
 # "The same comparison on nnU-Net's ResEnc U-Net"); ~4 min on 2 cores.
 experiment-brain-resenc: build brain-tissue
 	$(PY) scripts/downstream_experiments.py --config experiments/brain-tissue-resenc.yaml --only pvs

@@ -4,7 +4,7 @@ the same cost matrices, the same CPU threads, side by side in one run.
 
     .venv/bin/python bench/ot_bench.py [--sizes 10,64,256] [--threads 1,all] [--reps 5] [--dtype float32]
 
-Costs are the method's (METHOD.md): normalised diagonal-Mahalanobis
+Costs are the method's (docs/method.md): normalised diagonal-Mahalanobis
 distances between L2-normalised 512-d embeddings x_i and y_j, with each x_i
 a noisy copy of its y_i, weights diag(0.5(A + A^T) + I), A ~ U[0, 1).
 eps 0.03, m 0.95, uniform marginals, 1000 iterations on both sides.

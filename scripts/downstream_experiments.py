@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The two downstream experiments of the README, driven through the real
+"""The two downstream experiments of docs/experiments.md, driven through the real
 `med3d` binary (each step is an ordinary med3d command; nothing is done here
 but writing derived configs, calling med3d and reading its JSON reports).
 

@@ -1,7 +1,7 @@
 //! med3dinsight: language-aligned pretraining of 3D medical image encoders
-//! (Med3DInsight), as staged subcommands over files. See ARCHITECTURE.md
-//! (in shared/) for the stages; each module below is one piece of that
-//! pipeline.
+//! (Med3DInsight), as staged subcommands over files. docs/architecture.md
+//! describes the stages and their artifacts; each module below is one piece
+//! of that pipeline.
 
 // Affine and matrix code reads best as index loops over rows and columns.
 #![allow(clippy::needless_range_loop)]

@@ -17,7 +17,7 @@ pub enum Plan {
     Balanced,
 }
 
-/// The paper's transported mass (METHOD.md).
+/// The paper's transported mass (docs/method.md).
 pub const DEFAULT_MASS: f64 = 0.95;
 
 /// Default of [`Transport::cpu_max_rows`]: the paper's B = 10 and the

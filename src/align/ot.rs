@@ -140,7 +140,7 @@ pub fn plan_cross_entropy(log_plan: &Tensor) -> Tensor {
 
 /// C_ij = sqrt(sum_k w_k (x_ik - y_jk)^2), divided by max_ij C_ij, for
 /// x [..., n, d], y [..., m, d] and a non-negative weight w [d] (the
-/// diagonal of the Mahalanobis matrix of METHOD.md).
+/// diagonal of the Mahalanobis matrix of docs/method.md).
 pub fn mahalanobis_cost(x: &Tensor, y: &Tensor, w: &Tensor) -> Tensor {
     let w = w.clamp_min(0.0);
     let xw = x * &w;

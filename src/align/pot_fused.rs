@@ -1,4 +1,4 @@
-//! The partial-OT loss of METHOD.md, L = -sum_i log(pi_ii) / B, computed
+//! The partial-OT loss of docs/method.md, L = -sum_i log(pi_ii) / B, computed
 //! in plain Rust (float64) with a hand-written reverse pass through every
 //! solver iteration, for the CPU.
 //!

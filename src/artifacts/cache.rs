@@ -132,7 +132,7 @@ impl Plane {
         }
     }
 
-    /// Index used by the plane-slice embedding (METHOD.md: 0, 1, 2).
+    /// Index used by the plane-slice embedding (docs/method.md: 0, 1, 2).
     pub fn id(self) -> usize {
         match self {
             Plane::Axial => 0,

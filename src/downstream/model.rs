@@ -6,7 +6,7 @@
 //! of the deepest hidden state and a linear `head`. Variable names are
 //! MONAI's, so the fine-tuned weights load into MONAI as they are.
 //!
-//! An export (see ARCHITECTURE.md, `med3d export`) is a safetensors state
+//! An export (see docs/monai-export.md, `med3d export`) is a safetensors state
 //! dict beside a `.card.json` model card: the full SwinUNETR (`variant:
 //! full`) or the encoder alone with the `swinViT.` prefix stripped
 //! (`variant: encoder`). Loading is strict on names and shapes except for

@@ -1,4 +1,4 @@
-//! The plane-slice-aware transformer (PSAT) of METHOD.md: learnable queries
+//! The plane-slice-aware transformer (PSAT) of docs/method.md: learnable queries
 //! attend to the 3D encoder's bottleneck tokens through a DETR-style decoder
 //! (post-norm: self-attention, cross-attention, feed-forward, each with a
 //! residual and LayerNorm; final LayerNorm). A learnable (plane, slice-bin)
@@ -40,7 +40,7 @@ pub struct PsatConfig {
 }
 
 impl Default for PsatConfig {
-    /// The paper preset (METHOD.md), with the normal feed-forward width.
+    /// The paper preset (docs/method.md), with the normal feed-forward width.
     fn default() -> Self {
         PsatConfig {
             layers: 6,

@@ -2,7 +2,7 @@
 //! its library's keys at the root of the variable store), a head that reads "the volume at plane P, position s"
 //! out of the bottleneck (PSAT under `psat.*`, or the pooling ablation
 //! under `pool.*`), one learnable diagonal Mahalanobis weight per target
-//! (`align.<target>.metric`), and the loss of METHOD.md:
+//! (`align.<target>.metric`), and the loss of docs/method.md:
 //! sum_t weight_t * align(x_t, y_t) + weight_recon * MSE(reconstruction, input).
 use anyhow::Result;
 use tch::nn::{self, Module};

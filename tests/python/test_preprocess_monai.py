@@ -5,7 +5,7 @@
        or ScaleIntensityRangePercentilesd(0.5, 99.5, 0, 1, clip) (MR)
     -> CropForegroundd(x > threshold) -> ResizeWithPadOrCropd(roi)
 
-Stated tolerances (also in the README):
+Stated tolerances:
 - geometry: identical shape; final affine within 1e-4 mm;
 - image: max |med3d - MONAI| <= 5e-4 over all voxels. med3d stores float16,
   whose rounding in [0, 1] is at most 2^-12 = 2.44e-4 (the measured maximum
