@@ -1,10 +1,19 @@
 //! The experiment config (experiments/*.yaml): one typed file per run, with
 //! unknown keys rejected so a typo names itself instead of becoming a
 //! silent default. Relative paths resolve against the current directory.
+//!
+//! A preset may start from another with `extends: OTHER.yaml` (a path
+//! relative to the extending file): the other file is read (and its own
+//! `extends` resolved first), then every key the extending file gives
+//! replaces the inherited one, mappings key by key and anything else
+//! whole, as nnU-Net's plans inherit. A cycle, a missing file or an
+//! unknown key is an error naming the files.
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::artifacts::run;
 
 pub use crate::artifacts::cache::{Plane, PreprocessConfig, RoiMode};
 
@@ -32,11 +41,79 @@ pub struct Experiment {
     pub downstream: Option<crate::downstream::DownstreamConfig>,
 }
 
+/// The key that names the preset a config starts from.
+const EXTENDS: &str = "extends";
+
+/// The config at `path` with its `extends` chain merged in, and the chain's
+/// files (the config first). `stack` holds the files being resolved, to
+/// name a cycle.
+fn resolve_extends(path: &Path, stack: &mut Vec<PathBuf>) -> Result<(serde_yaml::Value, Vec<String>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+    let mut value: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("{}: invalid experiment config", path.display()))?;
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    if stack.contains(&canonical) {
+        let mut names: Vec<String> = stack.iter().map(|p| p.display().to_string()).collect();
+        names.push(canonical.display().to_string());
+        anyhow::bail!("`extends` makes a cycle: {}", names.join(" -> "));
+    }
+    let Some(map) = value.as_mapping_mut() else {
+        anyhow::bail!("{}: an experiment config is a mapping of sections", path.display());
+    };
+    let Some(parent) = map.remove(EXTENDS) else {
+        return Ok((value, vec![path.display().to_string()]));
+    };
+    let Some(parent) = parent.as_str() else {
+        anyhow::bail!(
+            "{}: `extends` must be a path to another experiment file",
+            path.display()
+        );
+    };
+    let parent = path.parent().unwrap_or(Path::new(".")).join(parent);
+    stack.push(canonical);
+    let (base, mut chain) =
+        resolve_extends(&parent, stack).with_context(|| format!("{}: extends {}", path.display(), parent.display()))?;
+    stack.pop();
+    chain.insert(0, path.display().to_string());
+    Ok((merge(base, value), chain))
+}
+
+/// `over` on top of `base`: mappings key by key, anything else replaced.
+fn merge(base: serde_yaml::Value, over: serde_yaml::Value) -> serde_yaml::Value {
+    use serde_yaml::Value;
+    match (base, over) {
+        (Value::Mapping(mut b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                let merged = match b.remove(&k) {
+                    Some(old) => merge(old, v),
+                    None => v,
+                };
+                b.insert(k, merged);
+            }
+            Value::Mapping(b)
+        }
+        (_, over) => over,
+    }
+}
+
 impl Experiment {
     pub fn load(path: &Path) -> Result<Experiment> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        let mut e: Experiment =
+        let plain: serde_yaml::Value =
             serde_yaml::from_str(&text).with_context(|| format!("{}: invalid experiment config", path.display()))?;
+        let mut e: Experiment = if plain.get(EXTENDS).is_none() {
+            // straight from the text, so that errors carry its line numbers
+            serde_yaml::from_str(&text).with_context(|| format!("{}: invalid experiment config", path.display()))?
+        } else {
+            let (value, chain) = resolve_extends(path, &mut Vec::new())?;
+            serde_yaml::from_value(value).with_context(|| {
+                format!(
+                    "{}: invalid experiment config (resolved from {})",
+                    path.display(),
+                    chain.join(" <- ")
+                )
+            })?
+        };
         e.pretrain
             .resolve()
             .with_context(|| format!("{}: invalid pretrain section", path.display()))?;
@@ -96,24 +173,23 @@ impl Experiment {
 
     /// The default pretraining run folder, `<workdir>/runs/<name>`.
     pub fn run_dir(&self) -> PathBuf {
-        self.workdir.join("runs").join(&self.name)
+        run::default_run(&self.workdir, &self.name)
     }
 
     /// Where `med3d run` exports the run's weights: the whole SwinUNETR
-    /// (`<run>/export/swinunetr.safetensors`, what finetune starts from) or
-    /// its encoder (`<run>/export/encoder.safetensors`).
+    /// (what finetune starts from) or its encoder.
     pub fn export_path(&self, encoder_only: bool) -> PathBuf {
-        if encoder_only {
-            self.run_dir().join("export").join("encoder.safetensors")
+        let what = if encoder_only {
+            run::ExportFile::Encoder
         } else {
-            self.run_dir().join(crate::downstream::RUN_EXPORT)
-        }
+            run::ExportFile::SwinUnetr
+        };
+        run::export_file(&self.run_dir(), what)
     }
 
-    /// Where `med3d run` exports an nnU-Net backbone's run for nnU-Net
-    /// (`<run>/export/nnunet_pretrained.pth`).
+    /// Where `med3d run` exports an nnU-Net backbone's run for nnU-Net.
     pub fn nnunet_export_path(&self) -> PathBuf {
-        self.run_dir().join("export").join("nnunet_pretrained.pth")
+        run::export_file(&self.run_dir(), run::ExportFile::Nnunet)
     }
 
     /// The export `med3d run` fine-tunes from: the whole network, in the
@@ -127,7 +203,7 @@ impl Experiment {
 
     /// `med3d run`'s fine-tuning run, `<workdir>/finetune/<name>`.
     pub fn finetune_dir(&self) -> PathBuf {
-        self.workdir.join("finetune").join(&self.name)
+        run::default_finetune(&self.workdir, &self.name)
     }
 
     /// The cache of `downstream.test_manifest`, `<workdir>/cache_test`.
@@ -151,6 +227,70 @@ mod tests {
         .unwrap();
         let e = format!("{:#}", Experiment::load(&p).unwrap_err());
         assert!(e.contains("spacingg") && e.contains("e.yaml"), "{e}");
+    }
+
+    #[test]
+    fn extends_merges_key_by_key_and_names_cycles_and_typos() {
+        let d = tempfile::tempdir().unwrap();
+        let sub = d.path().join("sub");
+        std::fs::create_dir_all(&sub).unwrap();
+        let base = d.path().join("base.yaml");
+        std::fs::write(
+            &base,
+            "name: base\nmanifest: m.yaml\nworkdir: w\npretrain:\n  batch_size: 6\n  align: {loss: pot, eps: 0.05}\n  optimizer: {lr: 0.5}\n",
+        )
+        .unwrap();
+        // a grandchild two files down, the middle one in another folder
+        std::fs::write(
+            sub.join("mid.yaml"),
+            "extends: ../base.yaml\npretrain:\n  align: {loss: ot}\n",
+        )
+        .unwrap();
+        let top = d.path().join("top.yaml");
+        std::fs::write(
+            &top,
+            "extends: sub/mid.yaml\nname: top\npretrain: {optimizer: {lr: 0.25}}\n",
+        )
+        .unwrap();
+        let e = Experiment::load(&top).unwrap();
+        let p = &e.pretrain;
+        assert_eq!(e.name, "top");
+        assert_eq!(e.workdir, Path::new("w"));
+        // mappings merge key by key: eps from base, loss from mid, lr from top
+        assert_eq!((p.align.loss, p.align.eps), (crate::train::config::AlignLoss::Ot, 0.05));
+        assert_eq!((p.batch_size, p.optimizer.lr), (6, 0.25));
+        // the same settings written out in one file hash the same
+        let flat = d.path().join("flat.yaml");
+        std::fs::write(
+            &flat,
+            "name: top\nmanifest: m.yaml\nworkdir: w\npretrain:\n  batch_size: 6\n  align: {loss: ot, eps: 0.05}\n  optimizer: {lr: 0.25}\n",
+        )
+        .unwrap();
+        assert_eq!(Experiment::load(&flat).unwrap().pretrain.hash(), p.hash());
+
+        // a typo in the extending file names the key and the files
+        std::fs::write(&top, "extends: sub/mid.yaml\npretrain: {optimizer: {lrr: 0.25}}\n").unwrap();
+        let err = format!("{:#}", Experiment::load(&top).unwrap_err());
+        assert!(
+            err.contains("lrr") && err.contains("top.yaml") && err.contains("mid.yaml"),
+            "{err}"
+        );
+        // a missing parent
+        std::fs::write(&top, "extends: nowhere.yaml\n").unwrap();
+        let err = format!("{:#}", Experiment::load(&top).unwrap_err());
+        assert!(
+            err.contains("nowhere.yaml") && err.contains("cannot read config"),
+            "{err}"
+        );
+        // a cycle
+        std::fs::write(&base, "extends: top.yaml\nname: base\n").unwrap();
+        std::fs::write(&top, "extends: sub/mid.yaml\n").unwrap();
+        let err = format!("{:#}", Experiment::load(&top).unwrap_err());
+        assert!(err.contains("cycle") && err.contains("base.yaml"), "{err}");
+        // not a path
+        std::fs::write(&top, "extends: [a, b]\n").unwrap();
+        let err = format!("{:#}", Experiment::load(&top).unwrap_err());
+        assert!(err.contains("`extends` must be a path"), "{err}");
     }
 
     #[test]

@@ -153,4 +153,29 @@ fn report_matches_scikit_learn_and_follows_the_checkpoint() {
         !out.status.success() && err.contains("no checkpoint at step 3"),
         "{err}"
     );
+    // a damaged checkpoint is refused as export and resume refuse it
+    let model = run.join("checkpoints/step-00000002/model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] ^= 0x55;
+    std::fs::write(&model, &bytes).unwrap();
+    let out = evaluate(&run, &cache, &["--step", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("the checkpoint is damaged")
+            && err.contains(&model.display().to_string()),
+        "{err}"
+    );
+    // and a foreign one (written under another config than run.json's)
+    let state = run.join("checkpoints/step-00000004/state.json");
+    let mut st: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    st["config_hash"] = "feedfacefeedface".into();
+    std::fs::write(&state, serde_json::to_vec_pretty(&st).unwrap()).unwrap();
+    let out = evaluate(&run, &cache, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("written with another pretrain config"),
+        "{err}"
+    );
 }

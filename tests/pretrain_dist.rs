@@ -35,7 +35,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use med3dinsight::train::{checkpoint, metrics};
+use med3dinsight::artifacts::run as checkpoint;
+use med3dinsight::train::metrics;
 use pretrain_fixture::{bin, experiment, Fixture};
 use tch::Tensor;
 
@@ -123,7 +124,7 @@ fn finish(c: Child) -> (bool, String) {
 }
 
 fn weights(out: &Path, step: u64) -> Vec<(String, Tensor)> {
-    let p = checkpoint::dir(out)
+    let p = checkpoint::checkpoints_dir(out)
         .join(format!("step-{step:08}"))
         .join("model.safetensors");
     let mut v = Tensor::read_safetensors(&p).unwrap();

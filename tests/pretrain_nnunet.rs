@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::python;
+use med3dinsight::artifacts::run as checkpoint;
 use med3dinsight::export::NON_BACKBONE;
 use med3dinsight::model::backbone::BackboneConfig;
 use med3dinsight::model::nnunet::ConvUnet;
 use med3dinsight::model::state_dict::load_named;
-use med3dinsight::train::checkpoint;
-use med3dinsight::train::run_dir::RunRecord;
+type RunRecord = checkpoint::RunRecord<med3dinsight::train::PretrainConfig>;
 use pretrain_fixture::{bin, experiment, Fixture};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -68,7 +68,7 @@ fn med3d(args: &[&str]) -> (bool, String) {
 }
 
 fn weights(run: &Path, step: u64) -> HashMap<String, Tensor> {
-    let p = checkpoint::dir(run)
+    let p = checkpoint::checkpoints_dir(run)
         .join(format!("step-{step:08}"))
         .join("model.safetensors");
     Tensor::read_safetensors(&p).unwrap().into_iter().collect()
@@ -129,7 +129,7 @@ fn pretrains_resumes_and_exports_for_nnunet() {
         .unwrap()
         .success());
     for step in 3..=STEPS {
-        std::fs::remove_dir_all(checkpoint::dir(&cut).join(format!("step-{step:08}"))).unwrap();
+        std::fs::remove_dir_all(checkpoint::checkpoints_dir(&cut).join(format!("step-{step:08}"))).unwrap();
     }
     let (ok, log) = pretrain(&cut, &["--resume"]);
     assert!(ok, "resume failed:\n{log}");

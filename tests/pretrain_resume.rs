@@ -16,7 +16,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use med3dinsight::train::{checkpoint, metrics};
+use med3dinsight::artifacts::run as checkpoint;
+use med3dinsight::train::metrics;
 use pretrain_fixture::{bin, experiment, Fixture, TINY};
 
 const STEPS: u64 = 12;
@@ -206,7 +207,7 @@ fn a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
         let out = d.path().join(what.replace(' ', "-"));
         let (code, log) = finish(start(&cfg, &cache, &out, false));
         assert_eq!(code, 0, "{log}");
-        damage(&checkpoint::dir(&out).join("step-00000003"));
+        damage(&checkpoint::checkpoints_dir(&out).join("step-00000003"));
         let (code, log) = finish(start(&cfg, &cache, &out, true));
         assert_eq!(code, 0, "{what}: {log}");
         assert!(
@@ -227,7 +228,9 @@ fn a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
     assert_eq!(code, 0, "{log}");
     for s in 1..=3 {
         std::fs::write(
-            checkpoint::dir(&out).join(format!("step-{s:08}")).join("state.json"),
+            checkpoint::checkpoints_dir(&out)
+                .join(format!("step-{s:08}"))
+                .join("state.json"),
             b"{",
         )
         .unwrap();
@@ -278,7 +281,7 @@ fn a_full_disk_while_checkpointing_keeps_the_previous_checkpoint() {
     );
     assert!(!log.contains("panicked"), "{log}");
     assert_eq!(latest_step(&out), Some(1));
-    let leftovers: Vec<_> = std::fs::read_dir(checkpoint::dir(&out))
+    let leftovers: Vec<_> = std::fs::read_dir(checkpoint::checkpoints_dir(&out))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())

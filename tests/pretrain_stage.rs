@@ -6,9 +6,10 @@ mod pretrain_fixture;
 
 use std::sync::Arc;
 
+use med3dinsight::artifacts::run as checkpoint;
 use med3dinsight::config::Experiment;
 use med3dinsight::train::data::{BatchMaker, Dataset, Loader};
-use med3dinsight::train::{self, checkpoint, metrics, Status};
+use med3dinsight::train::{self, metrics, Status};
 use pretrain_fixture::{experiment, Fixture, TINY};
 use tch::Tensor;
 

@@ -6,14 +6,17 @@
 //! - `cache`: the slice cache (cache.json, cases, the slice index), and
 //!   the domain types it records (`Plane`, `PreprocessConfig`);
 //! - `npy`: the cache's volumes and labels (.npy, memory-mapped);
-//! - `embeddings`: embedding tables (safetensors).
+//! - `embeddings`: embedding tables (safetensors);
+//! - `run`: pretraining run folders (run.json, checkpoints and their one
+//!   reader, metrics, exports) and fine-tuning run folders.
 //!
-//! Three artifacts keep their one reader and writer beside the stage that
-//! owns their meaning, because their records carry that stage's types:
-//! captions.jsonl (`caption::store`: records with quality flags, the
-//! append-only log and its compaction), run folders (`train::checkpoint`,
-//! `train::metrics`) and export cards (`export::card`). Other stages read
-//! them only through those typed readers.
+//! Three records keep their reader and writer beside the stage that owns
+//! their meaning, because they carry that stage's types: captions.jsonl
+//! (`caption::store`: records with quality flags, the append-only log and
+//! its compaction), metrics lines (`train::metrics`, at the path
+//! `run::metrics_jsonl` names) and export cards (`export::card`). Other
+//! stages read them only through those typed readers.
 pub mod cache;
 pub mod embeddings;
 pub mod npy;
+pub mod run;

@@ -70,7 +70,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     let device = super::finetune::setup(&cfg)?;
     let vs = VarStore::new(device);
     let net = model::Net::new(&vs, &cfg)?;
-    let weights = opts.run.join("model.safetensors");
+    let weights = crate::artifacts::run::model_file(&opts.run);
     crate::model::state_dict::load_safetensors(&vs, &weights)?;
 
     let ids = if same_dir(&opts.cache, &summary.cache) && !summary.val_cases.is_empty() {

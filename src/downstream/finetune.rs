@@ -74,7 +74,7 @@ pub struct Summary {
 }
 
 pub fn read_summary(run: &Path) -> Result<Summary> {
-    let path = run.join("finetune.json");
+    let path = crate::artifacts::run::finetune_json(run);
     let bytes =
         std::fs::read(&path).with_context(|| format!("cannot read {} (is it a finetune run?)", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not a finetune summary", path.display()))
@@ -84,7 +84,10 @@ pub fn read_summary(run: &Path) -> Result<Summary> {
 /// config, same initialisation, same cache, and its weights written.
 pub fn is_up_to_date(dir: &Path, cfg: &DownstreamConfig, init: &Init, cache: &Path) -> bool {
     read_summary(dir).is_ok_and(|s| {
-        s.config == *cfg && s.init == init.describe() && s.cache == cache && dir.join("model.safetensors").is_file()
+        s.config == *cfg
+            && s.init == init.describe()
+            && s.cache == cache
+            && crate::artifacts::run::model_file(dir).is_file()
     })
 }
 
@@ -194,12 +197,12 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
         .map_err(|e| out_of_memory(e, &at, cfg, device))?;
     }
 
-    crate::model::state_dict::save_safetensors(&vs, &opts.out.join("model.safetensors"))?;
+    crate::model::state_dict::save_safetensors(&vs, &crate::artifacts::run::model_file(&opts.out))?;
     let mut jsonl = Vec::new();
     for m in &metrics {
         writeln!(jsonl, "{m}")?;
     }
-    crate::fsutil::atomic_write(&opts.out.join("metrics.jsonl"), &jsonl)?;
+    crate::fsutil::atomic_write(&crate::artifacts::run::finetune_metrics(&opts.out), &jsonl)?;
     let summary = Summary {
         format: FINETUNE_FORMAT.into(),
         med3d_version: env!("CARGO_PKG_VERSION").into(),
@@ -218,6 +221,9 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
         last_loss: last,
         seconds: started.elapsed().as_secs_f64(),
     };
-    crate::fsutil::atomic_write(&opts.out.join("finetune.json"), &serde_json::to_vec_pretty(&summary)?)?;
+    crate::fsutil::atomic_write(
+        &crate::artifacts::run::finetune_json(&opts.out),
+        &serde_json::to_vec_pretty(&summary)?,
+    )?;
     Ok(summary)
 }

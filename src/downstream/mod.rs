@@ -13,7 +13,3 @@ pub mod model;
 pub mod sliding;
 
 pub use config::{DownstreamConfig, Task};
-
-/// Where `med3d run` looks for the pretraining run's export, relative to
-/// the run folder.
-pub const RUN_EXPORT: &str = "export/swinunetr.safetensors";

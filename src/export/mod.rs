@@ -18,15 +18,15 @@ pub mod card;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use crate::artifacts::cache::PreprocessConfig;
+use crate::artifacts::run::{self as run_dir, Checkpoint};
 use crate::fsutil::{atomic_write, sha256_file, tmp_path};
 use crate::model::backbone::{Backbone, BackboneConfig};
 use crate::model::state_dict::{load_named, save_safetensors};
-use crate::train::checkpoint;
 use crate::train::model::Pretrainer;
 use card::{Card, DataProvenance, InputSpec, Source, Training, Variant, CARD_FORMAT};
 
@@ -70,9 +70,9 @@ pub struct Exported {
 
 pub use card::card_path;
 
-use crate::train::run_dir::RunRecord;
+type RunRecord = crate::artifacts::run::RunRecord<crate::train::PretrainConfig>;
 
-pub use crate::train::checkpoint::find as find_checkpoint;
+pub use crate::artifacts::run::find as find_checkpoint;
 
 fn variant(req: &Request) -> Variant {
     match (req.format, req.encoder_only) {
@@ -110,7 +110,7 @@ fn up_to_date(req: &Request, ckpt: &Path) -> bool {
         return false;
     };
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let (Some(out), Some(src)) = (mtime(&req.out), mtime(&ckpt.join("model.safetensors"))) else {
+    let (Some(out), Some(src)) = (mtime(&req.out), mtime(&run_dir::model_file(ckpt))) else {
         return false;
     };
     c.variant == variant(req) && c.source.checkpoint == ckpt && out >= src
@@ -138,13 +138,12 @@ pub fn run_if_stale(req: &Request) -> Result<Exported> {
 
 /// Loads a checkpoint's model strictly into the model its run builds;
 /// returns the backbone's store, the backbone, and the whole store.
-fn load_checkpoint(rec: &RunRecord, ckpt: &Path) -> Result<(VarStore, Backbone, VarStore)> {
-    let mp = ckpt.join("model.safetensors");
-    let source = mp.display().to_string();
-    let tensors = Tensor::read_safetensors(&mp).with_context(|| format!("cannot read {source}"))?;
+fn load_checkpoint(rec: &RunRecord, ckpt: &Checkpoint) -> Result<(VarStore, Backbone, VarStore)> {
+    let source = ckpt.model_file().display().to_string();
+    let tensors = ckpt.model_tensors()?;
     let whole = VarStore::new(Device::Cpu);
     Pretrainer::new(&whole.root(), &rec.config, &rec.targets)
-        .with_context(|| format!("{}: cannot build the model of its run.json", ckpt.display()))?;
+        .with_context(|| format!("{}: cannot build the model of its run.json", ckpt.dir.display()))?;
     let backbone = VarStore::new(Device::Cpu);
     let net = Backbone::new(&backbone.root(), &rec.config.backbone, 1)?;
     let body: Vec<(String, Tensor)> = tensors
@@ -188,7 +187,7 @@ fn read_preprocess(cache: Option<&Path>) -> Option<PreprocessConfig> {
 
 /// The metrics line of `step`, or the last one before it.
 fn metrics_at(run: &Path, step: u64) -> Result<Option<BTreeMap<String, serde_json::Value>>> {
-    let all = crate::train::metrics::read(&crate::train::run_dir::metrics_jsonl(run))?;
+    let all = crate::train::metrics::read(&run_dir::metrics_jsonl(run))?;
     let Some(m) = all.into_iter().rev().find(|m| m.step <= step) else {
         return Ok(None);
     };
@@ -197,20 +196,10 @@ fn metrics_at(run: &Path, step: u64) -> Result<Option<BTreeMap<String, serde_jso
 
 /// Exports the checkpoint `req` names.
 pub fn run(req: &Request) -> Result<Exported> {
-    let ckpt = find_checkpoint(&req.run, req.step)?;
-    let state = checkpoint::read_state(&ckpt)?;
-    let rec = RunRecord::read(&req.run)?;
-    let hash = rec.config.hash();
-    ensure!(
-        state.config_hash == hash,
-        "{}: written with another pretrain config than {} records (hash {} vs {})",
-        ckpt.display(),
-        crate::train::run_dir::run_json(&req.run).display(),
-        &state.config_hash[..12.min(state.config_hash.len())],
-        &hash[..12]
-    );
+    let (ckpt, rec) = Checkpoint::open::<crate::train::PretrainConfig>(&req.run, req.step)?;
     check_format(req, &rec.config.backbone)?;
     let (backbone, net, whole) = load_checkpoint(&rec, &ckpt)?;
+    let state = &ckpt.state;
     let variant = variant(req);
     if let Some(dir) = req.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -252,7 +241,7 @@ pub fn run(req: &Request) -> Result<Exported> {
         _ => save_safetensors(store, &req.out)?,
     }
 
-    let model_sha256 = sha256_file(&ckpt.join("model.safetensors"))?;
+    let model_sha256 = sha256_file(&ckpt.model_file())?;
     let cfg = &rec.config;
     let card = Card {
         format: CARD_FORMAT.into(),
@@ -297,7 +286,7 @@ pub fn run(req: &Request) -> Result<Exported> {
         },
         source: Source {
             run: req.run.clone(),
-            checkpoint: ckpt.clone(),
+            checkpoint: ckpt.dir.clone(),
             model_sha256,
             trained_with: state.med3d_version.clone(),
         },

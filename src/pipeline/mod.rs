@@ -185,7 +185,7 @@ pub fn evaluate(
         run: run.to_path_buf(),
         cache: cache.to_path_buf(),
         sliding_window: sw,
-        out: out.unwrap_or_else(|| run.join("evaluate.json")),
+        out: out.unwrap_or_else(|| crate::artifacts::run::evaluate_json(run)),
     };
     let r = guarded("evaluate", || evaluate::run(&opts))?;
     println!("{}", r.line);

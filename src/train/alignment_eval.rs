@@ -28,14 +28,12 @@ use serde::Serialize;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::checkpoint;
 use super::data::{fit_input, Dataset};
 use super::model::Pretrainer;
-use super::run_dir::RunRecord;
 use crate::align::metrics::{self, Retrieval};
 use crate::artifacts::npy::{read_volume, to_bytes, NpyDtype};
+use crate::artifacts::run::Checkpoint;
 use crate::fsutil::atomic_write;
-use crate::model::state_dict::load_named;
 
 /// Neighbours of the position read-out.
 pub const POSITION_K: usize = 5;
@@ -143,10 +141,9 @@ fn npy_f32(path: &Path, n: usize, d: usize, data: &[f64]) -> Result<()> {
 }
 
 pub fn run(req: &Request) -> Result<Report> {
-    let rec = RunRecord::read(&req.run)?;
+    let (ckpt, rec) = Checkpoint::open::<super::PretrainConfig>(&req.run, req.step)?;
     let cfg = &rec.config;
-    let ckpt = checkpoint::find(&req.run, req.step)?;
-    let step = checkpoint::read_state(&ckpt)?.step;
+    let step = ckpt.state.step;
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
@@ -176,10 +173,7 @@ pub fn run(req: &Request) -> Result<Report> {
     let vs = VarStore::new(dev);
     let model = Pretrainer::new(&vs.root(), cfg, &rec.targets)
         .with_context(|| format!("{}: cannot build the model of its run.json", req.run.display()))?;
-    let mp = ckpt.join("model.safetensors");
-    let tensors = Tensor::read_safetensors(&mp).with_context(|| format!("cannot read {}", mp.display()))?;
-    load_named(&vs, tensors, &mp.display().to_string())
-        .context("the checkpoint does not fit the model its run.json configures")?;
+    ckpt.load_model(&vs)?;
 
     let mut rows: Vec<RowInfo> = Vec::new();
     let mut outs: Vec<Vec<f32>> = vec![Vec::new(); dims.len()];
@@ -277,7 +271,7 @@ pub fn run(req: &Request) -> Result<Report> {
     let report = Report {
         format: "med3d-alignment-v1".into(),
         run: req.run.clone(),
-        checkpoint: ckpt,
+        checkpoint: ckpt.dir,
         step,
         cache: req.cache.clone(),
         embeddings: tables,

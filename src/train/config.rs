@@ -1,6 +1,6 @@
 //! The experiment's `pretrain` section: model, alignment loss, optimiser,
 //! data and run-keeping settings, with the paper preset's values where the
-//! paper names one (METHOD.md). Unknown keys are errors.
+//! paper names one (docs/method.md). Unknown keys are errors.
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -10,7 +10,7 @@ pub use crate::runtime::optim::{OptimConfig, OptimizerKind, Schedule};
 pub use crate::runtime::DeviceChoice;
 
 /// Bumped whenever a checkpoint's layout or the meaning of a setting changes.
-pub const PRETRAIN_FORMAT: &str = "med3d-pretrain/1";
+pub use crate::artifacts::run::FORMAT as PRETRAIN_FORMAT;
 
 /// Which head turns the bottleneck into one embedding per target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,6 +276,12 @@ impl Default for PretrainConfig {
             target_noise: 0.0,
             keep_freed_memory: true,
         }
+    }
+}
+
+impl crate::artifacts::run::RunConfig for PretrainConfig {
+    fn config_hash(&self) -> String {
+        self.hash()
     }
 }
 

@@ -56,7 +56,7 @@ pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
 impl MetricsLog {
     /// Opens `RUN/metrics.jsonl` keeping only the lines of steps <= `upto`.
     pub fn open(run: &Path, upto: u64) -> Result<MetricsLog> {
-        let path = run.join("metrics.jsonl");
+        let path = crate::artifacts::run::metrics_jsonl(run);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -122,7 +122,7 @@ mod tests {
             log.append(&m(s)).unwrap();
         }
         drop(log);
-        let p = d.path().join("metrics.jsonl");
+        let p = crate::artifacts::run::metrics_jsonl(d.path());
         let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(b"{\"step\":6,\"epo").unwrap();
         let before = std::fs::read_to_string(&p).unwrap();

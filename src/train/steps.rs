@@ -2,8 +2,8 @@
 //! run takes: the one definition of the global batch (`batch_size` x
 //! `accumulate` x ranks) that step counts, resumes, the loader's position
 //! and the logs all use.
-use super::checkpoint::State;
 use super::config::PretrainConfig;
+use crate::artifacts::run::State;
 
 /// The volumes of one optimiser step, over all ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,15 +21,14 @@ use serde::Serialize;
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use super::checkpoint::{self, State};
 use super::config::{Precision, PretrainConfig, PRETRAIN_FORMAT};
 use super::data::{BatchMaker, Dataset, Loader};
 use super::metrics::{self, MetricsLog, StepMetrics};
 use super::model::{use_bf16_autocast, Pretrainer};
-use super::run_dir::{self, RunRecord};
 use super::signals::Signals;
 use super::steps::total_steps_resumed;
 pub use super::steps::{total_steps, total_steps_for, GlobalBatch};
+use crate::artifacts::run::{self as run_dir, Checkpoint, RunRecord, State};
 use crate::dist::{grads, Dist, Launch};
 use crate::runtime::guard;
 use crate::runtime::optim::{lr_at, Adam};
@@ -199,7 +198,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     }
     // Only rank 0 reads the run folder (other nodes may not see it); the
     // others receive its weights and state below.
-    let existing = checkpoint::latest(&opts.out).filter(|_| main);
+    let existing = run_dir::latest(&opts.out).filter(|_| main);
     if existing.is_some() && !opts.resume {
         bail!(
             "{} already holds checkpoints: pass --resume to continue that run, or choose another --out",
@@ -235,28 +234,25 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     };
     let mut existing = existing;
     if existing.is_some() {
-        let accept = |ckpt: &Path, s: &State| -> Result<()> {
-            if s.config_hash != config_hash {
-                bail!(
-                    "{}: written with another pretrain config (hash {} vs {}): resume only with the settings the run started with, or start a new --out",
-                    ckpt.display(),
-                    &s.config_hash[..12.min(s.config_hash.len())],
-                    &config_hash[..12]
-                );
-            }
-            if s.data_hash != ds.data_hash {
+        let accept = |c: &Checkpoint| -> Result<()> {
+            if c.state.data_hash != ds.data_hash {
                 bail!(
                     "{}: written for other data (the slice index or embeddings of {} changed since); start a new --out",
-                    ckpt.display(),
+                    c.dir.display(),
                     opts.cache.display()
                 );
             }
             Ok(())
         };
-        if let Some((ckpt, s)) = checkpoint::load_newest(&opts.out, &vs, &mut opt, accept)? {
-            tracing::info!("resuming {} at step {}", ckpt.display(), s.step);
-            state = s;
-            existing = Some(ckpt);
+        let load = |c: &Checkpoint| -> Result<()> {
+            c.load_model(&vs)?;
+            let (tensors, source) = c.optimizer_tensors()?;
+            opt.load_state(tensors, c.state.optimizer_t, &source)
+        };
+        if let Some(c) = Checkpoint::newest_whole(&opts.out, &config_hash, accept, load)? {
+            tracing::info!("resuming {} at step {}", c.dir.display(), c.state.step);
+            state = c.state;
+            existing = Some(c.dir);
         }
     }
     if let Some(d) = &dist {
@@ -341,7 +337,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     if state.step >= total {
         summary.status = Status::UpToDate;
         if main {
-            finish(&mut summary)?;
+            finish(&mut summary, &opts.out)?;
         }
         return Ok(summary);
     }
@@ -485,7 +481,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
                 state.nonfinite_streak,
                 state.nonfinite_total,
                 state.step + 1 - state.nonfinite_streak,
-                checkpoint::latest(&opts.out)
+                run_dir::latest(&opts.out)
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|| "none".into())
             );
@@ -493,7 +489,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         let stop = if dist.is_some() { stop } else { signals.raised() };
         let due = state.step.is_multiple_of(cfg.checkpoint_every) || state.step == total || stop;
         if due && main {
-            let p = checkpoint::save(&opts.out, &vs, &opt, &state, cfg.keep_checkpoints)?;
+            let p = run_dir::save(&opts.out, &vs, &opt.state_tensors(), &state, cfg.keep_checkpoints)?;
             tracing::info!(
                 "step {}/{}: loss {:?}, checkpoint {}",
                 state.step,
@@ -524,7 +520,7 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
         }
     }
     if main {
-        finish(&mut summary)?;
+        finish(&mut summary, &opts.out)?;
     }
     Ok(summary)
 }
@@ -540,7 +536,7 @@ fn torch_failure(
     bf16: bool,
     out: &Path,
 ) -> anyhow::Error {
-    let last = checkpoint::latest(out)
+    let last = run_dir::latest(out)
         .map(|p| format!("the last checkpoint, {}, is kept (resume with --resume)", p.display()))
         .unwrap_or_else(|| "no checkpoint had been written yet".into());
     if !guard::is_out_of_memory(&e) {
@@ -563,11 +559,10 @@ fn torch_failure(
 
 /// Reads the whole log (first and last loss of the run), draws the loss
 /// curve and writes `summary.json`.
-fn finish(summary: &mut Summary) -> Result<()> {
+fn finish(summary: &mut Summary, run: &Path) -> Result<()> {
     let all = metrics::read(&summary.metrics)?;
     summary.first_loss = all.iter().find_map(|m| m.loss);
     summary.last_loss = all.iter().rev().find_map(|m| m.loss);
     super::plot::write(&all, &summary.plot)?;
-    let dir = summary.metrics.parent().unwrap_or(Path::new("."));
-    crate::fsutil::atomic_write(&run_dir::summary_json(dir), &serde_json::to_vec_pretty(summary)?)
+    crate::fsutil::atomic_write(&run_dir::summary_json(run), &serde_json::to_vec_pretty(summary)?)
 }
