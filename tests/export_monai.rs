@@ -269,6 +269,37 @@ fn run_skips_an_export_newer_than_its_checkpoint() {
     assert!(!export::run_if_stale(&full).unwrap().up_to_date);
     assert!(export::run_if_stale(&full).unwrap().up_to_date);
     // a checkpoint rewritten after the export is exported again
+    let model = r.run.join("checkpoints/step-00000003/model.safetensors");
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+    std::fs::File::options()
+        .append(true)
+        .open(&model)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    assert!(!export::run_if_stale(&full).unwrap().up_to_date);
+}
+
+#[test]
+fn bad_runs_and_checkpoints_give_clear_errors() {
+    tch::set_num_threads(1);
+    let r = pretrain();
+    let s = |p: &Path| p.display().to_string();
+    let run = s(&r.run);
+    let out = s(&r.root.join("x.safetensors"));
+
+    let e = export_err(&["export", "--run", &run, "--step", "7", "--out", &out]);
+    assert!(
+        e.contains(&run) && e.contains("no checkpoint at step 7") && e.contains("steps 2, 3"),
+        "{e}"
+    );
+    let empty = r.root.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = export_err(&["export", "--run", &s(&empty), "--out", &out]);
+    assert!(e.contains(&s(&empty)) && e.contains("no complete checkpoint"), "{e}");
+    let e = export_err(&["export", "--run", &s(&r.root.join("nope")), "--out", &out]);
+    assert!(e.contains("no such run folder"), "{e}");
+
     let ckpt = r.run.join("checkpoints/step-00000003");
     let model = ckpt.join("model.safetensors");
     let bytes = std::fs::read(&model).unwrap();

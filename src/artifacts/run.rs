@@ -374,8 +374,8 @@ impl Checkpoint {
     /// The checkpoint of `step` (default: the latest) of `run`, checked
     /// against the run's run.json, which is returned with it.
     pub fn open<C: RunConfig>(run: &Path, step: Option<u64>) -> Result<(Checkpoint, RunRecord<C>)> {
-        let record = RunRecord::<C>::read(run)?;
         let dir = find(run, step)?;
+        let record = RunRecord::<C>::read(run)?;
         let ckpt = Checkpoint::open_dir(&dir, &record.config_hash)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("{} cannot be read", dir.display()))?;
