@@ -16,6 +16,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use med3dinsight::downstream::results::{Evaluation, StepLine};
 use med3dinsight::model::state_dict::save_safetensors;
 use med3dinsight::model::swin_unetr::{SwinUnetr, SwinUnetrConfig};
 use serde_json::Value;
@@ -109,7 +110,23 @@ fn finetune(init: &str, cache: &Path, cfg: &Path, out: &Path) -> Output {
 fn evaluate(run: &Path, cache: &Path) -> Value {
     let line = ok(med3d(&[&"evaluate", &"--run", &run, &"--cache", &cache]));
     eprintln!("{line}");
-    common::read_json(&run.join("evaluate.json"))
+    let path = run.join("evaluate.json");
+    let v = common::read_json(&path);
+    // the typed record reads it back whole, and writes the same keys
+    let typed = Evaluation::read(&path).unwrap();
+    assert_eq!(serde_json::to_value(&typed).unwrap(), v);
+    assert_eq!(typed.run, run);
+    v
+}
+
+/// A run's metrics lines, each read back as the typed record too.
+fn step_lines(run: &Path) -> Vec<Value> {
+    let lines = common::jsonl(&run.join("metrics.jsonl"));
+    for l in &lines {
+        let typed: StepLine = serde_json::from_value(l.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&typed).unwrap(), *l);
+    }
+    lines
 }
 
 #[test]
@@ -136,8 +153,9 @@ fn finetuning_raises_the_training_dice() {
         let h = e12["per_class"]["hd95_mean"][c].as_f64().unwrap();
         assert!(h.is_finite() && h < 30.0, "class {}: HD95 {h}", c + 1);
     }
-    let lines = common::jsonl(&r12.join("metrics.jsonl"));
+    let lines = step_lines(&r12);
     assert_eq!(lines.len(), 12);
+    assert!(lines.iter().all(|l| l["dice_loss"].is_f64() && l["ce_loss"].is_f64()));
     let loss = |i: usize| lines[i]["loss"].as_f64().unwrap();
     assert!(loss(11) < loss(0), "loss {} -> {}", loss(0), loss(11));
 }
@@ -241,8 +259,9 @@ fn classification_trains_the_encoder_and_a_linear_head() {
     let cache = cache(d.path(), &cfg, false);
     let run = d.path().join("run");
     ok(finetune("scratch", &cache, &cfg, &run));
-    let lines = common::jsonl(&run.join("metrics.jsonl"));
+    let lines = step_lines(&run);
     assert_eq!(lines.len(), 12);
+    assert!(lines.iter().all(|l| l.get("dice_loss").is_none()));
     let loss = |i: usize| lines[i]["loss"].as_f64().unwrap();
     // The zero-initialised head starts at ln 2.
     assert!((loss(0) - std::f64::consts::LN_2).abs() < 1e-6, "{}", loss(0));

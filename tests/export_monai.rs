@@ -20,6 +20,7 @@ use med3dinsight::export::{self, card::Card, Format, Request};
 use med3dinsight::model::backbone::BackboneConfig;
 use med3dinsight::model::state_dict::load_named;
 use med3dinsight::model::swin_unetr::SwinUnetr;
+use med3dinsight::train::model::Pretrainer;
 use pretrain_fixture::{bin, experiment, Fixture, TINY};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -110,7 +111,7 @@ fn ours_from_checkpoint(exp: &Experiment, ckpt: &Path) -> (VarStore, SwinUnetr) 
     let body: Vec<(String, Tensor)> = Tensor::read_safetensors(ckpt.join("model.safetensors"))
         .unwrap()
         .into_iter()
-        .filter(|(k, _)| !export::NON_BACKBONE.iter().any(|p| k.starts_with(p)))
+        .filter(|(k, _)| Pretrainer::is_backbone_key(k))
         .collect();
     load_named(&vs, body, "checkpoint").unwrap();
     (vs, model)

@@ -15,10 +15,10 @@ use std::process::Command;
 
 use common::python;
 use med3dinsight::artifacts::run as checkpoint;
-use med3dinsight::export::NON_BACKBONE;
 use med3dinsight::model::backbone::BackboneConfig;
 use med3dinsight::model::nnunet::ConvUnet;
 use med3dinsight::model::state_dict::load_named;
+use med3dinsight::train::model::Pretrainer;
 type RunRecord = checkpoint::RunRecord<med3dinsight::train::PretrainConfig>;
 use pretrain_fixture::{bin, experiment, Fixture};
 use tch::nn::VarStore;
@@ -170,7 +170,7 @@ fn pretrains_resumes_and_exports_for_nnunet() {
     let net = ConvUnet::new(&vs.root(), &spec).unwrap();
     let body: Vec<(String, Tensor)> = w4
         .iter()
-        .filter(|(k, _)| !NON_BACKBONE.iter().any(|p| k.starts_with(p)))
+        .filter(|(k, _)| Pretrainer::is_backbone_key(k))
         .map(|(k, t)| (k.clone(), t.shallow_clone()))
         .collect();
     load_named(&vs, body, "checkpoint").unwrap();

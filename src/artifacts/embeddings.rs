@@ -8,6 +8,36 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+/// What a table embeds: the closed set of targets pretraining aligns to,
+/// each in its own file (`embeddings/<name>.safetensors`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TargetKind {
+    /// The captions, by the frozen text encoder.
+    Text,
+    /// The slice PNGs, by the frozen image encoder.
+    Image,
+}
+
+impl TargetKind {
+    /// Every kind, in the order tables are read and losses summed.
+    pub const ALL: [TargetKind; 2] = [TargetKind::Text, TargetKind::Image];
+
+    /// The table's name (its file stem, and its key in run records).
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Text => "text",
+            TargetKind::Image => "image",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Result<TargetKind> {
+        TargetKind::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .with_context(|| format!("embedding table {name:?} is neither \"text\" nor \"image\""))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Table {
     pub dim: usize,

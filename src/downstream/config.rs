@@ -8,6 +8,44 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
 use super::sliding::SlidingWindow;
+
+/// Where fine-tuning's weights come from: `scratch`, or an export file
+/// (written as that word or the file's path, in configs, on the command
+/// line and in finetune.json).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Init {
+    Scratch,
+    Export(PathBuf),
+}
+
+impl Init {
+    pub fn parse(s: &str) -> Init {
+        if s == "scratch" {
+            Init::Scratch
+        } else {
+            Init::Export(PathBuf::from(s))
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Init::Scratch => "scratch".into(),
+            Init::Export(p) => p.display().to_string(),
+        }
+    }
+}
+
+impl Serialize for Init {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.describe())
+    }
+}
+
+impl<'de> Deserialize<'de> for Init {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Init, D::Error> {
+        Ok(Init::parse(&String::deserialize(d)?))
+    }
+}
 use crate::model::backbone::BackboneConfig;
 use crate::model::swin_unetr::SwinUnetrConfig;
 use crate::runtime::optim::OptimConfig;
@@ -66,7 +104,7 @@ pub struct DownstreamConfig {
     pub backbone: BackboneConfig,
     /// Weights when `med3d run` has no export of its own: an export file or
     /// `scratch`.
-    pub init: Option<String>,
+    pub init: Option<Init>,
     /// Segmentation training patch; classification input grid (the whole
     /// volume is resized to it). Multiples of 32.
     pub patch_size: [i64; 3],

@@ -12,7 +12,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{DownstreamConfig, Task};
 use crate::artifacts::{cache, npy};
-use crate::runtime::rng::Rng;
+use crate::runtime::rng::{Rng, STREAM_FT_AUGMENT, STREAM_FT_ORDER, STREAM_FT_SPLIT};
 
 /// One cached case, read into memory.
 #[derive(Debug)]
@@ -120,7 +120,7 @@ pub fn read_case(cache: &Path, id: &str, task: Task, num_classes: i64) -> Result
 pub fn split(ids: &[String], val_fraction: f64, seed: u64) -> (Vec<String>, Vec<String>) {
     let n_val = (ids.len() as f64 * val_fraction).ceil() as usize;
     let n_val = n_val.min(ids.len().saturating_sub(1));
-    let perm = Rng::new(seed, 0x5417, 0).permutation(ids.len());
+    let perm = Rng::new(seed, STREAM_FT_SPLIT, 0).permutation(ids.len());
     let mut val: Vec<String> = perm[..n_val].iter().map(|&i| ids[i as usize].clone()).collect();
     let mut train: Vec<String> = perm[n_val..].iter().map(|&i| ids[i as usize].clone()).collect();
     train.sort();
@@ -139,14 +139,14 @@ pub struct Batch {
 /// cases in a seeded order, each once per epoch.
 pub fn batch(cases: &[LabelledCase], cfg: &DownstreamConfig, step: u64) -> Result<Batch> {
     ensure!(!cases.is_empty(), "no training cases");
-    let mut rng = Rng::new(cfg.seed, 0xd0_3b, step);
+    let mut rng = Rng::new(cfg.seed, STREAM_FT_AUGMENT, step);
     let mut images = Vec::with_capacity(cfg.batch_size);
     let mut targets = Vec::with_capacity(cfg.batch_size);
     let n = cases.len() as u64;
     for i in 0..cfg.batch_size as u64 {
         // Every case once per epoch, in a seeded order.
         let k = step * cfg.batch_size as u64 + i;
-        let perm = Rng::new(cfg.seed, 0xe90c, k / n).permutation(cases.len());
+        let perm = Rng::new(cfg.seed, STREAM_FT_ORDER, k / n).permutation(cases.len());
         let case = &cases[perm[(k % n) as usize] as usize];
         let (img, tgt) = match cfg.task {
             Task::Segmentation => {

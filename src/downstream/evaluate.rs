@@ -7,19 +7,18 @@
 //! Which cases: the run's held-out cases when the cache is the one it was
 //! trained on and it held some out, else every case of the cache labelled
 //! for the task (a label map, or a class).
-//! Values MONAI reports as NaN (Dice of a class absent from the ground
-//! truth; HD95 of a class absent from the prediction or the truth) are
-//! written as JSON `null`; means and stds are over the finite values, with
-//! their count.
+//! The report's shape is `results::Evaluation`. Values MONAI reports as
+//! NaN are written as JSON `null`; means and stds are over the finite
+//! values, with their count.
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
 use tch::nn::VarStore;
 use tch::Kind;
 
 use super::config::{DownstreamConfig, Task};
 use super::finetune::read_summary;
+use super::results::{self, nums, Evaluation, FailedCase, Num, Scores};
 use super::{data, metrics, model, sliding};
 
 pub struct Options {
@@ -31,26 +30,11 @@ pub struct Options {
 }
 
 pub struct Report {
-    pub json: Value,
+    pub evaluation: Evaluation,
     /// One line for the terminal.
     pub line: String,
     /// Cases that could not be evaluated (listed in the JSON).
     pub failed_cases: usize,
-}
-
-/// A number for JSON: null for NaN, "inf" for infinities.
-pub fn num(v: f64) -> Value {
-    if v.is_nan() {
-        Value::Null
-    } else if v.is_infinite() {
-        Value::String(if v > 0.0 { "inf".into() } else { "-inf".into() })
-    } else {
-        json!(v)
-    }
-}
-
-fn nums(v: &[f64]) -> Value {
-    Value::Array(v.iter().map(|&x| num(x)).collect())
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -83,7 +67,10 @@ pub fn run(opts: &Options) -> Result<Report> {
     for id in &ids {
         match data::read_case(&opts.cache, id, cfg.task, cfg.num_classes) {
             Ok(c) => cases.push(c),
-            Err(e) => failed.push(json!({"case": id, "error": format!("{e:#}")})),
+            Err(e) => failed.push(FailedCase {
+                case: id.clone(),
+                error: format!("{e:#}"),
+            }),
         }
     }
     anyhow::ensure!(
@@ -92,30 +79,34 @@ pub fn run(opts: &Options) -> Result<Report> {
         opts.cache.display(),
         failed
             .first()
-            .map(|f| f.to_string())
+            .map(|f| format!("{}: {}", f.case, f.error))
             .unwrap_or_else(|| "the cache has no cases".into())
     );
-    let (mut json, line) = match cfg.task {
+    let (scores, line) = match cfg.task {
         Task::Segmentation => segmentation(&net, &cfg, &cases, device)?,
         Task::Classification => classification(&net, &cfg, &cases, device)?,
     };
-    json["run"] = json!(opts.run);
-    json["cache"] = json!(opts.cache);
-    json["failed_cases"] = Value::Array(failed.clone());
-    crate::fsutil::atomic_write(&opts.out, &serde_json::to_vec_pretty(&json)?)?;
+    let n_failed = failed.len();
+    let evaluation = Evaluation {
+        run: opts.run.clone(),
+        cache: opts.cache.clone(),
+        scores,
+        failed_cases: failed,
+    };
+    crate::fsutil::atomic_write(&opts.out, &serde_json::to_vec_pretty(&evaluation)?)?;
     let line = format!(
         "{line}{} -> {}",
-        if failed.is_empty() {
+        if n_failed == 0 {
             String::new()
         } else {
-            format!(", {} cases failed", failed.len())
+            format!(", {n_failed} cases failed")
         },
         opts.out.display()
     );
     Ok(Report {
-        json,
+        evaluation,
         line,
-        failed_cases: failed.len(),
+        failed_cases: n_failed,
     })
 }
 
@@ -141,7 +132,7 @@ fn segmentation(
     cfg: &DownstreamConfig,
     cases: &[data::LabelledCase],
     device: tch::Device,
-) -> Result<(Value, String)> {
+) -> Result<(Scores, String)> {
     let classes: Vec<u8> = (1..cfg.num_classes as u8).collect();
     let mut per_case = Vec::new();
     let mut dice_all: Vec<Vec<f64>> = vec![Vec::new(); classes.len()];
@@ -161,8 +152,13 @@ fn segmentation(
             d.push(dv);
             h.push(hv);
         }
-        per_case.push(json!({"id": case.id, "dice": nums(&d), "hd95": nums(&h),
-            "mean_dice": num(metrics::mean_std(&d).0), "mean_hd95": num(metrics::mean_std(&h).0)}));
+        per_case.push(results::SegmentationCase {
+            id: case.id.clone(),
+            dice: nums(&d),
+            hd95: nums(&h),
+            mean_dice: Num(metrics::mean_std(&d).0),
+            mean_hd95: Num(metrics::mean_std(&h).0),
+        });
     }
     let stats = |all: &[Vec<f64>]| -> (Vec<f64>, Vec<f64>, Vec<usize>) {
         let s: Vec<(f64, f64, usize)> = all.iter().map(|v| metrics::mean_std(v)).collect();
@@ -183,14 +179,25 @@ fn segmentation(
         .collect();
     let (cdm, cds, _) = metrics::mean_std(&case_dice);
     let (chm, chs, _) = metrics::mean_std(&case_hd);
-    let json = json!({
-        "task": "segmentation",
-        "classes": classes,
-        "cases": per_case,
-        "per_class": {"dice_mean": nums(&dm), "dice_std": nums(&ds), "dice_n": dn,
-                      "hd95_mean": nums(&hm), "hd95_std": nums(&hs), "hd95_n": hn},
-        "mean": {"dice": num(cdm), "hd95": num(chm)},
-        "std": {"dice": num(cds), "hd95": num(chs)},
+    let scores = Scores::Segmentation(results::Segmentation {
+        classes,
+        cases: per_case,
+        per_class: results::PerClass {
+            dice_mean: nums(&dm),
+            dice_std: nums(&ds),
+            dice_n: dn,
+            hd95_mean: nums(&hm),
+            hd95_std: nums(&hs),
+            hd95_n: hn,
+        },
+        mean: results::DiceHd {
+            dice: Num(cdm),
+            hd95: Num(chm),
+        },
+        std: results::DiceHd {
+            dice: Num(cds),
+            hd95: Num(chs),
+        },
     });
     let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ");
     let line = format!(
@@ -199,7 +206,7 @@ fn segmentation(
         fmt(&dm),
         fmt(&hm)
     );
-    Ok((json, line))
+    Ok((scores, line))
 }
 
 fn classification(
@@ -207,7 +214,7 @@ fn classification(
     cfg: &DownstreamConfig,
     cases: &[data::LabelledCase],
     device: tch::Device,
-) -> Result<(Value, String)> {
+) -> Result<(Scores, String)> {
     let mut probs = Vec::new();
     let mut truth = Vec::new();
     let mut per_case = Vec::new();
@@ -223,22 +230,26 @@ fn classification(
             .flatten(0, -1);
         let p = Vec::<f64>::try_from(&p).context("cannot read class probabilities")?;
         let class = case.class.context("classification case without a class")? as usize;
-        per_case.push(json!({"id": case.id, "class": class, "predicted": metrics::argmax(&p), "probs": nums(&p)}));
+        per_case.push(results::ClassificationCase {
+            id: case.id.clone(),
+            class,
+            predicted: metrics::argmax(&p),
+            probs: nums(&p),
+        });
         probs.push(p);
         truth.push(class);
     }
     let acc = metrics::accuracy(&probs, &truth);
     let (per, auc) = metrics::macro_auc(&probs, &truth, cfg.num_classes as usize);
-    let json = json!({
-        "task": "classification",
-        "cases": per_case,
-        "accuracy": num(acc),
-        "auc_per_class": nums(&per),
-        "auc": num(auc),
+    let scores = Scores::Classification(results::Classification {
+        cases: per_case,
+        accuracy: Num(acc),
+        auc_per_class: nums(&per),
+        auc: Num(auc),
     });
     let line = format!(
         "evaluate (classification, {} cases): accuracy {acc:.4}, ROC AUC {auc:.4}",
         cases.len()
     );
-    Ok((json, line))
+    Ok((scores, line))
 }

@@ -13,35 +13,14 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 
 use super::config::{DownstreamConfig, Task};
+use super::results::StepLine;
 use super::{data, loss, model};
 use crate::runtime::optim::{lr_at, Adam};
-use crate::runtime::rng::torch_seed;
+use crate::runtime::rng::{torch_seed, STREAM_FT_INIT, STREAM_FT_TORCH};
 
 pub const FINETUNE_FORMAT: &str = "med3d-finetune/1";
 
-/// Where the weights come from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Init {
-    Scratch,
-    Export(PathBuf),
-}
-
-impl Init {
-    pub fn parse(s: &str) -> Init {
-        if s == "scratch" {
-            Init::Scratch
-        } else {
-            Init::Export(PathBuf::from(s))
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            Init::Scratch => "scratch".into(),
-            Init::Export(p) => p.display().to_string(),
-        }
-    }
-}
+pub use super::config::Init;
 
 pub struct Options {
     pub cache: PathBuf,
@@ -92,14 +71,7 @@ pub fn is_up_to_date(dir: &Path, cfg: &DownstreamConfig, init: &Init, cache: &Pa
 }
 
 pub(crate) fn setup(cfg: &DownstreamConfig) -> Result<tch::Device> {
-    if cfg.threads > 0 {
-        tch::set_num_threads(cfg.threads as i32);
-    }
-    let device = cfg.device.resolve("downstream.device")?;
-    if device == tch::Device::Cpu && cfg.keep_freed_memory {
-        crate::runtime::memory::reuse_freed_memory();
-    }
-    Ok(device)
+    crate::runtime::start(cfg.threads, cfg.device, "downstream.device", cfg.keep_freed_memory)
 }
 
 /// A libtorch failure in a fine-tuning or evaluation step, with the
@@ -143,7 +115,7 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
             .unwrap_or_default()
     );
 
-    tch::manual_seed(torch_seed(cfg.seed, 1, 0));
+    tch::manual_seed(torch_seed(cfg.seed, STREAM_FT_INIT, 0));
     let vs = VarStore::new(device);
     let net = model::Net::new(&vs, cfg)?;
     let notes = match &opts.init {
@@ -158,16 +130,16 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
     for step in 0..cfg.steps {
         let at = format!("finetune step {} of {}", step + 1, cfg.steps);
         crate::runtime::guard::boundary(|| {
-            tch::manual_seed(torch_seed(cfg.seed, 2, step));
+            tch::manual_seed(torch_seed(cfg.seed, STREAM_FT_TORCH, step));
             let b = data::batch(&cases, cfg, step)?;
             let (x, y) = (b.images.to_device(device), b.targets.to_device(device));
             let logits = net.forward_t(&x, true)?;
-            let mut line = serde_json::json!({"step": step + 1});
+            let (mut dice_loss, mut ce_loss) = (None, None);
             let total = match cfg.task {
                 Task::Segmentation => {
                     let l = loss::dice_ce(&logits, &y)?;
-                    line["dice_loss"] = l.dice.double_value(&[]).into();
-                    line["ce_loss"] = l.ce.double_value(&[]).into();
+                    dice_loss = Some(l.dice.double_value(&[]));
+                    ce_loss = Some(l.ce.double_value(&[]));
                     l.total
                 }
                 Task::Classification => loss::cross_entropy(&logits, &y),
@@ -186,10 +158,14 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
             }
             let lr = lr_at(&cfg.optimizer, step, cfg.steps);
             opt.step(lr);
-            line["loss"] = value.into();
-            line["lr"] = lr.into();
-            line["grad_norm"] = norm.into();
-            metrics.push(serde_json::to_string(&line)?);
+            metrics.push(serde_json::to_string(&StepLine {
+                step: step + 1,
+                dice_loss,
+                ce_loss,
+                loss: value,
+                lr,
+                grad_norm: norm,
+            })?);
             first.get_or_insert(value);
             last = Some(value);
             Ok(())

@@ -10,6 +10,7 @@ pub mod finetune;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod results;
 pub mod sliding;
 
 pub use config::{DownstreamConfig, Task};

@@ -23,10 +23,10 @@ use tch::nn::{self, Module, VarStore};
 use tch::{Kind, Tensor};
 
 use super::config::{DownstreamConfig, Task};
-use crate::export::card::{card_path, read_card, InitCard as Card};
+use crate::export::card::{card_path, read_card, InitCard as Card, Variant};
 use crate::model::backbone::{Backbone, BackboneConfig};
 use crate::model::swin::transformer::SwinTransformer;
-use crate::model::swin_unetr::SwinUnetrConfig;
+use crate::model::swin_unetr::{SwinUnetrConfig, ENCODER, ENCODER_PREFIX};
 
 /// The encoder, pooled, and a linear read-out.
 #[derive(Debug)]
@@ -40,7 +40,7 @@ impl Classifier {
     pub fn new(p: &nn::Path, config: &SwinUnetrConfig, num_classes: i64) -> Result<Self> {
         config.validate()?;
         Ok(Classifier {
-            swin_vit: SwinTransformer::new(&(p / "swinViT"), config),
+            swin_vit: SwinTransformer::new(&(p / ENCODER), config),
             // Zero-initialised so the first logits are uniform: the pooled
             // features share a large common part, which a random head turns
             // into confident, arbitrary first predictions.
@@ -189,47 +189,50 @@ pub fn load_export(
     let card = read_card(path)?;
     let nnunet_backbone = matches!(cfg.backbone, BackboneConfig::Nnunet(_));
     ensure!(
-        (card.variant == "nnunet") == nnunet_backbone,
+        (card.variant == Variant::Nnunet) == nnunet_backbone,
         "{}: a {:?} export does not initialise downstream.backbone {} ({config_name})",
         path.display(),
-        card.variant,
+        card.variant.name(),
         cfg.backbone.name()
     );
     check_backbone(&card, &card_path(path), &cfg.backbone, config_name)?;
-    let mut tensors: Vec<(String, Tensor)> = match card.variant.as_str() {
-        "full" | "encoder" => {
+    let mut tensors: Vec<(String, Tensor)> = match card.variant {
+        Variant::Full | Variant::Encoder => {
             let t = Tensor::read_safetensors(path).with_context(|| format!("cannot read export {}", path.display()))?;
-            if card.variant == "full" {
+            if card.variant == Variant::Full {
                 t
             } else {
-                t.into_iter().map(|(k, t)| (format!("swinViT.{k}"), t)).collect()
+                t.into_iter()
+                    .map(|(k, t)| (format!("{ENCODER_PREFIX}{k}"), t))
+                    .collect()
             }
         }
-        "nnunet" => nnunet_weights(path, vs, net.aliases())?,
-        other => bail!(
-            "{}: variant {other:?} is neither \"full\", \"encoder\" nor \"nnunet\"",
+        Variant::Nnunet => nnunet_weights(path, vs, net.aliases())?,
+        Variant::TrainingState => bail!(
+            "{}: a training_state export holds the whole pretraining store; fine-tune from \
+             `med3d export --format monai-swinunetr` (or --format nnunet)",
             card_path(path).display()
         ),
     };
     let vars = vs.variables();
     let mut notes = Vec::new();
     // What the task replaces: dropped from the file, kept as initialised.
-    let keep_own: Box<dyn Fn(&str) -> bool> = match (cfg.task, card.variant.as_str()) {
+    let keep_own: Box<dyn Fn(&str) -> bool> = match (cfg.task, card.variant) {
         (Task::Classification, _) => {
             notes.push(format!(
-                "classification: only the encoder (swinViT.*) of {} is loaded; the linear head is initialised randomly",
+                "classification: only the encoder ({ENCODER_PREFIX}*) of {} is loaded; the linear head is initialised randomly",
                 path.display()
             ));
-            Box::new(|k: &str| !k.starts_with("swinViT."))
+            Box::new(|k: &str| !k.starts_with(ENCODER_PREFIX))
         }
-        (Task::Segmentation, "encoder") => {
+        (Task::Segmentation, Variant::Encoder) => {
             notes.push(format!(
                 "{} is an encoder-only export: the decoder (encoder1..4, encoder10, decoder1..5, out) is initialised randomly",
                 path.display()
             ));
-            Box::new(|k: &str| !k.starts_with("swinViT."))
+            Box::new(|k: &str| !k.starts_with(ENCODER_PREFIX))
         }
-        (Task::Segmentation, "nnunet") => {
+        (Task::Segmentation, Variant::Nnunet) => {
             let head = "decoder.seg_layers.";
             let differ = tensors
                 .iter()
@@ -331,13 +334,21 @@ mod tests {
         });
         std::fs::write(card_path(&export), card.to_string()).unwrap();
         let c = read_card(&export).unwrap();
-        assert_eq!(c.variant, "full");
+        assert_eq!(c.variant, Variant::Full);
         assert_eq!(c.backbone["feature_size"], 24);
 
         // a card at the top level wins
         let card = serde_json::json!({"variant": "encoder", "backbone": {"feature_size": 48}});
         std::fs::write(card_path(&export), card.to_string()).unwrap();
         assert_eq!(read_card(&export).unwrap().backbone["feature_size"], 48);
+
+        let card = serde_json::json!({"variant": "half", "backbone": {"feature_size": 48}});
+        std::fs::write(card_path(&export), card.to_string()).unwrap();
+        let msg = format!("{:#}", read_card(&export).unwrap_err());
+        assert!(
+            msg.contains("swinunetr.card.json: variant \"half\" is none of"),
+            "{msg}"
+        );
 
         std::fs::write(card_path(&export), r#"{"variant": "full"}"#).unwrap();
         let msg = format!("{:#}", read_card(&export).unwrap_err());

@@ -23,13 +23,19 @@ pub enum EncodeKind {
     Pixels,
 }
 
+/// Which frozen tower `encode` runs (text: either; image: BiomedCLIP's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EncodeModel {
+    Minilm,
+    Biomedclip,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct EncodeArgs {
     #[arg(long, value_enum)]
     pub kind: EncodeKind,
-    /// minilm | biomedclip
-    #[arg(long, default_value = "minilm")]
-    pub model: String,
+    #[arg(long, value_enum, default_value = "minilm")]
+    pub model: EncodeModel,
     /// Weights file, model folder or hub id (default: the model's hub id).
     #[arg(long)]
     pub weights: Option<String>,
@@ -47,9 +53,8 @@ pub struct EncodeArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// auto | cpu | cuda
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: crate::embed::DeviceChoice,
     /// libtorch intra-op threads (default: libtorch's own choice).
     #[arg(long)]
     pub threads: Option<i32>,
@@ -93,13 +98,7 @@ pub fn encode(a: &EncodeArgs) -> Result<EncodeReport> {
     if let Some(n) = a.threads {
         tch::set_num_threads(n);
     }
-    let device = match a.device.as_str() {
-        "auto" => crate::embed::DeviceChoice::Auto,
-        "cpu" => crate::embed::DeviceChoice::Cpu,
-        "cuda" => crate::embed::DeviceChoice::Cuda,
-        other => bail!("--device {other:?}: auto, cpu or cuda"),
-    }
-    .resolve("--device")?;
+    let device = a.device.resolve("--device")?;
     let items: Vec<String> =
         serde_json::from_slice(&std::fs::read(&a.input).with_context(|| format!("cannot read {}", a.input.display()))?)
             .with_context(|| format!("{}: expected a JSON array of strings", a.input.display()))?;
@@ -112,10 +111,9 @@ pub fn encode(a: &EncodeArgs) -> Result<EncodeReport> {
     let mut rounds: Vec<f64> = Vec::new();
     let (out, load_seconds) = match a.kind {
         EncodeKind::Text => {
-            let model = match a.model.as_str() {
-                "minilm" => TextModel::Minilm,
-                "biomedclip" => TextModel::Biomedclip,
-                m => bail!("--model {m:?}: minilm or biomedclip"),
+            let model = match a.model {
+                EncodeModel::Minilm => TextModel::Minilm,
+                EncodeModel::Biomedclip => TextModel::Biomedclip,
             };
             let spec = TextSpec {
                 model,
@@ -139,8 +137,8 @@ pub fn encode(a: &EncodeArgs) -> Result<EncodeReport> {
             (out, load)
         }
         EncodeKind::Image => {
-            if a.model != "biomedclip" {
-                bail!("--model {:?}: image towers: biomedclip", a.model);
+            if a.model != EncodeModel::Biomedclip {
+                bail!("--model minilm is a text tower; the image tower is --model biomedclip");
             }
             let spec = ImageSpec {
                 model: ImageModel::Biomedclip,

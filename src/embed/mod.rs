@@ -26,6 +26,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::cache::read_index;
+use crate::artifacts::embeddings::TargetKind;
 use crate::encoders::{Env, ImagePlan, ImageSpec, TextPlan, TextSpec};
 use crate::fsutil::sweep_stale_tmp;
 use table::{embed_table, Inputs, Plan};
@@ -162,7 +163,7 @@ pub fn run(cfg: &EmbedConfig, cache: &Path, opts: &RunOptions) -> Result<Summary
     let uncaptioned = texts.iter().filter(|t| t.is_none()).count();
     let text_plan = Plan::Text(TextPlan::new(&cfg.text, &env).context("text encoder")?);
     let text = embed_table(
-        "text",
+        TargetKind::Text,
         &text_plan,
         &Inputs::Text(texts),
         &rows,
@@ -192,7 +193,7 @@ pub fn run(cfg: &EmbedConfig, cache: &Path, opts: &RunOptions) -> Result<Summary
                 })
                 .collect();
             Some(embed_table(
-                "image",
+                TargetKind::Image,
                 &plan,
                 &Inputs::Image(pngs),
                 &rows,

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{EmbedConfig, RowFailure, TableSummary, EMBED_FORMAT};
 use crate::artifacts::cache::SliceRow;
-use crate::artifacts::embeddings::{self as store, Table};
+use crate::artifacts::embeddings::{self as store, Table, TargetKind};
 use crate::encoders::{ImageEncoder, ImagePlan, TextEncoder, TextPlan};
 use crate::fsutil::sha256_bytes;
 
@@ -86,7 +86,7 @@ impl Plan {
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn embed_table(
-    name: &str,
+    kind: TargetKind,
     plan: &Plan,
     inputs: &Inputs,
     rows: &[SliceRow],
@@ -96,6 +96,7 @@ pub(super) fn embed_table(
     out_dir: &Path,
 ) -> Result<TableSummary> {
     let started = std::time::Instant::now();
+    let name = kind.name();
     let id = plan.identity();
     let n = inputs.len();
     let digests: Vec<String> = (0..n).map(|i| inputs.digest(i)).collect();
@@ -107,7 +108,7 @@ pub(super) fn embed_table(
             .join("\n")
             .as_bytes(),
     );
-    let path = out_dir.join(format!("{name}.safetensors"));
+    let path = crate::artifacts::cache::table_in(out_dir, name);
     let mut summary = TableSummary {
         table: name.to_string(),
         encoder: id.encoder.clone(),
@@ -236,7 +237,7 @@ pub(super) fn embed_table(
     put("failed_rows", summary.failures.len().to_string());
     put("index_sha256", index_sha.into());
     put("inputs_sha256", inputs_sha.clone());
-    if name == "text" {
+    if kind == TargetKind::Text {
         put("captions_sha256", inputs_sha);
     }
     put("med3d_version", crate::VERSION.into());

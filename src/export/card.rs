@@ -21,7 +21,7 @@ use crate::train::PretrainConfig;
 /// `med3d export` records it (`training.pretrain_config.backbone`).
 #[derive(Debug, Deserialize)]
 pub struct InitCard {
-    pub variant: String,
+    pub variant: Variant,
     pub backbone: serde_json::Value,
 }
 
@@ -48,7 +48,12 @@ pub fn read_card(export: &Path) -> Result<InitCard> {
         .cloned();
     match (v.get("variant").and_then(|x| x.as_str()), backbone) {
         (Some(variant), Some(backbone)) => Ok(InitCard {
-            variant: variant.to_string(),
+            variant: serde_json::from_value(serde_json::Value::from(variant)).map_err(|_| {
+                anyhow::anyhow!(
+                    "{}: variant {variant:?} is none of \"full\", \"encoder\", \"nnunet\", \"training_state\"",
+                    path.display()
+                )
+            })?,
             backbone,
         }),
         _ => bail!(
@@ -74,6 +79,18 @@ pub enum Variant {
     /// An nnU-Net network's state dict under `network_weights`, as
     /// `torch.save` writes it (nnU-Net's `-pretrained_weights`).
     Nnunet,
+}
+
+impl Variant {
+    /// The name a card records (`variant`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Full => "full",
+            Variant::Encoder => "encoder",
+            Variant::TrainingState => "training_state",
+            Variant::Nnunet => "nnunet",
+        }
+    }
 }
 
 /// How nnU-Net builds and loads the network of an `nnunet` export.
@@ -277,6 +294,14 @@ pub fn monai_model(variant: Variant, c: &SwinUnetrConfig) -> Option<MonaiModel> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variant_names_are_what_cards_record() {
+        for v in [Variant::Full, Variant::Encoder, Variant::TrainingState, Variant::Nnunet] {
+            assert_eq!(serde_json::to_value(v).unwrap(), v.name());
+            assert_eq!(serde_json::from_value::<Variant>(v.name().into()).unwrap(), v);
+        }
+    }
 
     #[test]
     fn encoder_kwargs_are_what_swin_unetr_passes_its_swin_vit() {

@@ -27,12 +27,9 @@ use crate::artifacts::run::{self as run_dir, Checkpoint};
 use crate::fsutil::{atomic_write, sha256_file, tmp_path};
 use crate::model::backbone::{Backbone, BackboneConfig};
 use crate::model::state_dict::{load_named, save_safetensors};
+use crate::model::swin_unetr::ENCODER_PREFIX;
 use crate::train::model::Pretrainer;
 use card::{Card, DataProvenance, InputSpec, Source, Training, Variant, CARD_FORMAT};
-
-/// Key prefixes of the variable store that are not the backbone.
-pub const NON_BACKBONE: [&str; 3] = ["psat.", "pool.", "align."];
-const ENCODER_PREFIX: &str = "swinViT.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -148,7 +145,7 @@ fn load_checkpoint(rec: &RunRecord, ckpt: &Checkpoint) -> Result<(VarStore, Back
     let net = Backbone::new(&backbone.root(), &rec.config.backbone, 1)?;
     let body: Vec<(String, Tensor)> = tensors
         .iter()
-        .filter(|(k, _)| !NON_BACKBONE.iter().any(|p| k.starts_with(p)))
+        .filter(|(k, _)| Pretrainer::is_backbone_key(k))
         .map(|(k, t)| (k.clone(), t.shallow_clone()))
         .collect();
     load_named(&backbone, body, &source).context("the checkpoint does not fit the backbone its run.json configures")?;

@@ -21,6 +21,12 @@ use super::swin::unetr_blocks::{UnetOutBlock, UnetrBasicBlock, UnetrUpBlock};
 
 pub use super::swin::config::{Downsample, SwinUnetrConfig};
 
+/// The var-store root of SwinUNETR's encoder (MONAI's `swinViT`).
+pub const ENCODER: &str = "swinViT";
+/// The encoder's key prefix: what `--encoder-only` exports strip and
+/// fine-tuning from an encoder export puts back.
+pub const ENCODER_PREFIX: &str = "swinViT.";
+
 /// What one forward pass produces.
 #[derive(Debug)]
 pub struct SwinUnetrOutput {
@@ -68,7 +74,7 @@ impl SwinUnetr {
         config.validate()?;
         let f = config.feature_size;
         Ok(SwinUnetr {
-            swin_vit: SwinTransformer::new(&(p / "swinViT"), config),
+            swin_vit: SwinTransformer::new(&(p / ENCODER), config),
             encoder1: UnetrBasicBlock::new(&(p / "encoder1"), config.in_channels, f),
             encoder2: UnetrBasicBlock::new(&(p / "encoder2"), f, f),
             encoder3: UnetrBasicBlock::new(&(p / "encoder3"), 2 * f, 2 * f),

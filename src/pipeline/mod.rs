@@ -244,7 +244,7 @@ pub fn run(config: &Path, w: Option<usize>) -> Result<End> {
         let init = if export.is_file() {
             finetune::Init::Export(export)
         } else {
-            finetune::Init::parse(d.init.as_deref().unwrap_or("scratch"))
+            d.init.clone().unwrap_or(finetune::Init::Scratch)
         };
         let ft = exp.finetune_dir();
         let (eval_cache, mut ok) = match &d.test_manifest {

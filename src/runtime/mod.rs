@@ -12,3 +12,19 @@ pub mod rng;
 pub mod torch;
 
 pub use device::DeviceChoice;
+
+/// The process set-up every stage that trains or runs a network does
+/// first, written once: libtorch's intra-op threads (0 leaves libtorch's
+/// own choice), the device `device` stands for (`key` names the config key
+/// in the log line and errors), and on the CPU the allocator setting of
+/// [`memory::reuse_freed_memory`] unless `keep_freed_memory` is off.
+pub fn start(threads: usize, device: DeviceChoice, key: &str, keep_freed_memory: bool) -> anyhow::Result<tch::Device> {
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
+    }
+    let dev = device.resolve(key)?;
+    if !dev.is_cuda() && keep_freed_memory {
+        memory::reuse_freed_memory();
+    }
+    Ok(dev)
+}

@@ -13,6 +13,16 @@ pub const STREAM_AUGMENT: u64 = 4;
 pub const STREAM_TORCH: u64 = 5;
 pub const STREAM_NOISE: u64 = 6;
 
+/// Fine-tuning's streams (its own process; numbers kept from its first
+/// version so that runs stay reproducible): the network's initialisation,
+/// libtorch's seed per step, the train/validation split, the case order per
+/// epoch and each batch's augmentation.
+pub const STREAM_FT_INIT: u64 = 1;
+pub const STREAM_FT_TORCH: u64 = 2;
+pub const STREAM_FT_SPLIT: u64 = 0x5417;
+pub const STREAM_FT_ORDER: u64 = 0xe90c;
+pub const STREAM_FT_AUGMENT: u64 = 0xd03b;
+
 /// SplitMix64's finaliser: a bijective 64-bit mix.
 fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

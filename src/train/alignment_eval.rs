@@ -144,10 +144,7 @@ pub fn run(req: &Request) -> Result<Report> {
     let (ckpt, rec) = Checkpoint::open::<super::PretrainConfig>(&req.run, req.step)?;
     let cfg = &rec.config;
     let step = ckpt.state.step;
-    if cfg.threads > 0 {
-        tch::set_num_threads(cfg.threads as i32);
-    }
-    let dev = cfg.device.resolve("pretrain.device")?;
+    let dev = crate::runtime::start(cfg.threads, cfg.device, "pretrain.device", cfg.keep_freed_memory)?;
     let tables = req
         .embeddings
         .clone()

@@ -109,6 +109,17 @@ pub struct LossWeights {
     pub recon: f64,
 }
 
+impl LossWeights {
+    /// The weight of the alignment term to `target`.
+    pub fn of(&self, target: crate::artifacts::embeddings::TargetKind) -> f64 {
+        use crate::artifacts::embeddings::TargetKind;
+        match target {
+            TargetKind::Text => self.text,
+            TargetKind::Image => self.image,
+        }
+    }
+}
+
 impl Default for LossWeights {
     fn default() -> Self {
         LossWeights {

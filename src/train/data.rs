@@ -75,10 +75,11 @@ impl Dataset {
             h.update(id.slice_id.as_bytes());
             h.update(b"\n");
         }
-        for name in ["text", "image"] {
+        for kind in embeddings::TargetKind::ALL {
+            let name = kind.name();
             let p = cache::table_in(tables, name);
             if !p.exists() {
-                if name == "text" {
+                if kind == embeddings::TargetKind::Text {
                     bail!("{}: no text embeddings (run `med3d embed` first)", p.display());
                 }
                 continue;

@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{AlignLoss, HeadKind, PretrainConfig};
 use crate::align::ot;
+use crate::artifacts::embeddings::TargetKind;
 use crate::dist::Dist;
 use crate::model::backbone::Backbone;
 use crate::model::psat::{l2_normalize, BinMode, Psat, PsatConfig};
@@ -65,16 +66,31 @@ pub struct Pretrainer {
     cfg: PretrainConfig,
 }
 
+/// The var-store roots of what pretraining adds beside the backbone (the
+/// PSAT or pooled head, and the alignment's learnable metrics); every other
+/// variable is the backbone's, under its upstream network's own keys.
+const PSAT: &str = "psat";
+const POOL: &str = "pool";
+const ALIGN: &str = "align";
+
 impl Pretrainer {
+    /// Whether a variable of the pretraining store belongs to the backbone
+    /// (what export writes and downstream networks load).
+    pub fn is_backbone_key(key: &str) -> bool {
+        ![PSAT, POOL, ALIGN]
+            .iter()
+            .any(|root| key.strip_prefix(root).is_some_and(|rest| rest.starts_with('.')))
+    }
+
     /// `targets`: (name, width) of each target table.
     pub fn new(root: &nn::Path, cfg: &PretrainConfig, targets: &[(String, i64)]) -> Result<Pretrainer> {
         let backbone = Backbone::new(root, &cfg.backbone, 1)?;
         let dim = cfg.backbone.bottleneck_channels()?;
         let named: Vec<(&str, i64)> = targets.iter().map(|(n, d)| (n.as_str(), *d)).collect();
         let head = match cfg.head {
-            HeadKind::Psat => Head::Psat(Box::new(Psat::new(root / "psat", dim, &cfg.psat, &named))),
+            HeadKind::Psat => Head::Psat(Box::new(Psat::new(root / PSAT, dim, &cfg.psat, &named))),
             HeadKind::Pool => {
-                let p = root / "pool";
+                let p = root / POOL;
                 let emb = nn::EmbeddingConfig {
                     ws_init: nn::Init::Randn { mean: 0.0, stdev: 1.0 },
                     ..Default::default()
@@ -95,7 +111,7 @@ impl Pretrainer {
             AlignLoss::Pot | AlignLoss::Ot => named
                 .iter()
                 .map(|(n, w)| {
-                    let v = (root / "align" / *n).var("metric", &[*w], nn::Init::Uniform { lo: 1.0, up: 2.0 });
+                    let v = (root / ALIGN / *n).var("metric", &[*w], nn::Init::Uniform { lo: 1.0, up: 2.0 });
                     (n.to_string(), v)
                 })
                 .collect(),
@@ -229,7 +245,7 @@ impl Pretrainer {
                     term
                 }
             };
-            let weight = if name == "image" { w.image } else { w.text };
+            let weight = w.of(TargetKind::from_name(name)?);
             total += &term * weight;
             if let Some(o) = objective.as_mut() {
                 *o = &*o + &term * (weight * scale);
@@ -288,6 +304,22 @@ pub fn bf16_autocast_set() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backbone_keys_are_all_but_the_head_and_the_metrics() {
+        for k in [
+            "swinViT.layers1.0.blocks.0.attn.qkv.weight",
+            "encoder1.layer.conv1.conv.weight",
+            "out.conv.conv.bias",
+            "psatx.y",
+            "alignment.w",
+        ] {
+            assert!(Pretrainer::is_backbone_key(k), "{k}");
+        }
+        for k in ["psat.queries", "pool.plane_slice_embed.weight", "align.text.metric"] {
+            assert!(!Pretrainer::is_backbone_key(k), "{k}");
+        }
+    }
 
     #[test]
     fn autocast_dtype_becomes_bf16() {

@@ -151,12 +151,9 @@ fn progress(total: u64, at: u64) -> indicatif::ProgressBar {
 /// Runs (or resumes) pretraining.
 pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     cfg.validate()?;
-    if cfg.threads > 0 {
-        tch::set_num_threads(cfg.threads as i32);
-    }
+    let mut dev = crate::runtime::start(cfg.threads, cfg.device, "pretrain.device", cfg.keep_freed_memory)?;
     let forced_group = crate::dist::backend_override()?.is_some();
     let launch = Launch::from_env()?.filter(|l| l.world_size > 1 || forced_group);
-    let mut dev = cfg.device.resolve("pretrain.device")?;
     if let (Some(l), tch::Device::Cuda(_)) = (&launch, dev) {
         let n = tch::Cuda::device_count() as usize;
         if l.local_rank >= n {
@@ -175,9 +172,6 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     let (rank, world) = dist.as_ref().map(|d| (d.rank, d.world_size)).unwrap_or((0, 1));
     let main = rank == 0;
     let autocast = dev.is_cuda() && matches!(cfg.precision, Precision::Auto | Precision::Bf16);
-    if !dev.is_cuda() && cfg.keep_freed_memory {
-        crate::runtime::memory::reuse_freed_memory();
-    }
     if autocast {
         use_bf16_autocast();
     }
