@@ -11,7 +11,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MED3D_BIN := $(BIN)
 
-.PHONY: setup build demo test real-data gpu-check gpu-bundle test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain experiment-brain-resenc experiment-real experiment-real-organs lint clean
+.PHONY: setup build demo test docker-check real-data gpu-check gpu-bundle test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain experiment-brain-resenc experiment-real experiment-real-organs lint clean
 
 setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched data/models/tiny-vlm/.made gloo-headers
 
@@ -92,6 +92,12 @@ test: build real-data
 	cargo test --release
 	$(PY) -m pytest -q tests/python
 	bash scripts/check_cpu_libtorch.sh
+
+# The image users run, built by a real container engine (podman) from a
+# Debian base made here and run on the demo (scripts/docker_check.sh; run by
+# .ci/run after `make test`; ~20 min on 2 cores, most of it the build).
+docker-check: build
+	bash scripts/docker_check.sh
 
 # The one-shot GPU check (docs/install-and-gpu.md): on a GPU machine, or --cpu here.
 gpu-check: build
