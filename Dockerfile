@@ -54,10 +54,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && /opt/venv/bin/pip install --disable-pip-version-check -r /tmp/requirements-image.txt
 ARG RUST_HOME=
 ARG RUST_VERSION=1.95.0
-RUN if [ -n "${RUST_HOME}" ]; then \
+RUN if [ -n "${CA_BUNDLE}" ]; then export CURL_CA_BUNDLE="${CA_BUNDLE}" SSL_CERT_FILE="${CA_BUNDLE}"; fi; \
+    if [ -n "${RUST_HOME}" ]; then \
       "${RUST_HOME}/bin/cargo" --version; \
     else \
-      if [ -n "${CA_BUNDLE}" ]; then export CURL_CA_BUNDLE="${CA_BUNDLE}" SSL_CERT_FILE="${CA_BUNDLE}"; fi; \
       curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain "${RUST_VERSION}"; \
     fi
 ARG GIT_HASH=unknown
@@ -95,7 +95,8 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     PATH=/opt/venv/bin:$PATH
 # Fails the build if a library the binary needs does not resolve here.
 RUN med3d doctor
-USER med3d
+# numeric, so that hosts without this user name resolve it
+USER 1000:1000
 WORKDIR /work
 ENTRYPOINT ["med3d"]
 CMD ["--help"]
