@@ -117,7 +117,7 @@ fn peer_failure(signal: &str, timeout_s: u64) -> String {
     assert!(log.contains("error: ") && log.contains("rank 0/2: "), "{log}");
     assert!(
         log.contains(&format!(
-            "failed (a peer exited, or did not answer within {timeout_s} s): "
+            "failed (rank 1 exited, or did not answer within {timeout_s} s): "
         )),
         "{log}"
     );

@@ -172,7 +172,7 @@ fn a_lost_host_fails_the_other_and_both_resume() {
     assert!(log.contains("rank 0/2: "), "{log}");
     assert!(
         log.contains(&format!(
-            "failed (a peer exited, or did not answer within {timeout_s} s): "
+            "failed (rank 1 exited, or did not answer within {timeout_s} s): "
         )),
         "{log}"
     );

@@ -209,9 +209,10 @@ impl Dist {
         }
         self.failed.set(true);
         bail!(
-            "rank {}/{}: {what} failed (a peer exited, or did not answer within {:.0} s): {}",
+            "rank {}/{}: {what} failed ({} exited, or did not answer within {:.0} s): {}",
             self.rank,
             self.world_size,
+            peers(self.rank, self.world_size),
             self.timeout.as_secs_f64(),
             take_err(err)
         )
@@ -316,5 +317,31 @@ impl Drop for Dist {
             // SAFETY: created by med3d_c10d_new, freed once.
             unsafe { ffi::med3d_c10d_free(self.group) };
         }
+    }
+}
+/// Which ranks a failed collective waited on, for its error: the one
+/// other rank of a pair, else the others (c10d's reason says which peer's
+/// socket failed, by address).
+#[cfg_attr(not(med3d_c10d), allow(dead_code))]
+fn peers(rank: usize, world_size: usize) -> String {
+    let others: Vec<String> = (0..world_size).filter(|&r| r != rank).map(|r| r.to_string()).collect();
+    match others.len() {
+        0 => "no peer".into(),
+        1 => format!("rank {}", others[0]),
+        n if n <= 8 => format!("one of ranks {}", others.join(", ")),
+        n => format!("one of the other {n} ranks"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peers;
+
+    #[test]
+    fn a_failed_collective_names_the_ranks_it_waited_on() {
+        assert_eq!(peers(0, 2), "rank 1");
+        assert_eq!(peers(1, 2), "rank 0");
+        assert_eq!(peers(2, 4), "one of ranks 0, 1, 3");
+        assert_eq!(peers(0, 64), "one of the other 63 ranks");
     }
 }
