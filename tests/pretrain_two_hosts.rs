@@ -53,8 +53,9 @@ impl Hosts {
             return None;
         }
         // a subnet per test in this process, and per process
-        let k = (std::process::id() % 200 + NEXT.fetch_add(1, Ordering::SeqCst) * 7) % 250 + 1;
-        let tag = format!("m3d{}{}", std::process::id() % 100000, NEXT.load(Ordering::SeqCst));
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let k = (std::process::id() % 200 + n * 7) % 250 + 1;
+        let tag = format!("m3d{}x{n}", std::process::id() % 100000);
         let names = [format!("{tag}a"), format!("{tag}b")];
         let (a, b) = (&names[0], &names[1]);
         ip(&["netns", "add", a]);
