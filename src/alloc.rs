@@ -174,7 +174,7 @@ impl Refused {
 }
 
 /// The text for `what` decompressing past the cap of `cap` bytes; the
-/// wording users match on, also used by [`crate::volume::ReadOptions`].
+/// wording users match on, also used by the volume readers' read options.
 pub fn cap_exceeded(what: &str, cap: u64) -> String {
     format!(
         "{what} decompresses to more than {} MiB, the cap on decompressed data; if the file is genuine, \

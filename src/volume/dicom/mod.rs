@@ -14,9 +14,11 @@
 //!   fuzzed;
 //! - [`pixels`] decodes frames (native or any transfer syntax the pure-Rust
 //!   decoders of dicom-rs support) and applies the modality LUT or
-//!   RescaleSlope/Intercept exactly once.
+//!   RescaleSlope/Intercept exactly once;
+//! - [`rle`] is the RLE Lossless decoder [`pixels`] calls.
 pub mod header;
 pub mod pixels;
+pub mod rle;
 pub mod series;
 
 use std::collections::BTreeMap;
