@@ -238,7 +238,12 @@ pub fn run(req: &Request) -> Result<Exported> {
         _ => save_safetensors(store, &req.out)?,
     }
 
-    let model_sha256 = sha256_file(&ckpt.model_file())?;
+    // Checkpoint::open verified the file against this hash; older
+    // checkpoints recorded none.
+    let model_sha256 = match state.files.get(run_dir::TENSOR_FILES[0]) {
+        Some(h) => h.clone(),
+        None => sha256_file(&ckpt.model_file())?,
+    };
     let cfg = &rec.config;
     let card = Card {
         format: CARD_FORMAT.into(),
