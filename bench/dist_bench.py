@@ -74,8 +74,7 @@ def config(path: Path, batch: int, threads: int, steps: int, size: int) -> Path:
 manifest: m.yaml
 workdir: {path.parent / 'work'}
 pretrain:
-  device: cpu
-  threads: {threads}
+  run: {{device: cpu, threads: {threads}, workers: 1, checkpoint_every: 100000}}
   backbone: {{feature_size: 12, depths: [2, 2, 2, 2], num_heads: [3, 6, 12, 24], fused_attention: true}}
   psat: {{layers: 2, heads: 4, queries: 16, bins: 32, dropout: 0.1}}
   align: {{loss: pot, max_iter: 1000}}
@@ -84,8 +83,6 @@ pretrain:
   max_steps: {steps}
   sampling: slice
   input_size: [{size}, {size}, {size}]
-  workers: 1
-  checkpoint_every: 100000
 """
     )
     return path

@@ -104,7 +104,7 @@ extends: $( [ $side = run ] && echo /repo || echo "$ROOT" )/experiments/demo.yam
 workdir: $( [ $side = run ] && echo /out || echo "$W/host" )/demo
 pretrain:
   max_steps: $STEPS
-  checkpoint_every: 2
+  run: {checkpoint_every: 2}
 EOF
 done
 td=$(date +%s)

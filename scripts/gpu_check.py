@@ -94,7 +94,7 @@ def paper_pretrain(cpu, steps):
         p = import_yaml.safe_load((ROOT / "experiments" / "paper.yaml").read_text())["pretrain"]
     else:  # the device machine may lack PyYAML: the preset's values, as in paper.yaml
         p = {
-            "seed": 0, "device": "auto", "precision": "auto",
+            "seed": 0, "precision": "auto",
             "backbone": {"feature_size": 48, "depths": [2, 2, 2, 2], "num_heads": [3, 6, 12, 24], "window_size": 7,
                          "downsample": "mergingv2", "fused_attention": True},
             "head": "psat",
@@ -104,27 +104,35 @@ def paper_pretrain(cpu, steps):
             "weights": {"text": 1.0, "image": 1.0, "recon": 1.0},
             "optimizer": {"kind": "adam", "lr": 1.0e-5, "weight_decay": 1.0e-5, "schedule": "constant",
                           "warmup_steps": 0, "clip_grad_norm": 0.0, "accumulate": 1},
-            "batch_size": 10, "epochs": 100, "sampling": "case", "workers": 4, "prefetch": 2,
-            "checkpoint_every": 500, "keep_checkpoints": 2, "max_nonfinite": 10,
+            "batch_size": 10, "epochs": 100, "sampling": "case",
+            "run": {"device": "auto", "workers": 4, "prefetch": 2, "checkpoint_every": 500, "keep_checkpoints": 2,
+                    "max_nonfinite": 10},
         }
     p = dict(p)
+    # operational settings live in pretrain.run (flat keys of older configs too)
+    run = dict(p.pop("run", {}))
+    for k in ("device", "threads", "workers", "prefetch", "checkpoint_every", "keep_checkpoints", "max_nonfinite",
+              "dist_timeout_s", "keep_freed_memory"):
+        if k in p:
+            run[k] = p.pop(k)
+    p["run"] = run
     p.pop("epochs", None)
     p["max_steps"] = steps
-    p["checkpoint_every"] = 1000000
+    run["checkpoint_every"] = 1000000
     p["input_size"] = [128, 128, 128]
     # the demo cache has 3 volumes: slice sampling keeps batches of 10 full
     p["sampling"] = "slice"
     if cpu:
-        p["device"] = "cpu"
+        run["device"] = "cpu"
         p["backbone"] = {**p["backbone"], "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}
         p["psat"] = {**p["psat"], "layers": 1, "heads": 2, "queries": 8, "bins": 16}
         p["align"] = {**p["align"], "max_iter": 50}
         p["batch_size"] = 2
         p["input_size"] = [64, 64, 64]
-        p["workers"] = 2
-        p["threads"] = max(1, os.cpu_count() or 1)
+        run["workers"] = 2
+        run["threads"] = max(1, os.cpu_count() or 1)
     else:
-        p["device"] = "cuda"
+        run["device"] = "cuda"
     return p
 
 

@@ -57,6 +57,7 @@ fn resolve_extends(path: &Path, stack: &mut Vec<PathBuf>) -> Result<(serde_yaml:
         names.push(canonical.display().to_string());
         anyhow::bail!("`extends` makes a cycle: {}", names.join(" -> "));
     }
+    lift_sections(&mut value, path)?;
     let Some(map) = value.as_mapping_mut() else {
         anyhow::bail!("{}: an experiment config is a mapping of sections", path.display());
     };
@@ -96,16 +97,54 @@ fn merge(base: serde_yaml::Value, over: serde_yaml::Value) -> serde_yaml::Value 
     }
 }
 
+/// [`crate::runtime::run_block::lift_run_keys`] for the sections of an experiment file that have a
+/// `run` block.
+fn lift_sections(value: &mut serde_yaml::Value, path: &Path) -> Result<bool> {
+    use crate::downstream::DownstreamRun;
+    use crate::train::PretrainRun;
+    let mut any = false;
+    for (name, keys, nested) in [
+        ("pretrain", PretrainRun::KEYS, PretrainRun::NESTED_KEYS),
+        ("downstream", DownstreamRun::KEYS, &[][..]),
+    ] {
+        let Some(section) = value.get_mut(name) else { continue };
+        let mut json: serde_json::Value = serde_yaml::from_value(section.clone())
+            .with_context(|| format!("{}: invalid {name} section", path.display()))?;
+        let moved = crate::runtime::run_block::lift_run_keys(&mut json, name, keys, nested)
+            .with_context(|| format!("{}", path.display()))?;
+        if !moved.is_empty() {
+            tracing::warn!(
+                "{}: {name}: {} moved under {name}.run (they do not change results); write them there",
+                path.display(),
+                moved.join(", ")
+            );
+            *section = serde_yaml::to_value(json)?;
+            any = true;
+        }
+    }
+    Ok(any)
+}
+
 impl Experiment {
     pub fn load(path: &Path) -> Result<Experiment> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         let plain: serde_yaml::Value =
             serde_yaml::from_str(&text).with_context(|| format!("{}: invalid experiment config", path.display()))?;
-        let mut e: Experiment = if plain.get(EXTENDS).is_none() {
+        // Each file of an `extends` chain has its flat operational keys
+        // moved into `run` before the merge, so a child's flat key
+        // overrides its parent's `run` entry.
+        let (value, chain, lifted) = if plain.get(EXTENDS).is_none() {
+            let mut plain = plain;
+            let lifted = lift_sections(&mut plain, path)?;
+            (plain, vec![path.display().to_string()], lifted)
+        } else {
+            let (v, chain) = resolve_extends(path, &mut Vec::new())?;
+            (v, chain, true)
+        };
+        let mut e: Experiment = if chain.len() == 1 && !lifted {
             // straight from the text, so that errors carry its line numbers
             serde_yaml::from_str(&text).with_context(|| format!("{}: invalid experiment config", path.display()))?
         } else {
-            let (value, chain) = resolve_extends(path, &mut Vec::new())?;
             serde_yaml::from_value(value).with_context(|| {
                 format!(
                     "{}: invalid experiment config (resolved from {})",
@@ -291,6 +330,65 @@ mod tests {
         std::fs::write(&top, "extends: [a, b]\n").unwrap();
         let err = format!("{:#}", Experiment::load(&top).unwrap_err());
         assert!(err.contains("`extends` must be a path"), "{err}");
+    }
+
+    #[test]
+    fn operational_keys_given_flat_move_into_run_and_keep_the_hash() {
+        let d = tempfile::tempdir().unwrap();
+        let head = "name: x\nmanifest: m.yaml\nworkdir: w\n";
+        let old = d.path().join("old.yaml");
+        std::fs::write(
+            &old,
+            format!(
+                "{head}pretrain:\n  device: cpu\n  workers: 3\n  checkpoint_every: 7\n  align: {{eps: 0.05, cpu_solver_max_batch: 0}}\n\
+                 downstream:\n  threads: 2\n  keep_freed_memory: false\n"
+            ),
+        )
+        .unwrap();
+        let new = d.path().join("new.yaml");
+        std::fs::write(
+            &new,
+            format!(
+                "{head}pretrain:\n  align: {{eps: 0.05}}\n  run: {{device: cpu, workers: 3, checkpoint_every: 7, cpu_solver_max_batch: 0}}\n\
+                 downstream:\n  run: {{threads: 2, keep_freed_memory: false}}\n"
+            ),
+        )
+        .unwrap();
+        let (a, b) = (Experiment::load(&old).unwrap(), Experiment::load(&new).unwrap());
+        assert_eq!(a.pretrain, b.pretrain);
+        assert_eq!(a.downstream, b.downstream);
+        assert_eq!(b.pretrain.run.workers, 3);
+        assert_eq!(b.pretrain.run.cpu_solver_max_batch, 0);
+        assert_eq!(b.downstream.as_ref().unwrap().run.threads, 2);
+        // operational settings stay out of the hash
+        assert_eq!(
+            a.pretrain.hash(),
+            crate::train::PretrainConfig {
+                align: a.pretrain.align.clone(),
+                ..Default::default()
+            }
+            .hash()
+        );
+        // given both ways: named
+        std::fs::write(&old, format!("{head}pretrain:\n  workers: 3\n  run: {{workers: 4}}\n")).unwrap();
+        let err = format!("{:#}", Experiment::load(&old).unwrap_err());
+        assert!(
+            err.contains("pretrain.workers and pretrain.run.workers") && err.contains("old.yaml"),
+            "{err}"
+        );
+        // a child's flat key overrides its parent's run entry, key by key
+        std::fs::write(
+            &new,
+            format!("{head}pretrain:\n  run: {{workers: 4, checkpoint_every: 9}}\n"),
+        )
+        .unwrap();
+        std::fs::write(&old, "extends: new.yaml\npretrain:\n  checkpoint_every: 2\n").unwrap();
+        let r = Experiment::load(&old).unwrap().pretrain.run;
+        assert_eq!((r.workers, r.checkpoint_every), (4, 2));
+        // a typo inside run is named like any other
+        std::fs::write(&old, format!("{head}pretrain:\n  run: {{wrokers: 4}}\n")).unwrap();
+        let err = format!("{:#}", Experiment::load(&old).unwrap_err());
+        assert!(err.contains("wrokers"), "{err}");
     }
 
     #[test]

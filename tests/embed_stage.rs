@@ -6,6 +6,7 @@
 //! parity with the Python references is in tests/python/test_embed_parity.py.
 use std::path::{Path, PathBuf};
 
+use med3dinsight::artifacts::cache::{self, Plane, SliceRow};
 use med3dinsight::artifacts::embeddings as store;
 use med3dinsight::config::Experiment;
 use med3dinsight::embed::{self, DeviceChoice, EmbedConfig, RunOptions};
@@ -37,16 +38,25 @@ const IDS: [&str; 7] = [
 
 fn write_index(cache: &Path) {
     std::fs::create_dir_all(cache).unwrap();
-    let mut s = String::new();
-    for (k, id) in IDS.iter().enumerate() {
-        let mut p = id.split('/');
-        let (case, plane, idx) = (p.next().unwrap(), p.next().unwrap(), p.next().unwrap());
-        s.push_str(&format!(
-            "{{\"slice_id\":\"{id}\",\"case\":\"{case}\",\"plane\":\"{plane}\",\"index\":{idx},\"position\":{},\"png\":\"cases/{case}/slices/{plane}_{idx:0>3}.png\"}}\n",
-            k as f64 / 10.0
-        ));
-    }
-    std::fs::write(cache.join("index.jsonl"), s).unwrap();
+    let rows: Vec<SliceRow> = IDS
+        .iter()
+        .enumerate()
+        .map(|(k, id)| {
+            let mut p = id.split('/');
+            let (case, plane, idx) = (p.next().unwrap(), p.next().unwrap(), p.next().unwrap());
+            let plane: Plane = serde_json::from_value(serde_json::Value::from(plane)).unwrap();
+            let index: usize = idx.parse().unwrap();
+            SliceRow {
+                slice_id: id.to_string(),
+                case: case.to_string(),
+                plane,
+                index,
+                position: k as f64 / 10.0,
+                png: format!("cases/{case}/slices/{}_{index:03}.png", plane.name()),
+            }
+        })
+        .collect();
+    cache::write_index(cache, &rows).unwrap();
 }
 
 fn caption(id: &str, status: &str, text: &str) -> String {
@@ -100,7 +110,7 @@ fn text_table_aligns_with_index_skips_when_current_and_resumes_by_chunk() {
         (s.text.chunks_computed, s.text.chunks_reused, s.text.rows_computed),
         (3, 0, 4)
     );
-    let path = cache.join("embeddings/text.safetensors");
+    let path = cache::table_path(&cache, "text");
     let t = store::read(&path).unwrap();
     assert_eq!((t.rows(), t.dim), (7, 384));
     assert_eq!(t.valid, vec![1, 0, 1, 0, 0, 1, 1]);
@@ -243,7 +253,7 @@ fn image_table_reports_unreadable_slices_and_keeps_the_rest() {
     assert!(img.failures[0].error.contains("not a PNG"), "{}", img.failures[0].error);
     assert!(img.failures[1].error.contains("coronal_002.png") || img.failures[1].error.contains("sagittal_004"));
     assert_eq!(s.failed(), 2);
-    let t = store::read(&cache.join("embeddings/image.safetensors")).unwrap();
+    let t = store::read(&cache::table_path(&cache, "image")).unwrap();
     assert_eq!((t.rows(), t.dim), (7, 16));
     assert_eq!(t.valid, vec![1, 1, 0, 1, 1, 0, 1]);
     assert_eq!(t.meta["failed_rows"], "2");

@@ -204,11 +204,50 @@ impl Default for PreprocessConfig {
     }
 }
 
+/// The preprocess hash's input, written out field by field: what it
+/// covers is decided here, not by serde attributes on the config. Frozen
+/// at the layout of 2026-12-07 (caches made then are not redone):
+/// settings added since are appended only when they differ from the value
+/// that reproduces earlier caches (`label_overlap` at its default).
+#[derive(Serialize)]
+struct HashedPreprocess<'a> {
+    spacing: [f64; 3],
+    roi: [usize; 3],
+    roi_mode: RoiMode,
+    ct_window: [f64; 2],
+    mr_percentiles: [f64; 2],
+    foreground_threshold: f32,
+    slices_per_plane: usize,
+    planes: &'a [Plane],
+    volume_index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    label_overlap: Option<crate::volume::nrrd::Overlap>,
+}
+
+impl<'a> HashedPreprocess<'a> {
+    fn of(c: &'a PreprocessConfig) -> HashedPreprocess<'a> {
+        HashedPreprocess {
+            spacing: c.spacing,
+            roi: c.roi,
+            roi_mode: c.roi_mode,
+            ct_window: c.ct_window,
+            mr_percentiles: c.mr_percentiles,
+            foreground_threshold: c.foreground_threshold,
+            slices_per_plane: c.slices_per_plane,
+            planes: &c.planes,
+            volume_index: c.volume_index,
+            label_overlap: (c.label_overlap != Default::default()).then_some(c.label_overlap),
+        }
+    }
+}
+
 impl PreprocessConfig {
     /// Identity of everything that changes preprocess output, for skipping
     /// unchanged cases on rerun.
+    /// The sha256 of the canonical form [`HashedPreprocess`]: the read
+    /// limit `max_decompressed_mib` is not in it.
     pub fn hash(&self) -> String {
-        let json = serde_json::to_vec(&(CACHE_FORMAT, self)).unwrap_or_default();
+        let json = serde_json::to_vec(&(CACHE_FORMAT, HashedPreprocess::of(self))).unwrap_or_default();
         crate::fsutil::sha256_bytes(&json)
     }
 
@@ -443,6 +482,24 @@ pub fn rebuild_index(cache: &Path) -> Result<usize> {
     Ok(n)
 }
 
+/// Slice rows as the cache stores them: one JSON object per line (a
+/// case's slices.jsonl, and index.jsonl, their concatenation).
+pub fn slice_rows_jsonl(rows: &[SliceRow]) -> Result<String> {
+    let mut out = String::new();
+    for r in rows {
+        out.push_str(&serde_json::to_string(r)?);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Writes a whole slice index at once (a cache assembled outside
+/// `preprocess`, as test fixtures are); `preprocess` builds its index with
+/// [`rebuild_index`].
+pub fn write_index(cache: &Path, rows: &[SliceRow]) -> Result<()> {
+    crate::fsutil::atomic_write(&index_path(cache), slice_rows_jsonl(rows)?.as_bytes())
+}
+
 /// Reads the slice index of a cache.
 pub fn read_index(cache: &Path) -> Result<Vec<SliceRow>> {
     let p = index_path(cache);
@@ -457,6 +514,38 @@ pub fn read_index(cache: &Path) -> Result<Vec<SliceRow>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hash of demo.yaml's preprocess settings as main wrote it in
+    /// cache.json on 2026-12-07: changing it would redo every cache.
+    #[test]
+    fn preprocess_settings_of_2026_12_07_keep_their_hash() {
+        let c = PreprocessConfig {
+            spacing: [2.0, 2.0, 2.0],
+            roi: [96, 96, 96],
+            slices_per_plane: 8,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.hash(),
+            "49db446281a09c63ea420ba7ef22f623cd9bf835ed109f14f4820186aa4e301e"
+        );
+        let d = PreprocessConfig {
+            max_decompressed_mib: 1,
+            ..c.clone()
+        };
+        assert_eq!(c.hash(), d.hash(), "a read limit is not in the hash");
+        let e = PreprocessConfig {
+            label_overlap: crate::volume::nrrd::Overlap::First,
+            ..c.clone()
+        };
+        assert_ne!(c.hash(), e.hash());
+        // every recorded setting is hashed
+        let rec = serde_json::to_value(&e).unwrap();
+        let canon = serde_json::to_value(HashedPreprocess::of(&e)).unwrap();
+        for key in rec.as_object().unwrap().keys() {
+            assert!(canon.get(key).is_some(), "preprocess.{key} is recorded but not hashed");
+        }
+    }
 
     /// A cache.json that lacks a preprocess key is an error naming the file
     /// and the key, not a default that would silently change later stages.

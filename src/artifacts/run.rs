@@ -154,6 +154,12 @@ pub fn finetune_metrics(dir: &Path) -> PathBuf {
 /// checkpoint must have been written under).
 pub trait RunConfig: Serialize + DeserializeOwned {
     fn config_hash(&self) -> String;
+
+    /// Brings a config recorded by an earlier version into this version's
+    /// layout (settings that moved), returning what it moved.
+    fn upgrade(_config: &mut serde_json::Value) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// `run.json`: what a run trains and on what. Every field is required
@@ -184,8 +190,13 @@ impl<C: RunConfig> RunRecord<C> {
         let p = run_json(run);
         let text = std::fs::read_to_string(&p)
             .with_context(|| format!("cannot read {} (the run's pretrain config)", p.display()))?;
-        let rec: RunRecord<C> =
+        let mut value: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{}: not a pretrain run record", p.display()))?;
+        if let Some(config) = value.get_mut("config") {
+            C::upgrade(config).with_context(|| format!("{}: config", p.display()))?;
+        }
+        let rec: RunRecord<C> =
+            serde_json::from_value(value).with_context(|| format!("{}: not a pretrain run record", p.display()))?;
         ensure!(
             rec.format == FORMAT,
             "{}: run format {:?} is not {FORMAT:?} (written by med3d {}); export or resume it with that version, or start a new run",

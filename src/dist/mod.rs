@@ -22,7 +22,7 @@ pub use launch::Launch;
 
 /// Seconds a collective or the rendezvous may wait for the other ranks.
 pub const DEFAULT_TIMEOUT_S: f64 = 1800.0;
-/// Overrides `pretrain.dist_timeout_s`.
+/// Overrides `pretrain.run.dist_timeout_s`.
 pub const TIMEOUT_ENV: &str = "MED3D_DIST_TIMEOUT_S";
 
 #[cfg(med3d_c10d)]

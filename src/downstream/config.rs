@@ -115,9 +115,6 @@ pub struct DownstreamConfig {
     pub steps: u64,
     pub optimizer: OptimConfig,
     pub seed: u64,
-    pub device: DeviceChoice,
-    /// libtorch CPU threads; 0 keeps libtorch's default.
-    pub threads: usize,
     pub augment: DownstreamAugment,
     /// Fraction of the cache's cases held out for `evaluate` (by a seeded
     /// shuffle); 0 trains on every case.
@@ -126,13 +123,37 @@ pub struct DownstreamConfig {
     /// run` preprocesses it into `<workdir>/cache_test`).
     pub test_manifest: Option<PathBuf>,
     pub sliding_window: SlidingWindow,
-    /// On the CPU: keep freed memory for reuse (as `pretrain.keep_freed_memory`).
-    #[serde(skip_serializing_if = "is_true")]
+    /// Operational settings: where and how the run goes, not what it
+    /// learns.
+    pub run: DownstreamRun,
+}
+
+/// `downstream.run`: the operational settings of fine-tuning and
+/// evaluation (see [`crate::runtime::run_block`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownstreamRun {
+    pub device: DeviceChoice,
+    /// libtorch CPU threads; 0 keeps libtorch's default.
+    pub threads: usize,
+    /// On the CPU: keep freed memory for reuse (as
+    /// `pretrain.run.keep_freed_memory`).
     pub keep_freed_memory: bool,
 }
 
-fn is_true(b: &bool) -> bool {
-    *b
+impl Default for DownstreamRun {
+    fn default() -> Self {
+        DownstreamRun {
+            device: DeviceChoice::Auto,
+            threads: 0,
+            keep_freed_memory: true,
+        }
+    }
+}
+
+impl DownstreamRun {
+    /// The keys configs written before the block gave under `downstream`.
+    pub const KEYS: &'static [&'static str] = &["device", "threads", "keep_freed_memory"];
 }
 
 impl Default for DownstreamConfig {
@@ -151,13 +172,11 @@ impl Default for DownstreamConfig {
                 ..OptimConfig::default()
             },
             seed: 0,
-            device: DeviceChoice::Auto,
-            threads: 0,
             augment: DownstreamAugment::default(),
             val_fraction: 0.0,
             test_manifest: None,
             sliding_window: SlidingWindow::default(),
-            keep_freed_memory: true,
+            run: DownstreamRun::default(),
         }
     }
 }

@@ -63,7 +63,11 @@ pub fn read_summary(run: &Path) -> Result<Summary> {
 /// config, same initialisation, same cache, and its weights written.
 pub fn is_up_to_date(dir: &Path, cfg: &DownstreamConfig, init: &Init, cache: &Path) -> bool {
     read_summary(dir).is_ok_and(|s| {
-        s.config == *cfg
+        // operational settings (device, threads) do not make it stale
+        DownstreamConfig {
+            run: cfg.run.clone(),
+            ..s.config
+        } == *cfg
             && s.init == init.describe()
             && s.cache == cache
             && crate::artifacts::run::model_file(dir).is_file()
@@ -71,7 +75,12 @@ pub fn is_up_to_date(dir: &Path, cfg: &DownstreamConfig, init: &Init, cache: &Pa
 }
 
 pub(crate) fn setup(cfg: &DownstreamConfig) -> Result<tch::Device> {
-    crate::runtime::start(cfg.threads, cfg.device, "downstream.device", cfg.keep_freed_memory)
+    crate::runtime::start(
+        cfg.run.threads,
+        cfg.run.device,
+        "downstream.run.device",
+        cfg.run.keep_freed_memory,
+    )
 }
 
 /// A libtorch failure in a fine-tuning or evaluation step, with the

@@ -13,4 +13,4 @@ pub mod model;
 pub mod results;
 pub mod sliding;
 
-pub use config::{DownstreamConfig, Task};
+pub use config::{DownstreamConfig, DownstreamRun, Task};

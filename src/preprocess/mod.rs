@@ -269,12 +269,7 @@ pub(crate) fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, 
             });
         }
     }
-    let mut jsonl = String::new();
-    for r in &rows {
-        jsonl.push_str(&serde_json::to_string(r)?);
-        jsonl.push('\n');
-    }
-    std::fs::write(work.join(cache::SLICES_JSONL), jsonl)?;
+    std::fs::write(work.join(cache::SLICES_JSONL), cache::slice_rows_jsonl(&rows)?)?;
     let rec = CaseRecord {
         id: case.id.clone(),
         modality: case.modality,

@@ -1,5 +1,5 @@
 //! Where a stage's tensors live: the one `DeviceChoice` of every config
-//! section (`pretrain.device`, `embed.device`, `downstream.device`), turned
+//! section (`pretrain.run.device`, `embed.device`, `downstream.run.device`), turned
 //! into a libtorch device with the reason logged, so a GPU node that trains
 //! on the CPU says why instead of doing it silently.
 use std::sync::Once;

@@ -9,6 +9,7 @@ pub mod guard;
 pub mod memory;
 pub mod optim;
 pub mod rng;
+pub mod run_block;
 pub mod torch;
 
 pub use device::DeviceChoice;

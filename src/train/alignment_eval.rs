@@ -144,7 +144,12 @@ pub fn run(req: &Request) -> Result<Report> {
     let (ckpt, rec) = Checkpoint::open::<super::PretrainConfig>(&req.run, req.step)?;
     let cfg = &rec.config;
     let step = ckpt.state.step;
-    let dev = crate::runtime::start(cfg.threads, cfg.device, "pretrain.device", cfg.keep_freed_memory)?;
+    let dev = crate::runtime::start(
+        cfg.run.threads,
+        cfg.run.device,
+        "pretrain.run.device",
+        cfg.run.keep_freed_memory,
+    )?;
     let tables = req
         .embeddings
         .clone()

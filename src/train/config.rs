@@ -49,17 +49,6 @@ pub struct AlignConfig {
     pub tol: f64,
     /// InfoNCE temperature (CLIP: 0.07).
     pub temperature: f64,
-    /// On a GPU: partial plans of at most this many rows (the batch, or
-    /// the gathered global batch) are solved on the CPU by the fused
-    /// solver; 0 solves all of them on the GPU (see `align::Transport`).
-    /// Changes where the plan is computed, not the plan; left out of the
-    /// files (and the hash) at its default.
-    #[serde(skip_serializing_if = "is_default_cpu_rows")]
-    pub cpu_solver_max_batch: i64,
-}
-
-fn is_default_cpu_rows(v: &i64) -> bool {
-    *v == crate::align::DEFAULT_CPU_MAX_ROWS
 }
 
 impl Default for AlignConfig {
@@ -72,14 +61,15 @@ impl Default for AlignConfig {
             max_iter: s.max_iter,
             tol: s.tol,
             temperature: 0.07,
-            cpu_solver_max_batch: crate::align::DEFAULT_CPU_MAX_ROWS,
         }
     }
 }
 
 impl AlignConfig {
-    /// The transport objective of an OT loss; None for InfoNCE.
-    pub fn transport(&self) -> Option<crate::align::Transport> {
+    /// The transport objective of an OT loss; None for InfoNCE. Plans of
+    /// at most `cpu_max_rows` rows are solved on the CPU when training on
+    /// a GPU (`pretrain.run.cpu_solver_max_batch`).
+    pub fn transport(&self, cpu_max_rows: i64) -> Option<crate::align::Transport> {
         use crate::align::{ot::Solver, Plan, Transport};
         let plan = match self.loss {
             AlignLoss::Pot => Plan::Partial { mass: self.mass },
@@ -93,7 +83,7 @@ impl AlignConfig {
                 max_iter: self.max_iter,
                 tol: self.tol,
             },
-            cpu_max_rows: self.cpu_solver_max_batch,
+            cpu_max_rows,
         })
     }
 }
@@ -175,17 +165,86 @@ impl Default for AugmentConfig {
     }
 }
 
-/// The `pretrain` section.
+/// `pretrain.run`: how a run goes, not what it computes. None of these
+/// settings is in the config hash, so a run may resume on another machine,
+/// with other loader threads or another checkpoint cadence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainRun {
+    pub device: DeviceChoice,
+    /// libtorch CPU threads; 0 keeps libtorch's default.
+    pub threads: usize,
+    /// Loader threads reading volumes ahead of the model.
+    pub workers: usize,
+    /// Micro-batches each loader thread may hold ready.
+    pub prefetch: usize,
+    /// Write a checkpoint every this many optimiser steps (and at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept; older ones are deleted.
+    pub keep_checkpoints: usize,
+    /// Stop after this many consecutive steps with a non-finite loss or
+    /// gradient (each such step is skipped and counted).
+    pub max_nonfinite: usize,
+    /// Data-parallel runs: seconds a rank waits for the others (the
+    /// rendezvous, each collective) before it fails; MED3D_DIST_TIMEOUT_S
+    /// overrides it.
+    pub dist_timeout_s: f64,
+    /// On the CPU: have glibc keep freed memory for reuse instead of
+    /// returning large buffers to the kernel (see
+    /// `runtime::memory::reuse_freed_memory`): faster steps at a higher
+    /// peak. Off where memory is tight (several jobs on one node).
+    pub keep_freed_memory: bool,
+    /// On a GPU: partial plans of at most this many rows (the batch, or
+    /// the gathered global batch) are solved on the CPU by the fused
+    /// solver; 0 solves all of them on the GPU (see `align::Transport`).
+    /// Changes where the plan is computed, not the plan.
+    pub cpu_solver_max_batch: i64,
+}
+
+impl Default for PretrainRun {
+    fn default() -> Self {
+        PretrainRun {
+            device: DeviceChoice::Auto,
+            threads: 0,
+            workers: 2,
+            prefetch: 2,
+            checkpoint_every: 500,
+            keep_checkpoints: 2,
+            max_nonfinite: 10,
+            dist_timeout_s: crate::dist::DEFAULT_TIMEOUT_S,
+            keep_freed_memory: true,
+            cpu_solver_max_batch: crate::align::DEFAULT_CPU_MAX_ROWS,
+        }
+    }
+}
+
+impl PretrainRun {
+    /// The keys of this block, which configs written before it existed
+    /// gave directly under `pretrain` (`align.cpu_solver_max_batch` under
+    /// `pretrain.align`); see [`crate::runtime::run_block::lift_run_keys`].
+    pub const KEYS: &'static [&'static str] = &[
+        "device",
+        "threads",
+        "workers",
+        "prefetch",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_nonfinite",
+        "dist_timeout_s",
+        "keep_freed_memory",
+    ];
+    pub const NESTED_KEYS: &'static [(&'static str, &'static str)] = &[("align", "cpu_solver_max_batch")];
+}
+
+/// The `pretrain` section: every setting here but `run` shapes the loss
+/// trajectory and is in the config hash ([`PretrainConfig::hash`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PretrainConfig {
     /// Every random draw (init, data order, slices, augmentation, dropout)
     /// derives from (seed, step), so a resumed run replays exactly.
     pub seed: u64,
-    pub device: DeviceChoice,
     pub precision: Precision,
-    /// libtorch CPU threads; 0 keeps libtorch's default.
-    pub threads: usize,
     /// MONAI SwinUNETR arguments (in/out channels 1), or `nnunet:` with a
     /// plans file (see [`crate::model::backbone`]).
     pub backbone: BackboneConfig,
@@ -204,67 +263,24 @@ pub struct PretrainConfig {
     /// positions stay true. Absent: the cached grid, as in the paper.
     pub input_size: Option<[i64; 3]>,
     pub augment: AugmentConfig,
-    /// Loader threads reading volumes ahead of the model.
-    pub workers: usize,
-    /// Micro-batches each loader thread may hold ready.
-    pub prefetch: usize,
-    /// Write a checkpoint every this many optimiser steps (and at the end).
-    pub checkpoint_every: u64,
-    /// Checkpoints kept; older ones are deleted.
-    pub keep_checkpoints: usize,
-    /// Stop after this many consecutive steps with a non-finite loss or
-    /// gradient (each such step is skipped and counted).
-    pub max_nonfinite: usize,
     /// Data-parallel runs (torchrun, srun): gather every rank's read-outs
     /// and targets so the alignment loss spans the global batch of
     /// world_size x batch_size. Off: each rank aligns its own batch, as
-    /// the paper's per-GPU batches do. (Left out of files when off, so the
-    /// config hash of runs that predate it is unchanged.)
-    #[serde(skip_serializing_if = "is_false")]
+    /// the paper's per-GPU batches do.
     pub all_gather_embeddings: bool,
-    /// Data-parallel runs: seconds a rank waits for the others (the
-    /// rendezvous, each collective) before it fails; MED3D_DIST_TIMEOUT_S
-    /// overrides it.
-    #[serde(skip_serializing_if = "is_default_timeout")]
-    pub dist_timeout_s: f64,
     /// Fraction in [0, 1) of the usable slices whose target rows are
     /// replaced by those of a random other slice (swapped captions), fixed
-    /// by the seed for the whole run. Left out of the serialised config
-    /// (and so of its hash) when 0, so older runs keep their hash.
-    #[serde(skip_serializing_if = "is_zero")]
+    /// by the seed for the whole run.
     pub target_noise: f64,
-    /// On the CPU: have glibc keep freed memory for reuse instead of
-    /// returning large buffers to the kernel (see
-    /// `runtime::memory::reuse_freed_memory`): faster steps at a higher
-    /// peak. Off where memory is tight (several jobs on one node). Not
-    /// part of the config hash.
-    #[serde(skip_serializing_if = "is_true")]
-    pub keep_freed_memory: bool,
-}
-
-fn is_true(b: &bool) -> bool {
-    *b
-}
-
-fn is_false(b: &bool) -> bool {
-    !*b
-}
-
-fn is_default_timeout(s: &f64) -> bool {
-    *s == crate::dist::DEFAULT_TIMEOUT_S
-}
-
-fn is_zero(v: &f64) -> bool {
-    *v == 0.0
+    /// Operational settings, not hashed.
+    pub run: PretrainRun,
 }
 
 impl Default for PretrainConfig {
     fn default() -> Self {
         PretrainConfig {
             seed: 0,
-            device: DeviceChoice::Auto,
             precision: Precision::Auto,
-            threads: 0,
             backbone: BackboneConfig::default(),
             head: HeadKind::Psat,
             psat: PsatConfig::default(),
@@ -277,15 +293,77 @@ impl Default for PretrainConfig {
             sampling: Sampling::Case,
             input_size: None,
             augment: AugmentConfig::default(),
-            workers: 2,
-            prefetch: 2,
-            checkpoint_every: 500,
-            keep_checkpoints: 2,
-            max_nonfinite: 10,
             all_gather_embeddings: false,
-            dist_timeout_s: crate::dist::DEFAULT_TIMEOUT_S,
             target_noise: 0.0,
-            keep_freed_memory: true,
+            run: PretrainRun::default(),
+        }
+    }
+}
+
+/// The config hash's input, written out field by field: what the hash
+/// covers is decided here, not by serde attributes on the config. Its
+/// layout is frozen at the one med3d wrote before the `run` block existed
+/// (2026-12-07), so that runs started then keep resuming:
+/// - the operational settings held these constant values in it;
+/// - settings added since are appended only when they differ from the
+///   value that reproduces earlier runs (`all_gather_embeddings` off,
+///   `target_noise` 0). A new math setting joins the same way; a new
+///   operational setting goes into [`PretrainRun`] and not here.
+#[derive(Serialize)]
+struct Hashed<'a> {
+    seed: u64,
+    device: DeviceChoice,
+    precision: Precision,
+    threads: usize,
+    backbone: &'a BackboneConfig,
+    head: HeadKind,
+    psat: &'a PsatConfig,
+    align: &'a AlignConfig,
+    weights: &'a LossWeights,
+    optimizer: &'a OptimConfig,
+    batch_size: usize,
+    epochs: f64,
+    max_steps: Option<u64>,
+    sampling: Sampling,
+    input_size: Option<[i64; 3]>,
+    augment: &'a AugmentConfig,
+    workers: usize,
+    prefetch: usize,
+    checkpoint_every: u64,
+    keep_checkpoints: usize,
+    max_nonfinite: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    all_gather_embeddings: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_noise: Option<f64>,
+}
+
+impl<'a> Hashed<'a> {
+    fn of(c: &'a PretrainConfig) -> Hashed<'a> {
+        Hashed {
+            seed: c.seed,
+            device: DeviceChoice::Auto,
+            precision: c.precision,
+            threads: 0,
+            backbone: &c.backbone,
+            head: c.head,
+            psat: &c.psat,
+            align: &c.align,
+            weights: &c.weights,
+            optimizer: &c.optimizer,
+            batch_size: c.batch_size,
+            epochs: c.epochs,
+            max_steps: c.max_steps,
+            sampling: c.sampling,
+            input_size: c.input_size,
+            augment: &c.augment,
+            workers: 1,
+            prefetch: 1,
+            checkpoint_every: 1,
+            keep_checkpoints: 1,
+            max_nonfinite: 1,
+            all_gather_embeddings: c.all_gather_embeddings.then_some(true),
+            target_noise: (c.target_noise != 0.0).then_some(c.target_noise),
         }
     }
 }
@@ -293,6 +371,10 @@ impl Default for PretrainConfig {
 impl crate::artifacts::run::RunConfig for PretrainConfig {
     fn config_hash(&self) -> String {
         self.hash()
+    }
+
+    fn upgrade(config: &mut serde_json::Value) -> Result<Vec<String>> {
+        crate::runtime::run_block::lift_run_keys(config, "pretrain", PretrainRun::KEYS, PretrainRun::NESTED_KEYS)
     }
 }
 
@@ -334,8 +416,8 @@ impl PretrainConfig {
         ensure!(a.max_iter >= 1, "pretrain.align.max_iter must be at least 1");
         ensure!(a.temperature > 0.0, "pretrain.align.temperature must be positive");
         ensure!(
-            a.cpu_solver_max_batch >= 0,
-            "pretrain.align.cpu_solver_max_batch must be >= 0 (0: every plan on the GPU)"
+            self.run.cpu_solver_max_batch >= 0,
+            "pretrain.run.cpu_solver_max_batch must be >= 0 (0: every plan on the GPU)"
         );
         let w = &self.weights;
         ensure!(
@@ -385,21 +467,24 @@ impl PretrainConfig {
             (0.0..=1.0).contains(&g.flip_prob),
             "pretrain.augment.flip_prob must be in [0, 1]"
         );
-        ensure!(self.workers >= 1, "pretrain.workers must be at least 1");
-        ensure!(self.prefetch >= 1, "pretrain.prefetch must be at least 1");
+        ensure!(self.run.workers >= 1, "pretrain.run.workers must be at least 1");
+        ensure!(self.run.prefetch >= 1, "pretrain.run.prefetch must be at least 1");
         ensure!(
-            self.checkpoint_every >= 1,
-            "pretrain.checkpoint_every must be at least 1"
+            self.run.checkpoint_every >= 1,
+            "pretrain.run.checkpoint_every must be at least 1"
         );
         ensure!(
-            self.keep_checkpoints >= 1,
-            "pretrain.keep_checkpoints must be at least 1"
+            self.run.keep_checkpoints >= 1,
+            "pretrain.run.keep_checkpoints must be at least 1"
         );
-        ensure!(self.max_nonfinite >= 1, "pretrain.max_nonfinite must be at least 1");
         ensure!(
-            self.dist_timeout_s.is_finite() && self.dist_timeout_s > 0.0,
-            "pretrain.dist_timeout_s must be a positive number of seconds, got {}",
-            self.dist_timeout_s
+            self.run.max_nonfinite >= 1,
+            "pretrain.run.max_nonfinite must be at least 1"
+        );
+        ensure!(
+            self.run.dist_timeout_s.is_finite() && self.run.dist_timeout_s > 0.0,
+            "pretrain.run.dist_timeout_s must be a positive number of seconds, got {}",
+            self.run.dist_timeout_s
         );
         ensure!(
             (0.0..1.0).contains(&self.target_noise),
@@ -409,23 +494,12 @@ impl PretrainConfig {
         Ok(())
     }
 
-    /// Identity of everything that shapes the loss trajectory. Settings
-    /// that only change speed or bookkeeping (device, threads, loader
-    /// threads, checkpoint cadence, the non-finite patience) are left out,
-    /// so a run may resume on another machine or with other such settings.
+    /// Identity of everything that shapes the loss trajectory: the
+    /// sha256 of the canonical form [`Hashed`], so `run` settings (device,
+    /// threads, loader threads, checkpoint cadence, ...) may differ
+    /// between a run and its resumption.
     pub fn hash(&self) -> String {
-        let mut c = self.clone();
-        c.device = DeviceChoice::Auto;
-        c.threads = 0;
-        c.workers = 1;
-        c.prefetch = 1;
-        c.checkpoint_every = 1;
-        c.keep_checkpoints = 1;
-        c.max_nonfinite = 1;
-        c.dist_timeout_s = crate::dist::DEFAULT_TIMEOUT_S;
-        c.keep_freed_memory = true;
-        c.align.cpu_solver_max_batch = crate::align::DEFAULT_CPU_MAX_ROWS;
-        let json = serde_json::to_vec(&(PRETRAIN_FORMAT, &c)).unwrap_or_default();
+        let json = serde_json::to_vec(&(PRETRAIN_FORMAT, Hashed::of(self))).unwrap_or_default();
         crate::fsutil::sha256_bytes(&json)
     }
 }
@@ -435,49 +509,96 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hash_ignores_bookkeeping_but_not_the_math() {
+    fn hash_ignores_the_run_block_but_not_the_math() {
         let a = PretrainConfig::default();
         let mut b = a.clone();
-        b.workers = 7;
-        b.checkpoint_every = 3;
-        b.threads = 1;
-        b.keep_freed_memory = false;
-        b.align.cpu_solver_max_batch = 0;
+        b.run = PretrainRun {
+            device: DeviceChoice::Cpu,
+            threads: 1,
+            workers: 7,
+            prefetch: 5,
+            checkpoint_every: 3,
+            keep_checkpoints: 9,
+            max_nonfinite: 2,
+            dist_timeout_s: 20.0,
+            keep_freed_memory: false,
+            cpu_solver_max_batch: 0,
+        };
         assert_eq!(a.hash(), b.hash());
         b.optimizer.lr = 2e-5;
         assert_ne!(a.hash(), b.hash());
         let mut c = a.clone();
         c.target_noise = 0.2;
         assert_ne!(a.hash(), c.hash());
+        let mut c = a.clone();
+        c.all_gather_embeddings = true;
+        assert_ne!(a.hash(), c.hash());
         // absent and 0 are the same run
         let d: PretrainConfig = serde_yaml::from_str("target_noise: 0\n").unwrap();
         assert_eq!(a.hash(), d.hash());
+        let mut e = a.clone();
+        e.run.dist_timeout_s = 0.0;
+        assert!(format!("{:#}", e.validate().unwrap_err()).contains("pretrain.run.dist_timeout_s"));
     }
 
+    /// Every setting of the section is either in the hash or in `run`: a
+    /// new field must be placed in one of them on purpose.
     #[test]
-    fn target_noise_out_of_range_is_named() {
-        for v in [-0.1, 1.0, f64::NAN] {
-            let c = PretrainConfig {
-                target_noise: v,
-                ..Default::default()
-            };
-            assert!(format!("{:#}", c.validate().unwrap_err()).contains("pretrain.target_noise"));
+    fn every_setting_is_hashed_or_operational() {
+        let cfg = serde_json::to_value(PretrainConfig::default()).unwrap();
+        let hashed = PretrainConfig {
+            all_gather_embeddings: true,
+            target_noise: 0.5,
+            ..Default::default()
+        };
+        let canon = serde_json::to_value(Hashed::of(&hashed)).unwrap();
+        for key in cfg.as_object().unwrap().keys() {
+            assert!(
+                key == "run" || canon.get(key).is_some(),
+                "pretrain.{key} is neither in the hash's canonical form nor in pretrain.run"
+            );
+        }
+        let run = serde_json::to_value(PretrainRun::default()).unwrap();
+        let nested: Vec<&str> = PretrainRun::NESTED_KEYS.iter().map(|(_, k)| *k).collect();
+        for key in run.as_object().unwrap().keys() {
+            assert!(
+                PretrainRun::KEYS.contains(&key.as_str()) || nested.contains(&key.as_str()),
+                "pretrain.run.{key} is missing from PretrainRun::KEYS (configs that give it flat)"
+            );
         }
     }
 
+    /// The hashes of run records written by main on 2026-12-07, before the
+    /// `run` block: changing them makes every run of that time refuse to
+    /// resume.
     #[test]
-    fn data_parallel_keys_keep_old_hashes_and_only_gathering_is_math() {
-        // absent from files at their defaults: runs that predate them hash the same
-        let a = PretrainConfig::default();
-        let json = serde_json::to_string(&a).unwrap();
-        assert!(!json.contains("all_gather_embeddings") && !json.contains("dist_timeout_s"));
-        let mut b = a.clone();
-        b.dist_timeout_s = 20.0;
-        assert_eq!(a.hash(), b.hash());
-        b.all_gather_embeddings = true;
-        assert_ne!(a.hash(), b.hash());
-        b.dist_timeout_s = 0.0;
-        assert!(format!("{:#}", b.validate().unwrap_err()).contains("dist_timeout_s"));
+    fn configs_of_2026_12_07_keep_their_hash() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/run-2026-12-07");
+        for (file, hash) in [
+            (
+                "demo-run.json",
+                "041444103e56effae5f7d1bb8a5676e979268f47b969687a7d1c225c130cf5ce",
+            ),
+            (
+                "demoB-run.json",
+                "aad7e81622b68085e7e77fdbc42b6c7b4e6c5c324b812861bc39e403c7754d20",
+            ),
+        ] {
+            let text = std::fs::read_to_string(root.join(file)).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["config_hash"], hash, "{file}: the fixture's own record");
+            let mut config = v["config"].clone();
+            let moved = crate::runtime::run_block::lift_run_keys(
+                &mut config,
+                "pretrain",
+                PretrainRun::KEYS,
+                PretrainRun::NESTED_KEYS,
+            )
+            .unwrap();
+            assert!(moved.iter().any(|k| k == "workers"), "{file}: {moved:?}");
+            let c: PretrainConfig = serde_json::from_value(config).unwrap();
+            assert_eq!(c.hash(), hash, "{file}");
+        }
     }
 
     #[test]

@@ -381,7 +381,7 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Starts `cfg.workers` threads producing batches from number `start` on.
+    /// Starts `cfg.run.workers` threads producing batches from number `start` on.
     pub fn start(maker: Arc<BatchMaker>, start: u64) -> Result<Loader> {
         Loader::start_sharded(maker, start, 0, 1)
     }
@@ -392,8 +392,8 @@ impl Loader {
     /// disjoint slices of one global stream; together they are batches
     /// `start ..` of a single process, in rank order.
     pub fn start_sharded(maker: Arc<BatchMaker>, start: u64, rank: u64, world: u64) -> Result<Loader> {
-        let workers = maker.cfg.workers.max(1);
-        let prefetch = maker.cfg.prefetch.max(1);
+        let workers = maker.cfg.run.workers.max(1);
+        let prefetch = maker.cfg.run.prefetch.max(1);
         let stop = Arc::new(AtomicBool::new(false));
         let mut rxs = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);

@@ -22,5 +22,5 @@ pub mod steps;
 pub mod targets;
 pub mod trainer;
 
-pub use config::PretrainConfig;
-pub use trainer::{run, Options, Status, Summary};
+pub use config::{PretrainConfig, PretrainRun};
+pub use trainer::{run, Options, Status, StepOutcome, Summary, Trainer};

@@ -209,7 +209,7 @@ impl Pretrainer {
             matched: Vec::new(),
         };
         let a = &self.cfg.align;
-        let transport = a.transport();
+        let transport = a.transport(self.cfg.run.cpu_solver_max_batch);
         for (name, e) in &emb {
             let Some((_, y)) = targets.iter().find(|(n, _)| n == name) else {
                 anyhow::bail!("no target rows named {name} in the batch");

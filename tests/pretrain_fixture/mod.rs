@@ -8,7 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use med3dinsight::artifacts::cache::Plane;
+use med3dinsight::artifacts::cache::{self, Plane};
+use med3dinsight::artifacts::embeddings::{self, Table};
 use med3dinsight::artifacts::npy::{to_bytes, NpyDtype};
 use med3dinsight::preprocess::SliceRow;
 
@@ -55,8 +56,7 @@ impl Fixture {
         let mut rows = Vec::new();
         for c in 0..self.cases {
             let id = format!("case{c}");
-            let cdir = cache.join("cases").join(&id);
-            std::fs::create_dir_all(&cdir).unwrap();
+            std::fs::create_dir_all(cache::case_dir(&cache, &id)).unwrap();
             // an off-centre ellipsoid whose size and brightness vary by case
             let (cx, cy, cz) = (0.4 + 0.05 * c as f32, 0.5, 0.55 - 0.03 * c as f32);
             let r = 0.25 + 0.03 * c as f32;
@@ -79,7 +79,11 @@ impl Fixture {
                     }
                 }
             }
-            std::fs::write(cdir.join("image.npy"), to_bytes(NpyDtype::F16, &self.shape, &vals)).unwrap();
+            std::fs::write(
+                cache::image_npy(&cache, &id),
+                to_bytes(NpyDtype::F16, &self.shape, &vals),
+            )
+            .unwrap();
             for plane in Plane::ALL {
                 let n = self.shape[plane.axis()];
                 for k in 0..self.slices_per_plane {
@@ -95,10 +99,8 @@ impl Fixture {
                 }
             }
         }
-        let index: String = rows.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
-        std::fs::write(cache.join("index.jsonl"), index).unwrap();
-        let emb = cache.join("embeddings");
-        std::fs::create_dir_all(&emb).unwrap();
+        cache::write_index(&cache, &rows).unwrap();
+        std::fs::create_dir_all(cache::embeddings_dir(&cache)).unwrap();
         let table = |dim: usize, salt: u64| {
             let mut e = Vec::with_capacity(rows.len() * dim);
             let mut valid = Vec::with_capacity(rows.len());
@@ -119,15 +121,16 @@ impl Fixture {
                 e.extend(v.into_iter().map(|x| if ok { x } else { 0.0 }));
                 valid.push(ok as u8);
             }
-            let n = rows.len() as i64;
-            [
-                ("embeddings", tch::Tensor::from_slice(&e).view([n, dim as i64])),
-                ("valid", tch::Tensor::from_slice(&valid)),
-            ]
+            Table {
+                dim,
+                embeddings: e,
+                valid,
+                meta: Default::default(),
+            }
         };
-        tch::Tensor::write_safetensors(&table(self.dim, 0), emb.join("text.safetensors")).unwrap();
+        embeddings::write(&cache::table_path(&cache, "text"), &table(self.dim, 0)).unwrap();
         if let Some(d) = self.image_dim {
-            tch::Tensor::write_safetensors(&table(d, 5_000_000), emb.join("image.safetensors")).unwrap();
+            embeddings::write(&cache::table_path(&cache, "image"), &table(d, 5_000_000)).unwrap();
         }
         cache
     }
@@ -163,29 +166,7 @@ pub const TINY: &str = "  device: cpu
 /// Rewrites `path` (a table written by `Fixture::write`) with safetensors
 /// metadata, as the embed stage writes its own.
 pub fn add_metadata(path: &Path, meta: &[(&str, &str)]) {
-    let t = tch::Tensor::read_safetensors(path).unwrap();
-    let get = |n: &str| t.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
-    let (emb, valid) = (get("embeddings"), get("valid"));
-    let e: Vec<f32> = Vec::try_from(emb.flatten(0, -1)).unwrap();
-    let v: Vec<u8> = Vec::try_from(&valid).unwrap();
-    let mut data: Vec<u8> = e.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let elen = data.len();
-    data.extend_from_slice(&v);
-    let m: serde_json::Map<String, serde_json::Value> = meta
-        .iter()
-        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
-        .collect();
-    let header = serde_json::json!({
-        "__metadata__": m,
-        "embeddings": {"dtype": "F32", "shape": emb.size(), "data_offsets": [0, elen]},
-        "valid": {"dtype": "U8", "shape": valid.size(), "data_offsets": [elen, data.len()]},
-    });
-    let mut h = serde_json::to_vec(&header).unwrap();
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&data);
-    std::fs::write(path, out).unwrap();
+    let mut t = embeddings::read(path).unwrap();
+    t.meta = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    embeddings::write(path, &t).unwrap();
 }
