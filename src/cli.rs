@@ -69,6 +69,10 @@ pub enum Cmd {
         /// Cases processed at once (memory grows with this); default: all cores.
         #[arg(long)]
         workers: Option<usize>,
+        /// Override a config key, after the file and its `extends`:
+        /// `--set pretrain.optimizer.lr=1e-4` (repeatable; the value is YAML).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Caption every slice of a cache (descriptor or an OpenAI-compatible server).
     Caption {
@@ -84,6 +88,10 @@ pub enum Cmd {
         /// Captions file; default: <cache>/captions.jsonl.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Override a config key, after the file and its `extends`:
+        /// `--set pretrain.optimizer.lr=1e-4` (repeatable; the value is YAML).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Write an HTML contact sheet of slices beside their captions.
     Inspect {
@@ -113,6 +121,10 @@ pub enum Cmd {
         /// Tables folder; default: <cache>/embeddings (what pretraining reads).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Override a config key, after the file and its `extends`:
+        /// `--set pretrain.optimizer.lr=1e-4` (repeatable; the value is YAML).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Pretrain SwinUNETR + PSAT on a cache's volumes and embeddings.
     Pretrain {
@@ -128,6 +140,10 @@ pub enum Cmd {
         /// Continue from the run folder's newest checkpoint (a fresh start when it has none).
         #[arg(long)]
         resume: bool,
+        /// Override a config key, after the file and its `extends`:
+        /// `--set pretrain.optimizer.lr=1e-4` (repeatable; the value is YAML).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Write a checkpoint's weights for downstream networks (MONAI SwinUNETR
     /// or its encoder), with a model card beside them.
@@ -164,6 +180,10 @@ pub enum Cmd {
         /// Run folder (model.safetensors, metrics.jsonl, finetune.json).
         #[arg(long)]
         out: PathBuf,
+        /// Override a config key, after the file and its `extends`:
+        /// `--set pretrain.optimizer.lr=1e-4` (repeatable; the value is YAML).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Score a fine-tuned run on a cache (Dice and HD95, or accuracy and AUC).
     Evaluate {
@@ -177,6 +197,10 @@ pub enum Cmd {
         /// JSON report; default: <run>/evaluate.json.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Override a config key, after the file and its `extends`:
+        /// `--set pretrain.optimizer.lr=1e-4` (repeatable; the value is YAML).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// How well a pretraining run's 3D read-outs align with a cache's 2D
     /// target embeddings: retrieval (all slices; same plane and bin),
@@ -198,5 +222,9 @@ pub enum Cmd {
         config: PathBuf,
         #[arg(long)]
         workers: Option<usize>,
+        /// Override a config key, after the file and its `extends`:
+        /// `--set pretrain.optimizer.lr=1e-4` (repeatable; the value is YAML).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
 }

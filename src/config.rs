@@ -39,6 +39,58 @@ pub struct Experiment {
     /// Absent: `med3d run` stops after pretraining.
     #[serde(default)]
     pub downstream: Option<crate::downstream::DownstreamConfig>,
+    /// The command line's `--set KEY=VALUE` overrides applied on top of
+    /// the file, as given (recorded in run.json); not a key of the file.
+    #[serde(skip)]
+    pub overrides: Vec<String>,
+}
+
+/// One `--set key.path=value`: the value parsed as YAML (a scalar or a
+/// flow sequence / mapping), the path's keys separated by dots.
+fn parse_override(s: &str) -> Result<(Vec<String>, serde_yaml::Value)> {
+    let Some((key, value)) = s.split_once('=') else {
+        anyhow::bail!("--set {s:?}: expected KEY=VALUE, e.g. pretrain.optimizer.lr=1e-4");
+    };
+    let keys: Vec<String> = key.trim().split('.').map(str::to_string).collect();
+    anyhow::ensure!(
+        keys.iter().all(|k| !k.is_empty()),
+        "--set {s:?}: the key must be dot-separated names, e.g. pretrain.optimizer.lr"
+    );
+    anyhow::ensure!(
+        keys[0] != EXTENDS,
+        "--set {s:?}: `extends` cannot be set from the command line"
+    );
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(value).with_context(|| format!("--set {s:?}: the value is not a YAML value"))?;
+    Ok((keys, value))
+}
+
+/// The overrides as one mapping tree, later ones winning.
+fn overrides_tree(overrides: &[String]) -> Result<serde_yaml::Value> {
+    use serde_yaml::{Mapping, Value};
+    let mut root = Value::Mapping(Mapping::new());
+    for o in overrides {
+        let (keys, value) = parse_override(o)?;
+        let mut at = &mut root;
+        for k in &keys[..keys.len() - 1] {
+            if !at.is_mapping() {
+                *at = Value::Mapping(Mapping::new());
+            }
+            let Value::Mapping(m) = at else {
+                unreachable!("made a mapping above")
+            };
+            at = m
+                .entry(Value::from(k.as_str()))
+                .or_insert(Value::Mapping(Mapping::new()));
+        }
+        if !at.is_mapping() {
+            *at = Value::Mapping(Mapping::new());
+        }
+        if let Value::Mapping(m) = at {
+            m.insert(Value::from(keys[keys.len() - 1].as_str()), value);
+        }
+    }
+    Ok(root)
 }
 
 /// The key that names the preset a config starts from.
@@ -127,6 +179,13 @@ fn lift_sections(value: &mut serde_yaml::Value, path: &Path) -> Result<bool> {
 
 impl Experiment {
     pub fn load(path: &Path) -> Result<Experiment> {
+        Experiment::load_with(path, &[])
+    }
+
+    /// The config at `path` with `--set KEY=VALUE` overrides applied on
+    /// top (after `extends`), before validation: an unknown key or a wrong
+    /// type is the same named error as in the file.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Experiment> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         let plain: serde_yaml::Value =
             serde_yaml::from_str(&text).with_context(|| format!("{}: invalid experiment config", path.display()))?;
@@ -141,6 +200,15 @@ impl Experiment {
             let (v, chain) = resolve_extends(path, &mut Vec::new())?;
             (v, chain, true)
         };
+        let (value, chain) = if overrides.is_empty() {
+            (value, chain)
+        } else {
+            let mut tree = overrides_tree(overrides)?;
+            lift_sections(&mut tree, Path::new("--set"))?;
+            let mut chain = chain;
+            chain.insert(0, format!("--set {}", overrides.join(" --set ")));
+            (merge(value, tree), chain)
+        };
         let mut e: Experiment = if chain.len() == 1 && !lifted {
             // straight from the text, so that errors carry its line numbers
             serde_yaml::from_str(&text).with_context(|| format!("{}: invalid experiment config", path.display()))?
@@ -153,6 +221,7 @@ impl Experiment {
                 )
             })?
         };
+        e.overrides = overrides.to_vec();
         e.pretrain
             .resolve()
             .with_context(|| format!("{}: invalid pretrain section", path.display()))?;
@@ -389,6 +458,54 @@ mod tests {
         std::fs::write(&old, format!("{head}pretrain:\n  run: {{wrokers: 4}}\n")).unwrap();
         let err = format!("{:#}", Experiment::load(&old).unwrap_err());
         assert!(err.contains("wrokers"), "{err}");
+    }
+
+    #[test]
+    fn set_overrides_apply_before_validation_and_name_their_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("e.yaml");
+        std::fs::write(
+            &p,
+            "name: x\nmanifest: m.yaml\nworkdir: w\npretrain:\n  optimizer: {lr: 0.5, weight_decay: 0.1}\n  run: {workers: 4}\n",
+        )
+        .unwrap();
+        let set = |o: &[&str]| Experiment::load_with(&p, &o.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let e = set(&[
+            "pretrain.optimizer.lr=1e-4",
+            "pretrain.input_size=[64, 64, 96]",
+            "pretrain.psat={layers: 2, heads: 4}",
+            "name=sweep-1",
+            "pretrain.checkpoint_every=3",
+            "downstream.num_classes=3",
+        ])
+        .unwrap();
+        let o = &e.pretrain.optimizer;
+        // key by key: weight_decay kept from the file
+        assert_eq!((o.lr, o.weight_decay), (1e-4, 0.1));
+        assert_eq!(e.pretrain.input_size, Some([64, 64, 96]));
+        assert_eq!((e.pretrain.psat.layers, e.pretrain.psat.heads), (2, 4));
+        assert_eq!(e.name, "sweep-1");
+        // a flat operational key lands in run beside the file's
+        assert_eq!((e.pretrain.run.workers, e.pretrain.run.checkpoint_every), (4, 3));
+        assert_eq!(e.downstream.as_ref().unwrap().num_classes, 3);
+        assert_eq!(e.overrides.len(), 6);
+        assert_ne!(e.pretrain.hash(), Experiment::load(&p).unwrap().pretrain.hash());
+        // the last of two wins
+        let e = set(&["pretrain.batch_size=3", "pretrain.batch_size=5"]).unwrap();
+        assert_eq!(e.pretrain.batch_size, 5);
+        // an unknown key, a wrong type, an invalid value, a malformed --set
+        for (o, want) in [
+            ("pretrain.optimizer.lrr=1", "lrr"),
+            ("pretrain.batch_size=many", "batch_size"),
+            ("pretrain.batch_size=1", "pretrain.batch_size must be at least 2"),
+            ("pretrain.optimizer.lr", "expected KEY=VALUE"),
+            ("pretrain..lr=1", "dot-separated"),
+            ("extends=other.yaml", "`extends` cannot be set"),
+        ] {
+            let err = format!("{:#}", set(&[o]).unwrap_err());
+            assert!(err.contains(want), "--set {o}: {err}");
+            assert!(err.contains("e.yaml") || err.contains("--set"), "--set {o}: {err}");
+        }
     }
 
     #[test]

@@ -71,8 +71,9 @@ fn real_main() -> Result<End> {
             out,
             shard,
             workers: w,
+            set,
         } => {
-            let exp = Experiment::load(&config)?;
+            let exp = Experiment::load_with(&config, &set)?;
             let manifest = Manifest::load(manifest.as_ref().unwrap_or(&exp.manifest))?;
             let shard = shard.as_deref().map(Shard::parse).transpose()?.unwrap_or(Shard::ALL);
             let out = out.unwrap_or_else(|| exp.cache_dir());
@@ -83,8 +84,9 @@ fn real_main() -> Result<End> {
             config,
             shard,
             out,
+            set,
         } => {
-            let exp = Experiment::load(&config)?;
+            let exp = Experiment::load_with(&config, &set)?;
             let shard = shard.as_deref().map(Shard::parse).transpose()?.unwrap_or(Shard::ALL);
             let cache = cache.unwrap_or_else(|| exp.cache_dir());
             let out = out.unwrap_or_else(|| captions_path(&cache));
@@ -113,8 +115,9 @@ fn real_main() -> Result<End> {
             config,
             captions,
             out,
+            set,
         } => {
-            let exp = Experiment::load(&config)?;
+            let exp = Experiment::load_with(&config, &set)?;
             let cache = cache.unwrap_or_else(|| exp.cache_dir());
             pipeline::embed(&exp, &cache, captions, out).map(End::from)
         }
@@ -123,8 +126,9 @@ fn real_main() -> Result<End> {
             config,
             out,
             resume,
+            set,
         } => {
-            let exp = Experiment::load(&config)?;
+            let exp = Experiment::load_with(&config, &set)?;
             let cache = cache.unwrap_or_else(|| exp.cache_dir());
             let out = out.unwrap_or_else(|| exp.run_dir());
             pipeline::pretrain(&exp, &cache, &out, resume)
@@ -154,8 +158,9 @@ fn real_main() -> Result<End> {
             manifest,
             config,
             out,
+            set,
         } => {
-            let exp = Experiment::load(&config)?;
+            let exp = Experiment::load_with(&config, &set)?;
             let d = pipeline::downstream_of(&exp, &config)?;
             let cache = cache.unwrap_or_else(|| exp.cache_dir());
             let mut ok = true;
@@ -171,9 +176,10 @@ fn real_main() -> Result<End> {
             cache,
             config,
             out,
+            set,
         } => {
             let sw = match config {
-                Some(c) => Some(pipeline::downstream_of(&Experiment::load(&c)?, &c)?.sliding_window),
+                Some(c) => Some(pipeline::downstream_of(&Experiment::load_with(&c, &set)?, &c)?.sliding_window),
                 None => None,
             };
             pipeline::evaluate(&run, &cache, sw, out).map(End::from)
@@ -184,7 +190,11 @@ fn real_main() -> Result<End> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(End::Ok)
         }
-        Cmd::Run { config, workers: w } => pipeline::run(&config, w),
+        Cmd::Run {
+            config,
+            workers: w,
+            set,
+        } => pipeline::run(&config, &set, w),
     }
 }
 

@@ -71,6 +71,7 @@ fn report_matches_scikit_learn_and_follows_the_checkpoint() {
         out: run.clone(),
         resume: false,
         handle_signals: false,
+        overrides: Vec::new(),
     };
     train::run(&exp.pretrain, &opts).unwrap();
 

@@ -19,6 +19,7 @@ fn opts(cache: &std::path::Path, out: &std::path::Path) -> train::Options {
         out: out.to_path_buf(),
         resume: false,
         handle_signals: false,
+        overrides: Vec::new(),
     }
 }
 

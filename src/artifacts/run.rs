@@ -183,6 +183,11 @@ pub struct RunRecord<C> {
     pub noisy_slices: usize,
     pub cases: Option<usize>,
     pub skipped_cases: Vec<(String, String)>,
+    /// The `--set KEY=VALUE` overrides given on the command line (their
+    /// effect is already in `config`). The one field with a default:
+    /// records written before it existed had none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<String>,
 }
 
 impl<C: RunConfig> RunRecord<C> {

@@ -123,6 +123,7 @@ pub fn pretrain(exp: &Experiment, cache: &Path, out: &Path, resume: bool) -> Res
         out: out.to_path_buf(),
         resume,
         handle_signals: true,
+        overrides: exp.overrides.clone(),
     };
     let s = guarded("pretrain", || train::run(&exp.pretrain, &opts))?;
     if s.rank == 0 {
@@ -200,8 +201,8 @@ pub fn evaluate_alignment(req: &crate::train::alignment_eval::Request) -> Result
 }
 
 /// `med3d run`: every stage of one experiment in order, skipping what is done.
-pub fn run(config: &Path, w: Option<usize>) -> Result<End> {
-    let exp = Experiment::load(config)?;
+pub fn run(config: &Path, overrides: &[String], w: Option<usize>) -> Result<End> {
+    let exp = Experiment::load_with(config, overrides)?;
     let at = |stage: &str| format!("experiment {}: {stage}", exp.name);
     let manifest = Manifest::load(&exp.manifest)?;
     let cache = exp.cache_dir();

@@ -45,6 +45,9 @@ pub struct Options {
     pub resume: bool,
     /// Checkpoint and stop on SIGTERM / SIGINT (a second SIGINT exits at once).
     pub handle_signals: bool,
+    /// The command line's `--set` overrides the config came with, recorded
+    /// in run.json.
+    pub overrides: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -335,6 +338,7 @@ impl Trainer {
             noisy_slices: ds.noisy_slices,
             cases: Some(ds.cases.len()),
             skipped_cases: ds.skipped_cases.clone(),
+            overrides: opts.overrides.clone(),
         };
         if main {
             record.write(&opts.out)?;
