@@ -158,6 +158,14 @@ fn finetuning_raises_the_training_dice() {
     assert!(lines.iter().all(|l| l["dice_loss"].is_f64() && l["ce_loss"].is_f64()));
     let loss = |i: usize| lines[i]["loss"].as_f64().unwrap();
     assert!(loss(11) < loss(0), "loss {} -> {}", loss(0), loss(11));
+    // TensorBoard's reader: every step scalar, and evaluate's scores at the last step
+    let tb = med3dinsight::artifacts::run::tensorboard_dir(&r12);
+    common::assert_tensorboard_has(&tb, &lines);
+    let scalars = common::tensorboard(&tb);
+    let point = |tag: &str| scalars[tag].iter().map(|&(s, v)| (s, v as f32)).collect::<Vec<_>>();
+    assert_eq!(point("val/mean_dice"), vec![(12, after as f32)]);
+    let d2 = e12["per_class"]["dice_mean"][1].as_f64().unwrap();
+    assert_eq!(point("val/dice_class2"), vec![(12, d2 as f32)]);
 }
 
 #[test]

@@ -8,7 +8,9 @@
 //! - `npy`: the cache's volumes and labels (.npy, memory-mapped);
 //! - `embeddings`: embedding tables (safetensors);
 //! - `run`: pretraining run folders (run.json, checkpoints and their one
-//!   reader, metrics, exports) and fine-tuning run folders.
+//!   reader, metrics, exports) and fine-tuning run folders;
+//! - `events`: TensorBoard event files (the `tensorboard/` folder of both
+//!   kinds of run folder).
 //!
 //! Three records keep their reader and writer beside the stage that owns
 //! their meaning, because they carry that stage's types: captions.jsonl
@@ -18,5 +20,6 @@
 //! stages read them only through those typed readers.
 pub mod cache;
 pub mod embeddings;
+pub mod events;
 pub mod npy;
 pub mod run;

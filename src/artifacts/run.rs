@@ -6,6 +6,7 @@
 //! <workdir>/runs/<name>/                        the run (`med3d pretrain --out`)
 //!   run.json                                    RunRecord: what trains, on what
 //!   metrics.jsonl  loss.png  summary.json
+//!   tensorboard/events.out.tfevents.*               every metrics.jsonl scalar
 //!   checkpoints/step-00001000/model.safetensors     the var store
 //!   checkpoints/step-00001000/optimizer.safetensors exp_avg.<var>, exp_avg_sq.<var>
 //!   checkpoints/step-00001000/state.json            State: step, data position, hashes
@@ -13,6 +14,7 @@
 //!   export/swinunetr.safetensors | encoder.safetensors | nnunet_pretrained.pth (+ .card.json)
 //! <workdir>/finetune/<name>/                    a fine-tuning run
 //!   model.safetensors  metrics.jsonl  finetune.json  evaluate.json
+//!   tensorboard/events.out.tfevents.*           step scalars, evaluate's scores
 //! ```
 //!
 //! [`Checkpoint`] is the one reader of a checkpoint, for resume, export,
@@ -143,6 +145,12 @@ pub fn finetune_json(dir: &Path) -> PathBuf {
 /// A fine-tuning run's evaluation.
 pub fn evaluate_json(dir: &Path) -> PathBuf {
     dir.join("evaluate.json")
+}
+
+/// A run folder's TensorBoard event files (pretraining and fine-tuning
+/// alike): `tensorboard --logdir RUN/tensorboard`.
+pub fn tensorboard_dir(dir: &Path) -> PathBuf {
+    dir.join("tensorboard")
 }
 
 /// A fine-tuning run's per-step log.

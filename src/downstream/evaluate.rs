@@ -94,6 +94,9 @@ pub fn run(opts: &Options) -> Result<Report> {
         failed_cases: failed,
     };
     crate::fsutil::atomic_write(&opts.out, &serde_json::to_vec_pretty(&evaluation)?)?;
+    // The scores beside the run's training curves, at its last step.
+    let mut events = crate::artifacts::events::EventWriter::create(&crate::artifacts::run::tensorboard_dir(&opts.run))?;
+    events.scalars(summary.steps.max(1), &evaluation.scores.scalars())?;
     let line = format!(
         "{line}{} -> {}",
         if n_failed == 0 {

@@ -134,6 +134,15 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
     let mut opt = Adam::new(&vs, &cfg.optimizer);
 
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+    // A fine-tuning run is redone whole: so are its event files.
+    let tb = crate::artifacts::run::tensorboard_dir(&opts.out);
+    match std::fs::remove_dir_all(&tb) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot clear {}", tb.display()))
+        }
+        _ => {}
+    }
+    let mut events = crate::artifacts::events::EventWriter::create(&tb)?;
     let mut metrics = Vec::new();
     let (mut first, mut last) = (None, None);
     for step in 0..cfg.steps {
@@ -167,14 +176,16 @@ pub fn run(cfg: &DownstreamConfig, opts: &Options) -> Result<Summary> {
             }
             let lr = lr_at(&cfg.optimizer, step, cfg.steps);
             opt.step(lr);
-            metrics.push(serde_json::to_string(&StepLine {
+            let line = StepLine {
                 step: step + 1,
                 dice_loss,
                 ce_loss,
                 loss: value,
                 lr,
                 grad_norm: norm,
-            })?);
+            };
+            events.scalars(line.step, &crate::artifacts::events::numeric_fields(&line, &["step"]))?;
+            metrics.push(serde_json::to_string(&line)?);
             first.get_or_insert(value);
             last = Some(value);
             Ok(())

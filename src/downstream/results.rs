@@ -102,6 +102,32 @@ pub enum Scores {
     Classification(Classification),
 }
 
+impl Scores {
+    /// The summary scores as TensorBoard scalars (`val/...`); NaN scores
+    /// (a class absent everywhere) are left out.
+    pub fn scalars(&self) -> Vec<(String, f64)> {
+        let mut v = Vec::new();
+        match self {
+            Scores::Segmentation(s) => {
+                v.push(("val/mean_dice".to_string(), s.mean.dice.0));
+                v.push(("val/mean_hd95".to_string(), s.mean.hd95.0));
+                for (c, d) in s.classes.iter().zip(&s.per_class.dice_mean) {
+                    v.push((format!("val/dice_class{c}"), d.0));
+                }
+                for (c, h) in s.classes.iter().zip(&s.per_class.hd95_mean) {
+                    v.push((format!("val/hd95_class{c}"), h.0));
+                }
+            }
+            Scores::Classification(c) => {
+                v.push(("val/accuracy".to_string(), c.accuracy.0));
+                v.push(("val/auc".to_string(), c.auc.0));
+            }
+        }
+        v.retain(|(_, x)| x.is_finite());
+        v
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Segmentation {

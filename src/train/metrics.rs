@@ -2,12 +2,19 @@
 //! optimiser step, appended and flushed as the step ends. On resume the
 //! lines after the checkpoint's step are dropped (they are replayed), so
 //! the log of a resumed run reads like that of an uninterrupted one.
+//!
+//! Every numeric field of a line is also a TensorBoard scalar of the same
+//! name (`RUN/tensorboard/`, see [`crate::artifacts::events`]): a writer
+//! opened at step `upto` starts a new event file that tells TensorBoard to
+//! drop the earlier files' points after `upto`, as the lines are dropped.
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::artifacts::events::{numeric_fields, EventWriter};
 
 /// One step. Loss values are `null` for a step skipped as non-finite.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,7 +48,11 @@ pub struct StepMetrics {
 pub struct MetricsLog {
     path: PathBuf,
     file: std::fs::File,
+    events: EventWriter,
 }
+
+/// Fields of a line that are not scalars to plot.
+const NOT_SCALARS: &[&str] = &["step"];
 
 /// Reads a metrics log, skipping a torn last line.
 pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
@@ -76,7 +87,9 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(MetricsLog { path, file })
+        let mut events = EventWriter::create(&crate::artifacts::run::tensorboard_dir(run))?;
+        events.start_at(upto + 1)?;
+        Ok(MetricsLog { path, file, events })
     }
 
     pub fn append(&mut self, m: &StepMetrics) -> Result<()> {
@@ -85,7 +98,8 @@ impl MetricsLog {
         self.file
             .write_all(line.as_bytes())
             .and_then(|_| self.file.flush())
-            .with_context(|| format!("cannot append to {}", self.path.display()))
+            .with_context(|| format!("cannot append to {}", self.path.display()))?;
+        self.events.scalars(m.step, &numeric_fields(m, NOT_SCALARS))
     }
 
     pub fn path(&self) -> &Path {

@@ -436,3 +436,44 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// Every scalar of a TensorBoard log folder as TensorBoard's own reader
+/// (EventAccumulator, from the venv's `tensorboard`) sees it: tag ->
+/// [(step, value)].
+pub fn tensorboard(logdir: &Path) -> BTreeMap<String, Vec<(u64, f64)>> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/tb_scalars.py");
+    let out = Command::new(python()).arg(script).arg(logdir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "tensorboard's reader failed on {}: {}",
+        logdir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Checks that TensorBoard's reader finds, at each line's step, every
+/// numeric field of `lines` (metrics.jsonl) but `step`, once, with the
+/// value as a float32; and no other point under those tags.
+pub fn assert_tensorboard_has(logdir: &Path, lines: &[serde_json::Value]) {
+    let tb = tensorboard(logdir);
+    let mut want: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+    for l in lines {
+        let step = l["step"].as_u64().unwrap();
+        for (k, v) in l.as_object().unwrap() {
+            if let (true, Some(v)) = (k != "step", v.as_f64()) {
+                want.entry(k.clone()).or_default().push((step, v));
+            }
+        }
+    }
+    assert!(!want.is_empty());
+    for (tag, points) in &want {
+        let got = tb
+            .get(tag)
+            .unwrap_or_else(|| panic!("tag {tag} not in {} (has {:?})", logdir.display(), tb.keys()));
+        // compared as float32, what TensorBoard stores (serde_json's
+        // default float parsing may move an f64's last bit)
+        let f32s = |p: &[(u64, f64)]| p.iter().map(|&(s, v)| (s, v as f32)).collect::<Vec<_>>();
+        assert_eq!(f32s(got), f32s(points), "tag {tag}");
+    }
+}
