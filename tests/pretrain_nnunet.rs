@@ -198,6 +198,34 @@ fn pretrains_resumes_and_exports_for_nnunet() {
         String::from_utf8_lossy(&o.stderr)
     );
     let theirs: HashMap<String, Tensor> = Tensor::read_safetensors(&theirs_path).unwrap().into_iter().collect();
+
+    // nnssl's layout: the adaptation plan checked against the plans and
+    // what pretraining used, and loaded as nnU-Net's pretrained trainer does
+    let nnssl = d.path().join("export").join("resenc_nnssl.pth");
+    let (ok, log) = med3d(&["export", "--run", &s(&run), "--format", "nnssl", "--out", &s(&nnssl)]);
+    assert!(ok, "nnssl export failed:\n{log}");
+    let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    let cache_dir = std::path::PathBuf::from(rec["cache"].as_str().unwrap());
+    let info = med3dinsight::artifacts::cache::CacheInfo::read(&cache_dir).unwrap();
+    let join = |v: Vec<String>| v.join(",");
+    let spacing = join(info.preprocess.spacing.iter().map(|v| v.to_string()).collect());
+    let patch = match rec["config"]["input_size"].as_array() {
+        Some(a) => join(a.iter().map(|v| v.to_string()).collect()),
+        None => join(info.preprocess.roi.iter().map(|v| v.to_string()).collect()),
+    };
+    let o = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/nnunet_net.py"))
+        .args(["nnssl-check", &s(&plans()), "3d_fullres", &s(&nnssl), &spacing, &patch])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "the nnssl export fails nnU-Net's reading of it:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(nnssl.with_extension("card.json")).unwrap()).unwrap();
+    assert_eq!(card["variant"], "nnssl");
     for (name, a, b) in [
         ("logits", &ours.logits, &theirs["logits"]),
         ("bottleneck", ours.bottleneck(), &theirs["bottleneck"]),

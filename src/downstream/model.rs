@@ -189,7 +189,7 @@ pub fn load_export(
     let card = read_card(path)?;
     let nnunet_backbone = matches!(cfg.backbone, BackboneConfig::Nnunet(_));
     ensure!(
-        (card.variant == Variant::Nnunet) == nnunet_backbone,
+        card.variant.holds_nnunet_network() == nnunet_backbone,
         "{}: a {:?} export does not initialise downstream.backbone {} ({config_name})",
         path.display(),
         card.variant.name(),
@@ -207,7 +207,7 @@ pub fn load_export(
                     .collect()
             }
         }
-        Variant::Nnunet => nnunet_weights(path, vs, net.aliases())?,
+        Variant::Nnunet | Variant::Nnssl => nnunet_weights(path, vs, net.aliases())?,
         Variant::TrainingState => bail!(
             "{}: a training_state export holds the whole pretraining store; fine-tune from \
              `med3d export --format monai-swinunetr` (or --format nnunet)",
@@ -232,7 +232,7 @@ pub fn load_export(
             ));
             Box::new(|k: &str| !k.starts_with(ENCODER_PREFIX))
         }
-        (Task::Segmentation, Variant::Nnunet) => {
+        (Task::Segmentation, Variant::Nnunet | Variant::Nnssl) => {
             let head = "decoder.seg_layers.";
             let differ = tensors
                 .iter()

@@ -79,6 +79,8 @@ pub enum Variant {
     /// An nnU-Net network's state dict under `network_weights`, as
     /// `torch.save` writes it (nnU-Net's `-pretrained_weights`).
     Nnunet,
+    /// The same, with nnssl's adaptation plan (`nnssl_adaptation_plan`).
+    Nnssl,
 }
 
 impl Variant {
@@ -89,7 +91,13 @@ impl Variant {
             Variant::Encoder => "encoder",
             Variant::TrainingState => "training_state",
             Variant::Nnunet => "nnunet",
+            Variant::Nnssl => "nnssl",
         }
+    }
+
+    /// Whether the file holds an nnU-Net network under `network_weights`.
+    pub fn holds_nnunet_network(self) -> bool {
+        matches!(self, Variant::Nnunet | Variant::Nnssl)
     }
 }
 
@@ -110,7 +118,7 @@ pub struct NnunetModel {
 }
 
 /// The nnU-Net entry of a card for an nnU-Net backbone exported to `out`.
-pub fn nnunet_model(n: &crate::model::backbone::NnunetConfig, out: &Path) -> Result<NnunetModel> {
+pub fn nnunet_model(n: &crate::model::backbone::NnunetConfig, out: &Path, variant: Variant) -> Result<NnunetModel> {
     let r = n
         .resolved
         .as_ref()
@@ -129,10 +137,18 @@ pub fn nnunet_model(n: &crate::model::backbone::NnunetConfig, out: &Path) -> Res
             r.plans_name,
             out.display()
         ),
-        note: "torch.load(file)['network_weights'] is the state dict of the network nnU-Net builds from these \
-               plans (every key, aliases included); nnU-Net's load_pretrained_weights loads all of it but \
-               the seg_layers, which fine-tuning builds for its own classes"
-            .into(),
+        note: if variant == Variant::Nnssl {
+            "nnssl's checkpoint layout: torch.load(file, weights_only=True) is {'network_weights': the state dict \
+             of the network nnU-Net builds from these plans, 'nnssl_adaptation_plan': the plan nnU-Net's \
+             pretrained fine-tuning reads (nnUNetv2_preprocess_like_nnssl, nnUNetv2_train_pretrained; nnU-Net's \
+             master branch after 2.8.1, see its documentation finetuning_from_nnssl_checkpoints.md)}; the \
+             command above (-pretrained_weights, in every nnU-Net v2 release) reads network_weights alone"
+        } else {
+            "torch.load(file)['network_weights'] is the state dict of the network nnU-Net builds from these \
+             plans (every key, aliases included); nnU-Net's load_pretrained_weights loads all of it but \
+             the seg_layers, which fine-tuning builds for its own classes"
+        }
+        .into(),
     })
 }
 
@@ -287,7 +303,7 @@ pub fn monai_model(variant: Variant, c: &SwinUnetrConfig) -> Option<MonaiModel> 
                    prefix load into SwinUNETR.swinViT"
                 .into(),
         }),
-        Variant::TrainingState | Variant::Nnunet => None,
+        Variant::TrainingState | Variant::Nnunet | Variant::Nnssl => None,
     }
 }
 
@@ -297,7 +313,13 @@ mod tests {
 
     #[test]
     fn variant_names_are_what_cards_record() {
-        for v in [Variant::Full, Variant::Encoder, Variant::TrainingState, Variant::Nnunet] {
+        for v in [
+            Variant::Full,
+            Variant::Encoder,
+            Variant::TrainingState,
+            Variant::Nnunet,
+            Variant::Nnssl,
+        ] {
             assert_eq!(serde_json::to_value(v).unwrap(), v.name());
             assert_eq!(serde_json::from_value::<Variant>(v.name().into()).unwrap(), v);
         }

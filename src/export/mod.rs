@@ -14,6 +14,7 @@
 //! its config is refused, not exported. Files are written to a temporary
 //! name and renamed; the card is written last.
 pub mod card;
+pub mod nnssl;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,10 @@ pub enum Format {
     /// nnU-Net's checkpoint layout (`network_weights`: the network's whole
     /// state dict), for `nnUNetv2_train ... -pretrained_weights`.
     Nnunet,
+    /// nnssl's checkpoint layout: `network_weights` and the adaptation plan
+    /// (`nnssl_adaptation_plan`) that nnU-Net's pretrained fine-tuning
+    /// reads (see [`nnssl`]).
+    Nnssl,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +82,7 @@ fn variant(req: &Request) -> Variant {
         (Format::MonaiSwinunetr, false) => Variant::Full,
         (Format::MonaiSwinunetr, true) => Variant::Encoder,
         (Format::Nnunet, _) => Variant::Nnunet,
+        (Format::Nnssl, _) => Variant::Nnssl,
     }
 }
 
@@ -87,10 +93,13 @@ fn check_format(req: &Request, backbone: &BackboneConfig) -> Result<()> {
         (Format::MonaiSwinunetr, BackboneConfig::Nnunet(_)) => {
             bail!("--format monai-swinunetr: the run's backbone is nnU-Net's {name}; export it with --format nnunet")
         }
-        (Format::Nnunet, BackboneConfig::SwinUnetr(_)) => {
-            bail!("--format nnunet: the run's backbone is SwinUNETR; export it with --format monai-swinunetr")
+        (Format::Nnunet | Format::Nnssl, BackboneConfig::SwinUnetr(_)) => {
+            bail!(
+                "--format {}: the run's backbone is SwinUNETR; export it with --format monai-swinunetr",
+                if req.format == Format::Nnssl { "nnssl" } else { "nnunet" }
+            )
         }
-        (Format::Nnunet, _) if req.encoder_only => {
+        (Format::Nnunet | Format::Nnssl, _) if req.encoder_only => {
             bail!("--encoder-only applies to --format monai-swinunetr; nnU-Net loads the whole network")
         }
         _ => Ok(()),
@@ -223,7 +232,7 @@ pub fn run(req: &Request) -> Result<Exported> {
     let tensors = named.len();
     match variant {
         Variant::Encoder => write_tensors(&mut named, &req.out)?,
-        Variant::Nnunet => {
+        Variant::Nnunet | Variant::Nnssl => {
             // PyTorch's state dict names some tensors twice (see
             // model::nnunet::net); nnU-Net's loader asks for every name.
             for (alias, name) in net.aliases() {
@@ -233,7 +242,20 @@ pub fn run(req: &Request) -> Result<Exported> {
                 named.push((alias.clone(), t.shallow_clone()));
             }
             named.sort_by(|a, b| a.0.cmp(&b.0));
-            crate::model::torch_save::save_nested(&req.out, "network_weights", &named)?;
+            let plan = match (&rec.config.backbone, variant) {
+                (BackboneConfig::Nnunet(n), Variant::Nnssl) => {
+                    let pre = read_preprocess(rec.cache.as_deref()).with_context(|| {
+                        format!(
+                            "--format nnssl records the spacing pretraining used: the run's cache ({}) has no readable cache.json",
+                            rec.cache.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
+                        )
+                    })?;
+                    Some(nnssl::adaptation_plan(n, &pre, rec.config.input_size)?)
+                }
+                _ => None,
+            };
+            let extra: Vec<(&str, &serde_json::Value)> = plan.iter().map(|p| ("nnssl_adaptation_plan", p)).collect();
+            crate::model::torch_save::save_checkpoint(&req.out, "network_weights", &named, &extra)?;
         }
         _ => save_safetensors(store, &req.out)?,
     }
@@ -261,7 +283,9 @@ pub fn run(req: &Request) -> Result<Exported> {
             BackboneConfig::Nnunet(_) => None,
         },
         nnunet: match &cfg.backbone {
-            BackboneConfig::Nnunet(n) if variant == Variant::Nnunet => Some(card::nnunet_model(n, &req.out)?),
+            BackboneConfig::Nnunet(n) if matches!(variant, Variant::Nnunet | Variant::Nnssl) => {
+                Some(card::nnunet_model(n, &req.out, variant)?)
+            }
             _ => None,
         },
         input: InputSpec {

@@ -67,6 +67,44 @@ impl Pickle {
         }
         self.op(b't');
     }
+    /// A JSON value as plain Python objects (dict, list, str, int,
+    /// float, bool, None), all of which `weights_only=True` allows.
+    fn value(&mut self, v: &serde_json::Value) {
+        use serde_json::Value;
+        match v {
+            Value::Null => self.op(b'N'),
+            Value::Bool(b) => self.op(if *b { 0x88 } else { 0x89 }), // NEWTRUE / NEWFALSE
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => self.int(i),
+                None => {
+                    self.op(b'G'); // BINFLOAT, big-endian
+                    self.0.extend_from_slice(&n.as_f64().unwrap_or(f64::NAN).to_be_bytes());
+                }
+            },
+            Value::String(s) => self.string(s),
+            Value::Array(a) => {
+                self.op(b']'); // EMPTY_LIST
+                if !a.is_empty() {
+                    self.op(b'(');
+                    for x in a {
+                        self.value(x);
+                    }
+                    self.op(b'e'); // APPENDS
+                }
+            }
+            Value::Object(m) => {
+                self.op(b'}');
+                if !m.is_empty() {
+                    self.op(b'(');
+                    for (k, x) in m {
+                        self.string(k);
+                        self.value(x);
+                    }
+                    self.op(b'u');
+                }
+            }
+        }
+    }
     fn ordered_dict(&mut self) {
         self.global("collections", "OrderedDict");
         self.op(b')'); // EMPTY_TUPLE
@@ -77,6 +115,17 @@ impl Pickle {
 /// Writes `{outer_key: OrderedDict(named)}` atomically at `path`, in the
 /// order given. Tensors are written contiguous, from the CPU.
 pub fn save_nested(path: &Path, outer_key: &str, named: &[(String, Tensor)]) -> Result<()> {
+    save_checkpoint(path, outer_key, named, &[])
+}
+
+/// Writes `{outer_key: OrderedDict(named), key: value, ...}` atomically at
+/// `path`: the state dict, then each `extra` entry as plain Python values.
+pub fn save_checkpoint(
+    path: &Path,
+    outer_key: &str,
+    named: &[(String, Tensor)],
+    extra: &[(&str, &serde_json::Value)],
+) -> Result<()> {
     let archive = path
         .file_stem()
         .and_then(|s| s.to_str())
@@ -123,6 +172,11 @@ pub fn save_nested(path: &Path, outer_key: &str, named: &[(String, Tensor)]) -> 
     }
     p.op(b'u'); // SETITEMS
     p.op(b's'); // SETITEM
+    for (k, v) in extra {
+        p.string(k);
+        p.value(v);
+        p.op(b's');
+    }
     p.op(b'.'); // STOP
 
     let tmp = tmp_path(path);

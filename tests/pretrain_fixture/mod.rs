@@ -1,6 +1,6 @@
 //! A small synthetic cache for the pretrain tests, laid out exactly as
 //! `med3d preprocess` + `med3d embed` lay theirs out: float16 volumes,
-//! `index.jsonl`, and `embeddings/text.safetensors` (and optionally
+//! `index.jsonl`, `cache.json`, and `embeddings/text.safetensors` (and optionally
 //! `image.safetensors`) with rows in index order and a `valid` mask.
 //! Target rows depend on the case, the plane and the position, so there is
 //! something to align; a few rows are invalid, as uncaptioned slices are.
@@ -100,6 +100,19 @@ impl Fixture {
             }
         }
         cache::write_index(&cache, &rows).unwrap();
+        let preprocess = cache::PreprocessConfig {
+            roi: self.shape,
+            slices_per_plane: self.slices_per_plane,
+            ..Default::default()
+        };
+        cache::CacheInfo {
+            format: cache::CACHE_FORMAT,
+            med3d_version: med3dinsight::VERSION.to_string(),
+            config_hash: preprocess.hash(),
+            preprocess,
+        }
+        .write(&cache)
+        .unwrap();
         std::fs::create_dir_all(cache::embeddings_dir(&cache)).unwrap();
         let table = |dim: usize, salt: u64| {
             let mut e = Vec::with_capacity(rows.len() * dim);

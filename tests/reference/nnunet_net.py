@@ -25,6 +25,16 @@ Usage:
       whose seg_layers are then copied from the file; the latter's logits
       on INPUT's "input" go to OUT (with "bottleneck": the last encoder
       stage's output).
+  python nnunet_net.py nnssl-check PLANS CONFIG EXPORT SPACING PATCH
+      torch.load(EXPORT, weights_only=True) must be nnssl's checkpoint dict:
+      "network_weights" and "nnssl_adaptation_plan" with every field nnssl
+      writes and nnU-Net's pretrained fine-tuning reads, checked against
+      the plans and against SPACING and PATCH (what pretraining used, in
+      med3d's x,y,z order, comma-separated); the network nnunetv2 builds
+      from the plan's own architecture_plans (by nnssl's short class name)
+      takes the plan's encoder and stem prefixes strictly, as nnU-Net's
+      pretrained trainer loads them, and load_pretrained_weights takes the
+      whole file.
 """
 import json
 import sys
@@ -102,6 +112,58 @@ def main():
             skips = net.encoder(x)
             y = net.decoder(skips)
         save_file({"logits": y.contiguous(), "bottleneck": skips[-1].contiguous()}, out)
+    elif mode == "nnssl-check":
+        plans_path, config, export, spacing, patch = sys.argv[2:7]
+        saved = torch.load(export, weights_only=True)
+        assert set(saved) == {"network_weights", "nnssl_adaptation_plan"}, list(saved)
+        weights, plan = saved["network_weights"], saved["nnssl_adaptation_plan"]
+        json.dumps(plan)  # plain values only
+        want_keys = {"architecture_plans", "pretrain_plan", "pretrain_num_input_channels",
+                     "recommended_downstream_patchsize", "key_to_encoder", "key_to_stem", "keys_to_in_proj",
+                     "key_to_lpe"}
+        assert set(plan) == want_keys, sorted(plan)
+        plans = json.loads(Path(plans_path).read_text())
+        cm = PlansManager(plans_path).get_configuration(config)
+        arch = cm.configuration["architecture"]
+        ap = plan["architecture_plans"]
+        assert set(ap) == {"arch_class_name", "arch_kwargs", "arch_kwargs_requiring_import"}, sorted(ap)
+        assert arch["network_class_name"].split(".")[-1] == ap["arch_class_name"] == "ResidualEncoderUNet"
+        assert ap["arch_kwargs"] == arch["arch_kwargs"]
+        assert ap["arch_kwargs_requiring_import"] == arch["_kw_requires_import"]
+        pp = plan["pretrain_plan"]
+        want_pp = {"dataset_name", "plans_name", "original_median_spacing_after_transp", "image_reader_writer",
+                   "transpose_forward", "transpose_backward", "configurations", "experiment_planner_used"}
+        assert set(pp) == want_pp, sorted(pp)
+        assert (pp["dataset_name"], pp["plans_name"]) == (plans["dataset_name"], plans["plans_name"])
+        tf = plans.get("transpose_forward", [0, 1, 2])
+        assert pp["transpose_forward"] == tf
+        assert [tf[i] for i in pp["transpose_backward"]] == [0, 1, 2]
+        assert list(pp["configurations"]) == [config]
+        c = pp["configurations"][config]
+        assert c["spacing_style"] in ("onemmiso", "median", "noresample")
+        # med3d's x, y, z -> nnU-Net's axes: network axis i is volume axis 2 - tf[i]
+        sp = [float(v) for v in spacing.split(",")]
+        pa = [int(v) for v in patch.split(",")]
+        assert c["spacing"] == [sp[2 - t] for t in tf], (c["spacing"], sp, tf)
+        assert c["patch_size"] == [pa[2 - t] for t in tf], (c["patch_size"], pa, tf)
+        assert c["normalization_schemes"] == cm.normalization_schemes
+        assert plan["recommended_downstream_patchsize"] == list(cm.patch_size)
+        assert plan["pretrain_num_input_channels"] == 1 and plan["key_to_lpe"] is None
+        for k in plan["keys_to_in_proj"]:
+            assert k + ".weight" in weights, k
+        # as nnU-Net's pretrained trainer: the network from the plan's own
+        # architecture, encoder stages and stem loaded strictly
+        net = get_network_from_plans(ap["arch_class_name"], ap["arch_kwargs"], ap["arch_kwargs_requiring_import"],
+                                     plan["pretrain_num_input_channels"], 3, allow_init=True,
+                                     deep_supervision=False)
+        for prefix, module in ((plan["key_to_encoder"], net.encoder.stages), (plan["key_to_stem"], net.encoder.stem)):
+            part = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+            assert part, prefix
+            module.load_state_dict(part, strict=True)
+            for k, v in module.state_dict().items():
+                assert torch.equal(v, part[k]), prefix + "." + k
+        whole = build(plans_path, config, 3)
+        load_pretrained_weights(whole, export, verbose=False)
     else:
         raise SystemExit(f"unknown mode {mode}")
 
