@@ -107,12 +107,43 @@ impl Default for CaptionConfig {
     }
 }
 
+/// One entry of `caption.openai.base_urls`: a URL, or a URL with its own
+/// `max_in_flight`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ServerEntry {
+    Url(String),
+    Full(ServerSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSpec {
+    pub url: String,
+    /// Requests in flight to this server at once (default: the section's
+    /// `max_in_flight`).
+    pub max_in_flight: Option<usize>,
+}
+
+/// A server the client sends to: its base URL and how many requests it
+/// may have in flight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    pub base_url: String,
+    pub max_in_flight: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpenAiConfig {
     /// Up to and including the API version, e.g. `http://127.0.0.1:8000/v1`;
-    /// requests go to `<base_url>/chat/completions`.
+    /// requests go to `<base_url>/chat/completions`. Ignored when
+    /// `base_urls` is given.
     pub base_url: String,
+    /// Several servers of the same model (one per GPU node): each slice
+    /// goes to the one with the fewest requests outstanding for its
+    /// `max_in_flight`; entries are URLs or `{url, max_in_flight}`.
+    pub base_urls: Vec<ServerEntry>,
     pub model: String,
     /// Environment variable holding the API key (read when no file is given).
     pub api_key_env: String,
@@ -145,6 +176,7 @@ impl Default for OpenAiConfig {
     fn default() -> Self {
         OpenAiConfig {
             base_url: "http://127.0.0.1:8000/v1".into(),
+            base_urls: Vec::new(),
             model: String::new(),
             api_key_env: "OPENAI_API_KEY".into(),
             api_key_file: None,
@@ -189,12 +221,57 @@ impl CaptionConfig {
 }
 
 impl OpenAiConfig {
+    /// The servers to send to: `base_urls`, or the one `base_url`.
+    pub fn servers(&self) -> Vec<Server> {
+        if self.base_urls.is_empty() {
+            return vec![Server {
+                base_url: self.base_url.clone(),
+                max_in_flight: self.max_in_flight,
+            }];
+        }
+        self.base_urls
+            .iter()
+            .map(|e| match e {
+                ServerEntry::Url(u) => Server {
+                    base_url: u.clone(),
+                    max_in_flight: self.max_in_flight,
+                },
+                ServerEntry::Full(s) => Server {
+                    base_url: s.url.clone(),
+                    max_in_flight: s.max_in_flight.unwrap_or(self.max_in_flight),
+                },
+            })
+            .collect()
+    }
+
     fn validate(&self) -> Result<()> {
-        ensure!(
-            self.base_url.starts_with("http://") || self.base_url.starts_with("https://"),
-            "caption.openai.base_url must start with http:// or https://, got {:?}",
-            self.base_url
-        );
+        let key = if self.base_urls.is_empty() {
+            "caption.openai.base_url"
+        } else {
+            "caption.openai.base_urls"
+        };
+        let servers = self.servers();
+        for s in &servers {
+            ensure!(
+                s.base_url.starts_with("http://") || s.base_url.starts_with("https://"),
+                "{key}: {:?} must start with http:// or https://",
+                s.base_url
+            );
+            ensure!(
+                s.max_in_flight >= 1,
+                "{key}: {} has max_in_flight 0; it must be at least 1",
+                s.base_url
+            );
+        }
+        for (i, s) in servers.iter().enumerate() {
+            ensure!(
+                !servers[..i]
+                    .iter()
+                    .any(|o| o.base_url.trim_end_matches('/') == s.base_url.trim_end_matches('/')),
+                "{key}: {} is listed twice",
+                s.base_url
+            );
+        }
         ensure!(
             !self.model.trim().is_empty(),
             "caption.openai.model is required (the model name the server serves)"
@@ -263,5 +340,43 @@ mod tests {
         assert!(e.to_string().contains("retyr"), "{e}");
         let e = serde_yaml::from_str::<CaptionConfig>("openai: {max_inflight: 3}\n").unwrap_err();
         assert!(e.to_string().contains("max_inflight"), "{e}");
+    }
+
+    #[test]
+    fn base_urls_take_urls_or_entries_with_their_own_limit() {
+        let c: CaptionConfig = serde_yaml::from_str(
+            "openai: {model: m, max_in_flight: 8, base_urls: ['http://a:8000/v1', {url: 'http://b:8000/v1', max_in_flight: 2}]}\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let s = c.openai.unwrap().servers();
+        assert_eq!(
+            s.iter()
+                .map(|s| (s.base_url.as_str(), s.max_in_flight))
+                .collect::<Vec<_>>(),
+            vec![("http://a:8000/v1", 8), ("http://b:8000/v1", 2)]
+        );
+        // one base_url is one server
+        let c: CaptionConfig = serde_yaml::from_str("openai: {model: m, base_url: 'http://a/v1'}\n").unwrap();
+        assert_eq!(c.openai.unwrap().servers().len(), 1);
+        for (text, want) in [
+            ("openai: {model: m, base_urls: ['ftp://a']}\n", "base_urls"),
+            (
+                "openai: {model: m, base_urls: ['http://a/v1', 'http://a/v1/']}\n",
+                "listed twice",
+            ),
+            (
+                "openai: {model: m, base_urls: [{url: 'http://a/v1', max_in_flight: 0}]}\n",
+                "max_in_flight 0",
+            ),
+        ] {
+            let c: CaptionConfig = serde_yaml::from_str(text).unwrap();
+            let e = format!("{:#}", c.validate().unwrap_err());
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        assert!(
+            serde_yaml::from_str::<CaptionConfig>("openai: {base_urls: [{url: 'http://a', max_inflight: 2}]}\n")
+                .is_err()
+        );
     }
 }

@@ -70,6 +70,8 @@ pub struct Summary {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub completion_tokens_per_s: f64,
+    /// The openai backend: requests, failures and tokens per server.
+    pub servers: Vec<openai::ServerStats>,
     pub seconds: f64,
     pub captions: PathBuf,
     pub failures: Vec<SliceFailure>,
@@ -265,7 +267,7 @@ fn run_openai(
     threshold: f32,
     sink: Arc<Sink>,
     again: bool,
-) -> Result<()> {
+) -> Result<Vec<openai::ServerStats>> {
     let Some(o) = cfg.openai.clone() else {
         anyhow::bail!("caption.openai section missing");
     };
@@ -280,6 +282,7 @@ fn run_openai(
         .build()
         .context("cannot start the async runtime")?;
     let client = Arc::new(openai::Client::new(&o, key)?);
+    let stats_of = client.clone();
     let cfg = Arc::new(cfg.clone());
     let cache = Arc::new(cache.to_path_buf());
     rt.block_on(async move {
@@ -294,7 +297,7 @@ fn run_openai(
         }
         // Tasks alive at once: enough to keep max_in_flight requests busy
         // while others sleep in backoff, and no more (memory stays bounded).
-        let slots = Arc::new(tokio::sync::Semaphore::new(2 * o.max_in_flight));
+        let slots = Arc::new(tokio::sync::Semaphore::new(2 * client.capacity()));
         let mut set = tokio::task::JoinSet::new();
         let (probe, probe_sink) = (client.clone(), sink.clone());
         for row in rows {
@@ -381,7 +384,7 @@ fn run_openai(
             }
         }
     });
-    Ok(())
+    Ok(stats_of.stats())
 }
 
 /// Applies the end-of-run `repeated` judgement to one record: the flag is
@@ -447,6 +450,7 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
         stop: AtomicBool::new(false),
         stopped: Mutex::new(None),
     });
+    let mut servers: Vec<openai::ServerStats> = Vec::new();
     let result = match backend {
         BackendKind::Descriptor => {
             run_descriptor(cache, &rows, &cases, &latest, &asker, &sink);
@@ -463,6 +467,7 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
                 sink.clone(),
                 false,
             );
+            let r = r.map(|stats| servers = stats);
             // One more round for repeated captions, when the policy asks.
             if r.is_ok() && cfg.policy.repeated == Action::Retry && !sink.stop.load(Ordering::Relaxed) {
                 sink.flush();
@@ -476,7 +481,7 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
                 if !redo.is_empty() {
                     tracing::info!("asking again for {} slices with repeated captions", redo.len());
                     sink.bar.inc_length(redo.len() as u64);
-                    run_openai(
+                    let again = run_openai(
                         cache,
                         redo,
                         cases.clone(),
@@ -486,6 +491,12 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
                         sink.clone(),
                         true,
                     )?;
+                    for (s, a) in servers.iter_mut().zip(again) {
+                        s.requests += a.requests;
+                        s.failed_requests += a.failed_requests;
+                        s.prompt_tokens += a.prompt_tokens;
+                        s.completion_tokens += a.completion_tokens;
+                    }
                 }
             }
             r
@@ -508,7 +519,16 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
         .tally
         .lock()
         .map_err(|_| anyhow::anyhow!("caption counters poisoned"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    for st in servers.iter_mut() {
+        st.completion_tokens_per_s = if seconds > 0.0 {
+            st.completion_tokens as f64 / seconds
+        } else {
+            0.0
+        };
+    }
     let mut s = Summary {
+        servers,
         shard: format!("{}/{}", shard.index, shard.count),
         backend: asker.backend_name().into(),
         model: asker.model(),
@@ -523,7 +543,7 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
         stopped: sink.stopped.lock().ok().and_then(|s| s.clone()),
         prompt_tokens: t.usage.prompt_tokens,
         completion_tokens: t.usage.completion_tokens,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         captions: out.to_path_buf(),
         failures: t.failures.clone(),
         ..Default::default()

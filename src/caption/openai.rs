@@ -30,10 +30,23 @@
 //! answer differently. Token usage, when a reply reports it, is summed per
 //! slice.
 //!
+//! Several servers (`base_urls`): each request goes to the server with the
+//! fewest requests outstanding relative to its `max_in_flight` (its own
+//! in-flight limit holds). A server whose request fails in transport (no
+//! connection, a reply cut off, a timeout) or with a 5xx is set aside for a
+//! cooldown that doubles with each failure in a row (from
+//! `backoff_base_ms` up to `backoff_max_ms`); the failed slice's retry goes
+//! to another server, and when the cooldown ends one request tries it
+//! again. Only when every server has refused `3 * max(max_in_flight, 8)`
+//! connections in a row does the run stop for it. The preflight asks each
+//! server; one that fails it is left out with a warning, and the run goes
+//! on while one passes. Requests, failures and tokens are counted per
+//! server ([`ServerStats`]).
+//!
 //! The API key is read once, sent as a Bearer header marked sensitive, and
 //! scrubbed from any error text before it can reach a record or a log.
 use std::error::Error as _;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -124,15 +137,74 @@ pub struct Outcome {
     pub error_key: Option<String>,
 }
 
+/// What one server did in a run.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ServerStats {
+    pub base_url: String,
+    /// Requests sent (every attempt, failed ones included).
+    pub requests: u64,
+    /// Of those, the ones that got no usable reply.
+    pub failed_requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Completion tokens per second of the run.
+    pub completion_tokens_per_s: f64,
+    /// Why the preflight left it out, if it did.
+    pub left_out: Option<String>,
+}
+
+/// One server of the client.
+struct Server {
+    base_url: String,
+    /// `<base_url>/chat/completions`.
+    url: String,
+    max_in_flight: usize,
+    in_flight: tokio::sync::Semaphore,
+    /// Requests assigned to it and not finished (waiting for a slot or on
+    /// the wire).
+    outstanding: AtomicUsize,
+    /// Connection failures since its last reply of any kind.
+    refused_in_a_row: AtomicU32,
+    /// Transport or server failures in a row, and until when it is set aside.
+    failing: Mutex<(u32, Option<Instant>)>,
+    left_out: Mutex<Option<String>>,
+    stats: Mutex<ServerStats>,
+}
+
+impl Server {
+    fn is_left_out(&self) -> bool {
+        self.left_out.lock().map(|l| l.is_some()).unwrap_or(false)
+    }
+
+    /// Until when it is set aside (None: available).
+    fn resting_until(&self) -> Option<Instant> {
+        self.failing
+            .lock()
+            .ok()
+            .and_then(|f| f.1)
+            .filter(|t| *t > Instant::now())
+    }
+
+    fn load(&self) -> f64 {
+        self.outstanding.load(Ordering::SeqCst) as f64 / self.max_in_flight as f64
+    }
+}
+
+/// Decrements a server's outstanding count when a request ends.
+struct Assigned<'a>(&'a Server);
+
+impl Drop for Assigned<'_> {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub struct Client {
     http: reqwest::Client,
-    url: String,
+    servers: Vec<Server>,
     key: Option<ApiKey>,
     cfg: OpenAiConfig,
-    in_flight: tokio::sync::Semaphore,
     gate: Mutex<Option<tokio::time::Instant>>,
-    /// Connection failures since the last reply of any kind.
-    refused_in_a_row: AtomicU32,
     /// Set with the first run-stopping error, before its in-flight slot is
     /// given back: no request is sent after it.
     halted: AtomicBool,
@@ -142,6 +214,17 @@ pub struct Client {
     probe_done: AtomicBool,
     /// The last failed slice's error key and how many slices in a row had it.
     same_errors: Mutex<(String, u32)>,
+    started: Instant,
+}
+
+/// The exponential cap of [`backoff`] (no jitter): a server's rest after
+/// `failures` failures in a row.
+fn backoff_cap(failures: u32, base_ms: u64, max_ms: u64) -> Duration {
+    Duration::from_millis(
+        base_ms
+            .saturating_mul(1u64 << failures.saturating_sub(1).min(32))
+            .min(max_ms),
+    )
 }
 
 /// Full-jitter exponential backoff before attempt `attempt + 1`.
@@ -176,27 +259,120 @@ fn excerpt(bytes: &[u8]) -> String {
 impl Client {
     pub fn new(cfg: &OpenAiConfig, key: Option<ApiKey>) -> Result<Client> {
         let timeout = Duration::from_secs_f64(cfg.timeout_s);
+        let servers: Vec<Server> = cfg
+            .servers()
+            .into_iter()
+            .map(|s| Server {
+                url: format!("{}/chat/completions", s.base_url.trim_end_matches('/')),
+                in_flight: tokio::sync::Semaphore::new(s.max_in_flight),
+                max_in_flight: s.max_in_flight,
+                outstanding: AtomicUsize::new(0),
+                refused_in_a_row: AtomicU32::new(0),
+                failing: Mutex::new((0, None)),
+                left_out: Mutex::new(None),
+                stats: Mutex::new(ServerStats {
+                    base_url: s.base_url.clone(),
+                    ..Default::default()
+                }),
+                base_url: s.base_url,
+            })
+            .collect();
+        let most = servers.iter().map(|s| s.max_in_flight).max().unwrap_or(1);
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .pool_max_idle_per_host(cfg.max_in_flight)
+            .pool_max_idle_per_host(most)
             .tcp_nodelay(true)
             .user_agent(concat!("med3d/", env!("CARGO_PKG_VERSION")))
             .build()
             .context("cannot build the HTTP client")?;
         Ok(Client {
             http,
-            url: format!("{}/chat/completions", cfg.base_url.trim_end_matches('/')),
+            servers,
             key,
             cfg: cfg.clone(),
-            in_flight: tokio::sync::Semaphore::new(cfg.max_in_flight),
             gate: Mutex::new(None),
-            refused_in_a_row: AtomicU32::new(0),
             halted: AtomicBool::new(false),
             probed: tokio::sync::Mutex::new(false),
             probe_done: AtomicBool::new(false),
             same_errors: Mutex::new((String::new(), 0)),
+            started: Instant::now(),
         })
+    }
+
+    /// Requests all servers may have in flight together.
+    pub fn capacity(&self) -> usize {
+        self.servers
+            .iter()
+            .filter(|s| !s.is_left_out())
+            .map(|s| s.max_in_flight)
+            .sum::<usize>()
+            .max(1)
+    }
+
+    /// Each server's counts so far.
+    pub fn stats(&self) -> Vec<ServerStats> {
+        let secs = self.started.elapsed().as_secs_f64();
+        self.servers
+            .iter()
+            .map(|s| {
+                let mut st = s.stats.lock().map(|g| g.clone()).unwrap_or_default();
+                st.left_out = s.left_out.lock().ok().and_then(|l| l.clone());
+                if secs > 0.0 {
+                    st.completion_tokens_per_s = st.completion_tokens as f64 / secs;
+                }
+                st
+            })
+            .collect()
+    }
+
+    /// The server for the next request: of those not left out and not set
+    /// aside, the least loaded for its limit (the first such on a tie);
+    /// when all are set aside, the one whose rest ends first.
+    fn pick(&self) -> &Server {
+        let usable: Vec<&Server> = self.servers.iter().filter(|s| !s.is_left_out()).collect();
+        let pool = if usable.is_empty() {
+            self.servers.iter().collect()
+        } else {
+            usable
+        };
+        let ready: Vec<&Server> = pool.iter().copied().filter(|s| s.resting_until().is_none()).collect();
+        if let Some(s) = ready
+            .iter()
+            .copied()
+            .min_by(|a, b| a.load().partial_cmp(&b.load()).unwrap_or(std::cmp::Ordering::Equal))
+        {
+            return s;
+        }
+        let s = pool
+            .iter()
+            .copied()
+            .min_by_key(|s| s.resting_until())
+            .unwrap_or(&self.servers[0]);
+        // half-open: this request tries it; others keep away meanwhile
+        if let Ok(mut f) = s.failing.lock() {
+            let rest = backoff_cap(f.0, self.cfg.backoff_base_ms, self.cfg.backoff_max_ms);
+            f.1 = Some(Instant::now() + rest);
+        }
+        s
+    }
+
+    /// A failure of `s` that another server may not share: set it aside.
+    fn set_aside(&self, s: &Server) {
+        if self.servers.len() < 2 {
+            return;
+        }
+        if let Ok(mut f) = s.failing.lock() {
+            f.0 += 1;
+            let rest = backoff_cap(f.0, self.cfg.backoff_base_ms, self.cfg.backoff_max_ms);
+            f.1 = Some(Instant::now() + rest);
+            tracing::info!(
+                "caption: {} set aside for {:.1} s after {} failure(s) in a row",
+                s.base_url,
+                rest.as_secs_f64(),
+                f.0
+            );
+        }
     }
 
     /// Removes the key from text that may reach a record or a log.
@@ -230,11 +406,14 @@ impl Client {
         stop.load(Ordering::SeqCst) || self.halted.load(Ordering::SeqCst)
     }
 
-    /// One request; returns its outcome and how long it took. Not sent
-    /// (`Failure::Stopped`) when the run is stopping by the time it gets
-    /// its in-flight slot.
+    /// One request, to the server [`Client::pick`] chooses; returns its
+    /// outcome and how long it took. Not sent (`Failure::Stopped`) when
+    /// the run is stopping by the time it gets its in-flight slot.
     pub async fn request(&self, body: &[u8], stop: &AtomicBool) -> (Result<Reply, Failure>, Duration) {
-        let Ok(_permit) = self.in_flight.acquire().await else {
+        let server = self.pick();
+        server.outstanding.fetch_add(1, Ordering::SeqCst);
+        let _assigned = Assigned(server);
+        let Ok(_permit) = server.in_flight.acquire().await else {
             return (Err(Failure::Run("client closed".into())), Duration::ZERO);
         };
         if self.halting(stop) {
@@ -243,45 +422,86 @@ impl Client {
         let t0 = Instant::now();
         let mut req = self
             .http
-            .post(&self.url)
+            .post(&server.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_vec());
         if let Some(k) = &self.key {
             req = req.bearer_auth(&k.0);
         }
+        let mut server_fault;
         let r = match req.send().await {
             Ok(resp) => {
-                self.refused_in_a_row.store(0, Ordering::Relaxed);
+                server.refused_in_a_row.store(0, Ordering::Relaxed);
                 let status = resp.status();
                 let after = retry_after(resp.headers());
+                server_fault = status.is_server_error();
                 match resp.bytes().await {
-                    Err(e) if e.is_timeout() => Err(Failure::Retry {
-                        msg: format!("no complete reply within {} s", self.cfg.timeout_s),
-                        after: None,
-                    }),
-                    Err(e) => Err(Failure::Retry {
-                        msg: format!("reply cut off: {}", chain(&e)),
-                        after: None,
-                    }),
-                    Ok(bytes) => self.judge(status, after, &bytes),
+                    Err(e) if e.is_timeout() => {
+                        server_fault = true;
+                        Err(Failure::Retry {
+                            msg: format!("no complete reply from {} within {} s", server.url, self.cfg.timeout_s),
+                            after: None,
+                        })
+                    }
+                    Err(e) => {
+                        server_fault = true;
+                        Err(Failure::Retry {
+                            msg: format!("reply from {} cut off: {}", server.url, chain(&e)),
+                            after: None,
+                        })
+                    }
+                    Ok(bytes) => self.judge(&server.url, status, after, &bytes),
                 }
             }
-            Err(e) if e.is_timeout() => Err(Failure::Retry {
-                msg: format!("no reply within {} s", self.cfg.timeout_s),
-                after: None,
-            }),
+            Err(e) if e.is_timeout() => {
+                server_fault = true;
+                Err(Failure::Retry {
+                    msg: format!("no reply from {} within {} s", server.url, self.cfg.timeout_s),
+                    after: None,
+                })
+            }
             Err(e) => {
-                let msg = format!("request to {} failed: {}", self.url, chain(&e));
-                let limit = 3 * self.cfg.max_in_flight.max(8) as u32;
-                if e.is_connect() && self.refused_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= limit {
+                server_fault = true;
+                let msg = format!("request to {} failed: {}", server.url, chain(&e));
+                if e.is_connect() {
+                    server.refused_in_a_row.fetch_add(1, Ordering::Relaxed);
+                }
+                let limit = |s: &Server| 3 * s.max_in_flight.max(8) as u32;
+                let all_refusing = self
+                    .servers
+                    .iter()
+                    .filter(|s| !s.is_left_out())
+                    .all(|s| s.refused_in_a_row.load(Ordering::Relaxed) >= limit(s));
+                if e.is_connect() && all_refusing {
                     Err(Failure::Run(format!(
-                        "{msg} ({limit} connection attempts in a row failed: is the server up, and is caption.openai.base_url right?)"
+                        "{msg} ({} connection attempts in a row failed{}: is the server up, and is caption.openai.base_url right?)",
+                        limit(server),
+                        if self.servers.len() > 1 { " on every server" } else { "" }
                     )))
                 } else {
                     Err(Failure::Retry { msg, after: None })
                 }
             }
         };
+        if let Ok(mut st) = server.stats.lock() {
+            st.requests += 1;
+            match &r {
+                Ok(reply) => {
+                    if let Some(u) = &reply.usage {
+                        st.prompt_tokens += u.prompt_tokens;
+                        st.completion_tokens += u.completion_tokens;
+                    }
+                }
+                Err(_) => st.failed_requests += 1,
+            }
+        }
+        if server_fault {
+            self.set_aside(server);
+        } else if r.is_ok() {
+            if let Ok(mut f) = server.failing.lock() {
+                *f = (0, None);
+            }
+        }
         let r = r.map_err(|f| match f {
             Failure::Retry { msg, after } => Failure::Retry {
                 msg: self.scrub(msg),
@@ -298,7 +518,13 @@ impl Client {
         (r, t0.elapsed())
     }
 
-    fn judge(&self, status: reqwest::StatusCode, after: Option<Duration>, bytes: &[u8]) -> Result<Reply, Failure> {
+    fn judge(
+        &self,
+        url: &str,
+        status: reqwest::StatusCode,
+        after: Option<Duration>,
+        bytes: &[u8],
+    ) -> Result<Reply, Failure> {
         let code = status.as_u16();
         if status.is_success() {
             return parse_reply(bytes).map_err(|msg| Failure::Retry {
@@ -306,7 +532,7 @@ impl Client {
                 after: None,
             });
         }
-        let msg = format!("HTTP {code} from {}: {}", self.url, excerpt(bytes));
+        let msg = format!("HTTP {code} from {url}: {}", excerpt(bytes));
         match code {
             408 | 409 | 425 | 429 | 500..=599 => Err(Failure::Retry { msg, after }),
             401 | 403 => Err(Failure::Run(format!(

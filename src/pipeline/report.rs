@@ -61,6 +61,23 @@ impl fmt::Display for Done<'_, caption::Summary> {
                 s.prompt_tokens, s.completion_tokens, s.completion_tokens_per_s
             )?;
         }
+        if s.servers.len() > 1 {
+            for v in &s.servers {
+                write!(
+                    f,
+                    "\n  {}: {} requests ({} failed), {} completion tokens ({:.1}/s){}",
+                    v.base_url,
+                    v.requests,
+                    v.failed_requests,
+                    v.completion_tokens,
+                    v.completion_tokens_per_s,
+                    v.left_out
+                        .as_deref()
+                        .map(|w| format!(", left out: {w}"))
+                        .unwrap_or_default()
+                )?;
+            }
+        }
         Ok(())
     }
 }

@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import BIN
 
 from test_caption import cache, caption, free_port, one_per_slice, png_sha, records, rows_of, write_config  # noqa: F401
 
@@ -281,3 +282,68 @@ def test_a_server_killed_mid_run_then_restarted_loses_nothing(cache, hub_cache, 
     finally:
         proxy.close()
         s.kill()
+
+
+def test_two_servers_share_the_slices_and_one_dying_loses_none(cache, hub_cache, tmp_path):  # noqa: F811
+    """Two `transformers serve` processes behind recording proxies, in
+    `base_urls`; the first is killed once it has answered 3 requests. Every
+    slice ends ok, every request either proxy saw is an attempt a record
+    counts (no slice asked beyond its counted retries), the report's
+    per-server counts are the proxies', and a rerun asks nothing."""
+    a = Serve(free_port(), hub_cache)
+    b = Serve(free_port(), hub_cache)
+    pa = pb = None
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        pa, pb = Proxy(a.port), Proxy(b.port)
+        rows = rows_of(cache)
+        urls = [f"http://127.0.0.1:{pa.port}/v1", {"url": f"http://127.0.0.1:{pb.port}/v1", "max_in_flight": 2}]
+        cfg = config(tmp_path, urls[0], base_urls=urls, max_in_flight=2, max_attempts=6,
+                     backoff_base_ms=50, backoff_max_ms=400)
+        out = tmp_path / "captions.jsonl"
+        env = dict(os.environ, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        args = [str(BIN), "caption", "--cache", str(cache), "--config", str(cfg), "--out", str(out)]
+        with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+            proc = subprocess.Popen(args, env=env, stdout=so, stderr=se)
+            deadline = time.time() + 300
+            while sum(1 for q in pa.posts() if q.get("status") == 200) < 3:
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+                assert time.time() < deadline, "server A never answered 3 requests"
+                time.sleep(0.02)
+            a.kill()
+            proc.wait(timeout=600)
+        err = (tmp_path / "stderr").read_text()
+        assert proc.returncode == 0, err[-3000:]
+        recs = one_per_slice(out, rows)
+        assert all(r["status"] == "ok" and r["text"] for r in recs.values()), err[-3000:]
+        posts_a, posts_b = pa.posts(), pb.posts()
+        failed_a = [q for q in posts_a if q.get("status") != 200]
+        assert failed_a, "no request met the dead server"
+        assert all(q.get("status") == 200 for q in posts_b)
+        # every request is a counted attempt, and each slice's PNG was
+        # answered exactly once
+        assert sum(r["attempts"] for r in recs.values()) == len(posts_a) + len(posts_b)
+        sha = sorted(png_sha(cache, r) for r in rows)
+        assert sorted(q["sha"] for q in posts_a + posts_b if q.get("status") == 200) == sha
+        assert len(posts_b) > len(posts_a) - len(failed_a), "the slices did not move to the live server"
+        report = json.loads((tmp_path / "caption-report.json").read_text())
+        print(f"A: {len(posts_a)} requests ({len(failed_a)} failed), B: {len(posts_b)}; attempts "
+              f"{sum(r['attempts'] for r in recs.values())} for {len(rows)} slices")
+        by_url = {s["base_url"]: s for s in report["servers"]}
+        sa, sb = by_url[urls[0]], by_url[urls[1]["url"]]
+        assert (sa["requests"], sa["failed_requests"]) == (len(posts_a), len(failed_a)), sa
+        assert (sb["requests"], sb["failed_requests"]) == (len(posts_b), 0), sb
+        assert sa["completion_tokens"] + sb["completion_tokens"] == 8 * len(rows)
+        assert sb["completion_tokens_per_s"] > 0
+        # a rerun asks nothing (A is still down: left out or set aside)
+        na, nb = len(pa.log), len(pb.log)
+        p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and f"{len(rows)} skipped" in p.stdout, p.stdout + p.stderr[-2000:]
+        assert all(e["method"] == "GET" for e in pa.log[na:] + pb.log[nb:])
+    finally:
+        for p in (pa, pb):
+            if p:
+                p.close()
+        a.kill()
+        b.kill()
