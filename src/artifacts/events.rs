@@ -95,6 +95,7 @@ impl EventWriter {
 
     fn record(&mut self, data: &[u8]) -> Result<()> {
         let len = (data.len() as u64).to_le_bytes();
+        // bounded: one event this process built (a writer)
         let mut rec = Vec::with_capacity(data.len() + 16);
         rec.extend_from_slice(&len);
         rec.extend_from_slice(&masked_crc32c(&len).to_le_bytes());
@@ -144,6 +145,7 @@ fn hostname() -> String {
 /// An Event's `wall_time` (field 1, double) and `step` (field 2, int64;
 /// left out at 0, as proto3 writers do).
 fn event_head(wall_time: f64, step: u64) -> Vec<u8> {
+    // bounded: a fixed 1-byte tag (a writer)
     let mut e = vec![0x09];
     e.extend_from_slice(&wall_time.to_le_bytes());
     if step != 0 {
