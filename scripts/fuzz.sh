@@ -14,8 +14,9 @@
 #   dicom_file        one DICOM file: parse, header, assemble, decode frame 0
 #                     (seeds: pydicom's test files under 64 kB)
 #   whole_case_nifti  the whole per-case path of `med3d preprocess` on a
-#   whole_case_dicom  mutated NIfTI file / DICOM series (src/fuzz.rs; seeds:
-#                     tests/data/case_fuzz and pydicom's files)
+#   whole_case_nrrd   mutated NIfTI file / NRRD file / DICOM series
+#   whole_case_dicom  (src/fuzz.rs; seeds: tests/data/case_fuzz and
+#                     pydicom's files)
 #
 # Findings land in fuzz/artifacts/<target>/; a finding is fixed when its
 # input goes into tests/data/ and a test runs it.
@@ -23,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-240}
 AS_LIMIT_KB=${AS_LIMIT_KB:-4000000}
-TARGETS=${TARGETS:-"series_assembler nifti_header dicom_file whole_case_nifti whole_case_dicom"}
+TARGETS=${TARGETS:-"series_assembler nifti_header dicom_file whole_case_nifti whole_case_nrrd whole_case_dicom"}
 export LIBTORCH_USE_PYTORCH=1 VIRTUAL_ENV=$PWD/.venv PATH=$PWD/.venv/bin:$PATH
 SITE=$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')
 # the fuzz binaries link libtorch through med3dinsight but get no run-path
@@ -31,13 +32,14 @@ export LD_LIBRARY_PATH="$SITE/torch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # scratch for whole_case's files: memory-backed when there is one
 export FUZZ_SCRATCH=${FUZZ_SCRATCH:-$( [ -w /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")}
 C=fuzz/corpus
-mkdir -p $C/dicom_file $C/nifti_header $C/series_assembler $C/whole_case_nifti $C/whole_case_dicom
+mkdir -p $C/dicom_file $C/nifti_header $C/series_assembler $C/whole_case_nifti $C/whole_case_nrrd $C/whole_case_dicom
 find "$SITE/pydicom/data/test_files" -name '*.dcm' -size -64k -exec cp -n {} $C/dicom_file/ \;
 for f in CT_small.dcm MR_small.dcm MR_small_RLE.dcm MR_small_jp2klossless.dcm JPGLosslessP14SV1_1s_1f_8b.dcm; do
   cp -n "$SITE/pydicom/data/test_files/$f" $C/whole_case_dicom/ 2>/dev/null || true
 done
 cp -n tests/data/case_fuzz/*.dcmseries $C/whole_case_dicom/
 cp -n tests/data/case_fuzz/*.nii* $C/whole_case_nifti/
+cp -n tests/data/case_fuzz/*.nrrd $C/whole_case_nrrd/
 cp -n data/demo/nibabel_anatomical.nii $C/whole_case_nifti/ 2>/dev/null || true
 .venv/bin/python - "$SITE" <<'PY'
 import gzip, pathlib, sys
@@ -57,6 +59,7 @@ run_target() {
   local t=$1 bin=$1 input= log runs crash
   case $t in
     whole_case_nifti) bin=whole_case input=nifti ;;
+    whole_case_nrrd) bin=whole_case input=nrrd ;;
     whole_case_dicom) bin=whole_case input=dicom ;;
   esac
   log=$(mktemp)

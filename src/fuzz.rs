@@ -3,7 +3,8 @@
 //! versions in `tests/` (fixed seeds, deterministic mutations, run by
 //! `make test`) call these functions, so what is fuzzed is what is tested.
 //!
-//! - `whole_case`: bytes written out as a NIfTI file or a DICOM series go
+//! - `whole_case`: bytes written out as a NIfTI file, an NRRD file or a
+//!   DICOM series go
 //!   through exactly what `med3d preprocess` runs for one case (read,
 //!   reorient, resample, intensity, crop, slices, commit), on a small grid.
 //! - `dicom_file`: one file through parsing, the header whitelist, the series
@@ -25,6 +26,8 @@ pub const FILE_SEPARATOR: &[u8] = b"\n--med3d-next-file--\n";
 pub enum Input {
     /// One NIfTI file (.nii.gz when the bytes start with the gzip magic).
     Nifti,
+    /// One NRRD file with its header attached (.nrrd).
+    Nrrd,
     /// A folder of DICOM files, the bytes split at `FILE_SEPARATOR`.
     DicomSeries,
 }
@@ -59,6 +62,11 @@ pub fn whole_case(scratch: &Path, input: Input, bytes: &[u8]) -> Result<bool> {
         Input::Nifti => {
             let gz = bytes.starts_with(&[0x1f, 0x8b]);
             let p = src.join(if gz { "case.nii.gz" } else { "case.nii" });
+            std::fs::write(&p, bytes)?;
+            p
+        }
+        Input::Nrrd => {
+            let p = src.join("case.nrrd");
             std::fs::write(&p, bytes)?;
             p
         }

@@ -1,6 +1,6 @@
 //! The bounded, deterministic version of the `whole_case` fuzz target: real
 //! seeds (a crop of the MNI152 template, NIfTI-1/-2 ramps plain and
-//! gzipped, pydicom-written series in three transfer syntaxes, pydicom's own
+//! gzipped, pynrrd-written NRRD ramps raw and gzipped, pydicom-written series in three transfer syntaxes, pydicom's own
 //! test files) and thousands of mutants of them through
 //! `med3dinsight::fuzz::whole_case`, the same body the fuzz target runs:
 //! read, reorient, resample, intensity, crop, slices, commit. Every seed
@@ -51,9 +51,10 @@ fn seeds() -> Vec<(PathBuf, Input, Vec<u8>)> {
         .flatten()
         .map(|e| {
             let p = e.path();
-            let kind = match p.extension().is_some_and(|x| x == "dcmseries") {
-                true => Input::DicomSeries,
-                false => Input::Nifti,
+            let kind = match p.extension().and_then(|x| x.to_str()) {
+                Some("dcmseries") => Input::DicomSeries,
+                Some("nrrd") => Input::Nrrd,
+                _ => Input::Nifti,
             };
             let bytes = std::fs::read(&p).unwrap();
             (p, kind, bytes)
@@ -94,7 +95,7 @@ fn allowed(bytes: &[u8]) -> usize {
 fn mutated_cases_fail_cleanly_through_the_whole_per_case_path() {
     let seeds = seeds();
     assert!(
-        seeds.len() >= 6,
+        seeds.len() >= 8 && seeds.iter().filter(|s| s.1 == Input::Nrrd).count() == 2,
         "seeds: {:?}",
         seeds.iter().map(|s| &s.0).collect::<Vec<_>>()
     );

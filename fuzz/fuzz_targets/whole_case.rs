@@ -1,5 +1,5 @@
 //! The whole per-case path of `med3d preprocess` on fuzz bytes, as a NIfTI
-//! file or a DICOM series (FUZZ_CASE_INPUT=nifti|dicom): see
+//! file, an NRRD file or a DICOM series (FUZZ_CASE_INPUT=nifti|nrrd|dicom): see
 //! med3dinsight::fuzz::whole_case. Any error is fine; a panic, an
 //! abort or an allocation past libFuzzer's limit is a finding.
 #![no_main]
@@ -22,6 +22,7 @@ fn scratch() -> &'static PathBuf {
 fn input() -> Input {
     match std::env::var("FUZZ_CASE_INPUT").as_deref() {
         Ok("dicom") => Input::DicomSeries,
+        Ok("nrrd") => Input::Nrrd,
         _ => Input::Nifti,
     }
 }
