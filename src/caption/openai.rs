@@ -56,42 +56,16 @@ use super::config::{Action, FlagPolicy, OpenAiConfig};
 use super::quality::{self, Flag};
 use super::store::{Sampling, Status, Usage};
 
+mod key;
 mod preflight;
+mod servers;
 mod wire;
 
+pub use key::{read_api_key, ApiKey};
+pub use servers::ServerStats;
+use servers::{Assigned, Server};
 use wire::retry_after;
 pub use wire::{parse_reply, parse_retry_after, Request};
-
-/// The API key; its Debug form never shows it.
-pub struct ApiKey(String);
-
-impl std::fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ApiKey(<redacted>)")
-    }
-}
-
-/// The key from `api_key_file` (first line) if set, else from the
-/// `api_key_env` variable; none is fine for local servers.
-pub fn read_api_key(cfg: &OpenAiConfig) -> Result<Option<ApiKey>> {
-    if let Some(p) = &cfg.api_key_file {
-        let text = std::fs::read_to_string(p)
-            .with_context(|| format!("caption.openai.api_key_file: cannot read {}", p.display()))?;
-        let key = text.lines().next().unwrap_or("").trim().to_string();
-        anyhow::ensure!(!key.is_empty(), "caption.openai.api_key_file: {} is empty", p.display());
-        return Ok(Some(ApiKey(key)));
-    }
-    match std::env::var(&cfg.api_key_env) {
-        Ok(k) if !k.trim().is_empty() => Ok(Some(ApiKey(k.trim().to_string()))),
-        _ => {
-            tracing::info!(
-                "no API key in ${} and no caption.openai.api_key_file: sending requests without one",
-                cfg.api_key_env
-            );
-            Ok(None)
-        }
-    }
-}
 
 /// A usable reply.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,68 +111,6 @@ pub struct Outcome {
     pub error_key: Option<String>,
 }
 
-/// What one server did in a run.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ServerStats {
-    pub base_url: String,
-    /// Requests sent (every attempt, failed ones included).
-    pub requests: u64,
-    /// Of those, the ones that got no usable reply.
-    pub failed_requests: u64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    /// Completion tokens per second of the run.
-    pub completion_tokens_per_s: f64,
-    /// Why the preflight left it out, if it did.
-    pub left_out: Option<String>,
-}
-
-/// One server of the client.
-struct Server {
-    base_url: String,
-    /// `<base_url>/chat/completions`.
-    url: String,
-    max_in_flight: usize,
-    in_flight: tokio::sync::Semaphore,
-    /// Requests assigned to it and not finished (waiting for a slot or on
-    /// the wire).
-    outstanding: AtomicUsize,
-    /// Connection failures since its last reply of any kind.
-    refused_in_a_row: AtomicU32,
-    /// Transport or server failures in a row, and until when it is set aside.
-    failing: Mutex<(u32, Option<Instant>)>,
-    left_out: Mutex<Option<String>>,
-    stats: Mutex<ServerStats>,
-}
-
-impl Server {
-    fn is_left_out(&self) -> bool {
-        self.left_out.lock().map(|l| l.is_some()).unwrap_or(false)
-    }
-
-    /// Until when it is set aside (None: available).
-    fn resting_until(&self) -> Option<Instant> {
-        self.failing
-            .lock()
-            .ok()
-            .and_then(|f| f.1)
-            .filter(|t| *t > Instant::now())
-    }
-
-    fn load(&self) -> f64 {
-        self.outstanding.load(Ordering::SeqCst) as f64 / self.max_in_flight as f64
-    }
-}
-
-/// Decrements a server's outstanding count when a request ends.
-struct Assigned<'a>(&'a Server);
-
-impl Drop for Assigned<'_> {
-    fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 pub struct Client {
     http: reqwest::Client,
     servers: Vec<Server>,
@@ -215,16 +127,6 @@ pub struct Client {
     /// The last failed slice's error key and how many slices in a row had it.
     same_errors: Mutex<(String, u32)>,
     started: Instant,
-}
-
-/// The exponential cap of [`backoff`] (no jitter): a server's rest after
-/// `failures` failures in a row.
-fn backoff_cap(failures: u32, base_ms: u64, max_ms: u64) -> Duration {
-    Duration::from_millis(
-        base_ms
-            .saturating_mul(1u64 << failures.saturating_sub(1).min(32))
-            .min(max_ms),
-    )
 }
 
 /// Full-jitter exponential backoff before attempt `attempt + 1`.
@@ -298,81 +200,6 @@ impl Client {
             same_errors: Mutex::new((String::new(), 0)),
             started: Instant::now(),
         })
-    }
-
-    /// Requests all servers may have in flight together.
-    pub fn capacity(&self) -> usize {
-        self.servers
-            .iter()
-            .filter(|s| !s.is_left_out())
-            .map(|s| s.max_in_flight)
-            .sum::<usize>()
-            .max(1)
-    }
-
-    /// Each server's counts so far.
-    pub fn stats(&self) -> Vec<ServerStats> {
-        let secs = self.started.elapsed().as_secs_f64();
-        self.servers
-            .iter()
-            .map(|s| {
-                let mut st = s.stats.lock().map(|g| g.clone()).unwrap_or_default();
-                st.left_out = s.left_out.lock().ok().and_then(|l| l.clone());
-                if secs > 0.0 {
-                    st.completion_tokens_per_s = st.completion_tokens as f64 / secs;
-                }
-                st
-            })
-            .collect()
-    }
-
-    /// The server for the next request: of those not left out and not set
-    /// aside, the least loaded for its limit (the first such on a tie);
-    /// when all are set aside, the one whose rest ends first.
-    fn pick(&self) -> &Server {
-        let usable: Vec<&Server> = self.servers.iter().filter(|s| !s.is_left_out()).collect();
-        let pool = if usable.is_empty() {
-            self.servers.iter().collect()
-        } else {
-            usable
-        };
-        let ready: Vec<&Server> = pool.iter().copied().filter(|s| s.resting_until().is_none()).collect();
-        if let Some(s) = ready
-            .iter()
-            .copied()
-            .min_by(|a, b| a.load().partial_cmp(&b.load()).unwrap_or(std::cmp::Ordering::Equal))
-        {
-            return s;
-        }
-        let s = pool
-            .iter()
-            .copied()
-            .min_by_key(|s| s.resting_until())
-            .unwrap_or(&self.servers[0]);
-        // half-open: this request tries it; others keep away meanwhile
-        if let Ok(mut f) = s.failing.lock() {
-            let rest = backoff_cap(f.0, self.cfg.backoff_base_ms, self.cfg.backoff_max_ms);
-            f.1 = Some(Instant::now() + rest);
-        }
-        s
-    }
-
-    /// A failure of `s` that another server may not share: set it aside.
-    fn set_aside(&self, s: &Server) {
-        if self.servers.len() < 2 {
-            return;
-        }
-        if let Ok(mut f) = s.failing.lock() {
-            f.0 += 1;
-            let rest = backoff_cap(f.0, self.cfg.backoff_base_ms, self.cfg.backoff_max_ms);
-            f.1 = Some(Instant::now() + rest);
-            tracing::info!(
-                "caption: {} set aside for {:.1} s after {} failure(s) in a row",
-                s.base_url,
-                rest.as_secs_f64(),
-                f.0
-            );
-        }
     }
 
     /// Removes the key from text that may reach a record or a log.

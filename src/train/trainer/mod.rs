@@ -12,18 +12,17 @@
 //! clipping and the step, and the step skipped or the run stopped on every
 //! rank alike. Only rank 0 writes the run folder.
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
 use tch::nn::VarStore;
 use tch::Tensor;
 
 use super::config::{Precision, PretrainConfig, PRETRAIN_FORMAT};
 use super::data::{BatchMaker, Dataset, Loader};
-use super::metrics::{self, MetricsLog, StepMetrics};
+use super::metrics::{MetricsLog, StepMetrics};
 use super::model::{use_bf16_autocast, Pretrainer};
 use super::signals::Signals;
 use super::steps::total_steps_resumed;
@@ -33,111 +32,12 @@ use crate::dist::{grads, Dist, Launch};
 use crate::runtime::guard;
 use crate::runtime::optim::{lr_at, Adam};
 use crate::runtime::rng::{torch_seed, STREAM_INIT, STREAM_TORCH};
+use ranks::{broadcast_state, sum_over_ranks};
+use report::{finish, torch_failure};
+pub use report::{Options, Status, Summary};
 
-/// How to run.
-#[derive(Debug, Clone)]
-pub struct Options {
-    pub cache: PathBuf,
-    /// The run folder (checkpoints, metrics, plot).
-    pub out: PathBuf,
-    /// Continue from the newest checkpoint in `out` (a fresh start when
-    /// there is none). Without it, a folder holding checkpoints is an error.
-    pub resume: bool,
-    /// Checkpoint and stop on SIGTERM / SIGINT (a second SIGINT exits at once).
-    pub handle_signals: bool,
-    /// The command line's `--set` overrides the config came with, recorded
-    /// in run.json.
-    pub overrides: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// Trained to the last step.
-    Done,
-    /// The run had already reached its last step; nothing was trained.
-    UpToDate,
-    /// Stopped by a signal after writing a checkpoint.
-    Interrupted,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Summary {
-    pub status: Status,
-    pub step: u64,
-    pub total_steps: u64,
-    /// Steps run by this invocation.
-    pub steps_run: u64,
-    pub first_loss: Option<f64>,
-    pub last_loss: Option<f64>,
-    pub nonfinite_total: u64,
-    pub checkpoint: Option<PathBuf>,
-    pub metrics: PathBuf,
-    pub plot: PathBuf,
-    pub device: String,
-    pub autocast_bf16: bool,
-    pub parameters: i64,
-    pub volumes_per_s: f64,
-    pub usable_slices: usize,
-    pub cases: usize,
-    pub skipped_cases: Vec<(String, String)>,
-    pub targets: Vec<(String, i64)>,
-    /// This process's rank and the number of ranks (absent: 0 of 1).
-    #[serde(skip_serializing_if = "is_zero")]
-    pub rank: usize,
-    #[serde(skip_serializing_if = "is_one")]
-    pub world_size: usize,
-    /// Usable slices whose targets were swapped (`target_noise`).
-    pub noisy_slices: usize,
-    /// The signal (SIGINT 2, SIGTERM 15) that interrupted the run.
-    pub signal: Option<i32>,
-    /// Peak resident memory of this process (bytes).
-    pub peak_rss_bytes: u64,
-    /// CUDA: the caching allocator's peak allocated / reserved bytes on
-    /// this rank's device during this invocation.
-    pub peak_cuda_allocated_bytes: Option<i64>,
-    pub peak_cuda_reserved_bytes: Option<i64>,
-}
-
-fn is_zero(v: &usize) -> bool {
-    *v == 0
-}
-
-fn is_one(v: &usize) -> bool {
-    *v == 1
-}
-
-/// The step's scalar state, as rank 0 has it, on every rank.
-fn broadcast_state(d: &Dist, state: &mut State) -> Result<()> {
-    let v = Tensor::from_slice(&[
-        state.step as i64,
-        state.data_position as i64,
-        state.optimizer_t as i64,
-        state.nonfinite_total as i64,
-        state.nonfinite_streak as i64,
-        state.elapsed_s.to_bits() as i64,
-        state.world_size as i64,
-    ])
-    .to_device(d.device);
-    d.broadcast(&v, 0).context("receiving the run state from rank 0")?;
-    let v = Vec::<i64>::try_from(&v.to_device(tch::Device::Cpu))?;
-    state.step = v[0] as u64;
-    state.data_position = v[1] as u64;
-    state.optimizer_t = v[2] as u64;
-    state.nonfinite_total = v[3] as u64;
-    state.nonfinite_streak = v[4] as u64;
-    state.elapsed_s = f64::from_bits(v[5] as u64);
-    state.world_size = v[6] as u64;
-    Ok(())
-}
-
-/// Sums `values` over the ranks, in place.
-fn sum_over_ranks(d: &Dist, values: &mut [f64]) -> Result<()> {
-    let t = Tensor::from_slice(values).to_device(d.device);
-    d.all_reduce_sum(&t)?;
-    values.copy_from_slice(&Vec::<f64>::try_from(&t.to_device(tch::Device::Cpu))?);
-    Ok(())
-}
+mod ranks;
+mod report;
 
 fn progress(total: u64, at: u64) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
@@ -660,46 +560,4 @@ pub fn run(cfg: &PretrainConfig, opts: &Options) -> Result<Summary> {
     bar.finish_and_clear();
     drop(signals);
     t.finish(Status::Done, None)
-}
-
-/// A libtorch failure during pretraining as the user should read it: where,
-/// and for an out-of-memory, the settings that size the step and what to
-/// change; the run folder keeps its last checkpoint.
-fn torch_failure(
-    e: anyhow::Error,
-    at: &str,
-    cfg: &PretrainConfig,
-    dev: tch::Device,
-    bf16: bool,
-    out: &Path,
-) -> anyhow::Error {
-    let last = run_dir::latest(out)
-        .map(|p| format!("the last checkpoint, {}, is kept (resume with --resume)", p.display()))
-        .unwrap_or_else(|| "no checkpoint had been written yet".into());
-    if !guard::is_out_of_memory(&e) {
-        return e.context(format!("pretrain {at} on {dev:?} failed in libtorch; {last}"));
-    }
-    let size = cfg
-        .input_size
-        .map(|s| format!("{s:?}"))
-        .unwrap_or_else(|| "the cached grid (no input_size)".into());
-    anyhow::anyhow!(
-        "pretrain {at}: out of memory on {dev:?} ({}). The step holds pretrain.batch_size {} volumes of pretrain.input_size {size} through {} at {}. Lower pretrain.batch_size (raise pretrain.optimizer.accumulate to keep the global batch), or pretrain.input_size, or {}{}; {last}",
-        guard::without_backtrace(&format!("{e:#}")),
-        cfg.batch_size,
-        cfg.backbone.name(),
-        if bf16 { "bf16 autocast" } else { "float32 (pretrain.precision)" },
-        cfg.backbone.width_knob(),
-        if dev.is_cuda() && !bf16 { "; on a GPU, pretrain.precision: bf16 halves activations" } else { "" }
-    )
-}
-
-/// Reads the whole log (first and last loss of the run), draws the loss
-/// curve and writes `summary.json`.
-fn finish(summary: &mut Summary, run: &Path) -> Result<()> {
-    let all = metrics::read(&summary.metrics)?;
-    summary.first_loss = all.iter().find_map(|m| m.loss);
-    summary.last_loss = all.iter().rev().find_map(|m| m.loss);
-    super::plot::write(&all, &summary.plot)?;
-    crate::fsutil::atomic_write(&run_dir::summary_json(run), &serde_json::to_vec_pretty(summary)?)
 }
