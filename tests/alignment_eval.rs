@@ -66,14 +66,7 @@ fn report_matches_scikit_learn_and_follows_the_checkpoint() {
     );
     let exp = Experiment::load(&cfg).unwrap();
     let run = d.path().join("run");
-    let opts = train::Options {
-        cache: cache.clone(),
-        out: run.clone(),
-        resume: false,
-        handle_signals: false,
-        overrides: Vec::new(),
-    };
-    train::run(&exp.pretrain, &opts).unwrap();
+    train::run(&exp.pretrain, &pretrain_fixture::options(&cache, &run)).unwrap();
 
     let dump = d.path().join("dump");
     let out = evaluate(&run, &cache, &["--dump", dump.to_str().unwrap()]);

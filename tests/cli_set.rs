@@ -17,22 +17,21 @@ fn a_two_value_sweep_gives_two_runs_with_their_own_hashes() {
     let d = tempfile::tempdir().unwrap();
     let cache = Fixture::default().write(d.path());
     let cfg = experiment(d.path(), &format!("{TINY}  max_steps: 1\n"));
-    for (name, lr) in [("sweep-a", "1e-3"), ("sweep-b", "2e-3")] {
-        let out = Command::new(bin())
-            .args(["pretrain", "--config"])
-            .arg(&cfg)
-            .arg("--cache")
-            .arg(&cache)
-            .args([
-                "--set",
-                &format!("name={name}"),
-                "--set",
-                &format!("pretrain.optimizer.lr={lr}"),
-            ])
-            .args(["--set", "pretrain.run.checkpoint_every=1"])
-            .output()
-            .unwrap();
+    let pretrain = |sets: &[&str]| {
+        let mut c = Command::new(bin());
+        c.args(["pretrain", "--config"]).arg(&cfg).arg("--cache").arg(&cache);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        let out = c.output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    for (name, lr) in [("sweep-a", "1e-3"), ("sweep-b", "2e-3")] {
+        pretrain(&[
+            &format!("name={name}"),
+            &format!("pretrain.optimizer.lr={lr}"),
+            "pretrain.run.checkpoint_every=1",
+        ]);
     }
     let runs = d.path().join("work/runs");
     let (a, b) = (run_json(&runs.join("sweep-a")), run_json(&runs.join("sweep-b")));
@@ -48,22 +47,7 @@ fn a_two_value_sweep_gives_two_runs_with_their_own_hashes() {
         ])
     );
     // an operational override changes no hash
-    let out = Command::new(bin())
-        .args(["pretrain", "--config"])
-        .arg(&cfg)
-        .arg("--cache")
-        .arg(&cache)
-        .args([
-            "--set",
-            "name=sweep-c",
-            "--set",
-            "pretrain.optimizer.lr=1e-3",
-            "--set",
-            "pretrain.run.workers=1",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    pretrain(&["name=sweep-c", "pretrain.optimizer.lr=1e-3", "pretrain.run.workers=1"]);
     assert_eq!(run_json(&runs.join("sweep-c"))["config_hash"], a["config_hash"]);
 }
 

@@ -10,18 +10,8 @@ use med3dinsight::artifacts::run as checkpoint;
 use med3dinsight::config::Experiment;
 use med3dinsight::train::data::{BatchMaker, Dataset, Loader};
 use med3dinsight::train::{self, metrics, Status};
-use pretrain_fixture::{experiment, Fixture, TINY};
+use pretrain_fixture::{experiment, options as opts, Fixture, TINY};
 use tch::Tensor;
-
-fn opts(cache: &std::path::Path, out: &std::path::Path) -> train::Options {
-    train::Options {
-        cache: cache.to_path_buf(),
-        out: out.to_path_buf(),
-        resume: false,
-        handle_signals: false,
-        overrides: Vec::new(),
-    }
-}
 
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64

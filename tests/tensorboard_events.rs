@@ -22,13 +22,7 @@ fn every_metric_reaches_tensorboard_once_through_a_crash_and_resume() {
     );
     let exp = Experiment::load(&cfg).unwrap();
     let out = d.path().join("run");
-    let mut opts = train::Options {
-        cache: cache.clone(),
-        out: out.clone(),
-        resume: false,
-        handle_signals: false,
-        overrides: Vec::new(),
-    };
+    let mut opts = pretrain_fixture::options(&cache, &out);
     // steps 1-3 logged, a checkpoint at 2 only, then the process "dies"
     let mut t = train::Trainer::start(&exp.pretrain, &opts).unwrap();
     for _ in 0..3 {

@@ -7,17 +7,7 @@ mod pretrain_fixture;
 use med3dinsight::artifacts::run as checkpoint;
 use med3dinsight::config::Experiment;
 use med3dinsight::train::{self, metrics, Status};
-use pretrain_fixture::{experiment, Fixture, TINY};
-
-fn opts(cache: &std::path::Path, out: &std::path::Path) -> train::Options {
-    train::Options {
-        cache: cache.to_path_buf(),
-        out: out.to_path_buf(),
-        resume: false,
-        handle_signals: false,
-        overrides: Vec::new(),
-    }
-}
+use pretrain_fixture::{experiment, options as opts, Fixture, TINY};
 
 /// The trainer's parts alone: start, two steps, a checkpoint, finish;
 /// then a resumed start and the last two steps. The losses are those of

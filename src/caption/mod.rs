@@ -449,11 +449,8 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
                         sink.clone(),
                         true,
                     )?;
-                    for (s, a) in servers.iter_mut().zip(again) {
-                        s.requests += a.requests;
-                        s.failed_requests += a.failed_requests;
-                        s.prompt_tokens += a.prompt_tokens;
-                        s.completion_tokens += a.completion_tokens;
+                    for (s, a) in servers.iter_mut().zip(&again) {
+                        s.add(a);
                     }
                 }
             }
@@ -479,11 +476,7 @@ pub fn run(cfg: &CaptionConfig, cache: &Path, out: &Path, shard: Shard) -> Resul
         .map_err(|_| anyhow::anyhow!("caption counters poisoned"))?;
     let seconds = started.elapsed().as_secs_f64();
     for st in servers.iter_mut() {
-        st.completion_tokens_per_s = if seconds > 0.0 {
-            st.completion_tokens as f64 / seconds
-        } else {
-            0.0
-        };
+        st.set_rate(seconds);
     }
     let mut s = Summary {
         servers,

@@ -126,7 +126,6 @@ pub struct Client {
     probe_done: AtomicBool,
     /// The last failed slice's error key and how many slices in a row had it.
     same_errors: Mutex<(String, u32)>,
-    started: Instant,
 }
 
 /// Full-jitter exponential backoff before attempt `attempt + 1`.
@@ -198,7 +197,6 @@ impl Client {
             probed: tokio::sync::Mutex::new(false),
             probe_done: AtomicBool::new(false),
             same_errors: Mutex::new((String::new(), 0)),
-            started: Instant::now(),
         })
     }
 

@@ -207,6 +207,8 @@ pub fn run(req: &Request) -> Result<Exported> {
     let (backbone, net, whole) = load_checkpoint(&rec, &ckpt)?;
     let state = &ckpt.state;
     let variant = variant(req);
+    // the cache's settings, for the card and the nnssl plan (read once)
+    let preprocess = read_preprocess(rec.cache.as_deref());
     if let Some(dir) = req.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -244,13 +246,13 @@ pub fn run(req: &Request) -> Result<Exported> {
             named.sort_by(|a, b| a.0.cmp(&b.0));
             let plan = match (&rec.config.backbone, variant) {
                 (BackboneConfig::Nnunet(n), Variant::Nnssl) => {
-                    let pre = read_preprocess(rec.cache.as_deref()).with_context(|| {
+                    let pre = preprocess.as_ref().with_context(|| {
                         format!(
                             "--format nnssl records the spacing pretraining used: the run's cache ({}) has no readable cache.json",
                             rec.cache.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
                         )
                     })?;
-                    Some(nnssl::adaptation_plan(n, &pre, rec.config.input_size)?)
+                    Some(nnssl::adaptation_plan(n, pre, rec.config.input_size)?)
                 }
                 _ => None,
             };
@@ -290,7 +292,7 @@ pub fn run(req: &Request) -> Result<Exported> {
         },
         input: InputSpec {
             channels: 1,
-            preprocess: read_preprocess(rec.cache.as_deref()),
+            preprocess,
             model_input_size: cfg.input_size,
             size_multiple: cfg.backbone.size_multiple()?.into_iter().fold(1, lcm),
             orientation: "RAS".into(),

@@ -13,6 +13,18 @@ use med3dinsight::artifacts::embeddings::{self, Table};
 use med3dinsight::artifacts::npy::{to_bytes, NpyDtype};
 use med3dinsight::preprocess::SliceRow;
 
+/// How the library tests run pretraining: from `cache` into `out`, fresh,
+/// without signal handling or overrides.
+pub fn options(cache: &Path, out: &Path) -> med3dinsight::train::Options {
+    med3dinsight::train::Options {
+        cache: cache.to_path_buf(),
+        out: out.to_path_buf(),
+        resume: false,
+        handle_signals: false,
+        overrides: Vec::new(),
+    }
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_med3d")
 }

@@ -24,6 +24,25 @@ pub struct ServerStats {
     pub left_out: Option<String>,
 }
 
+impl ServerStats {
+    /// Adds another round's counts of the same server.
+    pub fn add(&mut self, other: &ServerStats) {
+        self.requests += other.requests;
+        self.failed_requests += other.failed_requests;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+
+    /// Completion tokens per second over a run of `seconds`.
+    pub fn set_rate(&mut self, seconds: f64) {
+        self.completion_tokens_per_s = if seconds > 0.0 {
+            self.completion_tokens as f64 / seconds
+        } else {
+            0.0
+        };
+    }
+}
+
 /// One server of the client.
 pub(super) struct Server {
     pub(super) base_url: String,
@@ -92,16 +111,13 @@ impl Client {
     }
 
     /// Each server's counts so far.
+    /// (The rate is left to the caller, which knows the run's duration.)
     pub fn stats(&self) -> Vec<ServerStats> {
-        let secs = self.started.elapsed().as_secs_f64();
         self.servers
             .iter()
             .map(|s| {
                 let mut st = s.stats.lock().map(|g| g.clone()).unwrap_or_default();
                 st.left_out = s.left_out.lock().ok().and_then(|l| l.clone());
-                if secs > 0.0 {
-                    st.completion_tokens_per_s = st.completion_tokens as f64 / secs;
-                }
                 st
             })
             .collect()
