@@ -44,7 +44,7 @@ FROM ${BASE} AS builder
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
- && apt-get install -y --no-install-recommends binutils build-essential ca-certificates curl git libgloo-dev python3 python3-venv \
+ && apt-get install -y --no-install-recommends binutils build-essential ca-certificates curl git libgloo-dev libisal-dev python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
 ARG CA_BUNDLE=
 COPY requirements-image.txt /tmp/requirements-image.txt
@@ -75,13 +75,14 @@ RUN --mount=type=cache,target=/root/.cargo/registry \
     cargo build --release --locked \
  && readelf -d target/release/med3d | grep 'libtorch_cuda.so' >/dev/null \
  && nm -DC --undefined-only target/release/med3d | grep 'c10d::ProcessGroupNCCL::ProcessGroupNCCL(' >/dev/null \
+ && nm target/release/med3d | grep -q med3d_isal_load \
  && strip target/release/med3d \
  && cp target/release/med3d /usr/local/bin/med3d
 
 FROM ${BASE}
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates libgomp1 python3 \
+ && apt-get install -y --no-install-recommends ca-certificates libgomp1 libisal2 python3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 1000 --shell /bin/bash med3d \
  && mkdir -p /work /data \

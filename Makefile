@@ -13,7 +13,7 @@ export MED3D_BIN := $(BIN)
 
 .PHONY: setup build demo test docker-check real-data gpu-check gpu-bundle test-rust test-python bench bench-caption bench-embed bench-pretrain bench-dist brain-tissue experiment-brain experiment-brain-resenc experiment-real experiment-real-organs lint clean
 
-setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched data/models/tiny-vlm/.made gloo-headers
+setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched data/models/tiny-vlm/.made gloo-headers isal-headers
 
 # gloo's headers for the c10d bridge (build.rs); gloo's code ships inside
 # libtorch. Installed only when missing; GLOO_INCLUDE may name another folder.
@@ -27,6 +27,22 @@ gloo-headers:
 	    || ! { $$SUDO apt-get install -y libgloo-dev || { $$SUDO apt-get update && $$SUDO apt-get install -y libgloo-dev; }; }; then \
 	    echo "cannot install libgloo-dev here: install gloo's headers (Debian/Ubuntu: apt-get install libgloo-dev) or set GLOO_INCLUDE; without them med3d builds single-process only" >&2; \
 	    exit 1; \
+	  fi; \
+	fi
+
+# ISA-L's igzip header for the fast gzip inflater (build.rs compiles a shim
+# that dlopens libisal.so.2 at run time; without either, gzip goes through
+# zlib-rs). Installed only when missing; a warning, not a failure, when it
+# cannot be: the tests then say what is missing.
+ISAL_INCLUDE ?= /usr/include
+.PHONY: isal-headers
+isal-headers:
+	@if [ ! -f "$(ISAL_INCLUDE)/isa-l/igzip_lib.h" ]; then \
+	  echo "ISA-L header missing in $(ISAL_INCLUDE): installing libisal-dev"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null \
+	    || ! { $$SUDO apt-get install -y libisal-dev || { $$SUDO apt-get update && $$SUDO apt-get install -y libisal-dev; }; }; then \
+	    echo "warning: cannot install libisal-dev here (Debian/Ubuntu: apt-get install libisal-dev, or set ISAL_INCLUDE): gzip'd volumes will inflate with zlib-rs" >&2; \
 	  fi; \
 	fi
 

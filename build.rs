@@ -52,6 +52,8 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(med3d_c10d)");
     println!("cargo::rustc-check-cfg=cfg(med3d_nccl)");
     println!("cargo::rustc-check-cfg=cfg(med3d_torch_info)");
+    println!("cargo::rustc-check-cfg=cfg(med3d_isal)");
+    build_isal_shim();
     println!("cargo:rustc-env=MED3D_GIT_HASH={}", git_hash(&manifest_dir));
     match lib {
         Some(lib) => {
@@ -184,6 +186,38 @@ fn build_torch_info(lib: &Path, manifest_dir: &Path, cuda: bool) {
     }
     b.compile("med3d_torch_info");
     println!("cargo:rustc-cfg=med3d_torch_info");
+}
+
+/// Compiles src/volume/gzip/isal_shim.c when ISA-L's igzip header is there
+/// (Debian's libisal-dev, `make setup`; ISAL_INCLUDE may name another
+/// folder) and sets `cfg(med3d_isal)`. The shim dlopens libisal.so.2 at run
+/// time, so nothing is linked: without the header, or without the library
+/// where the binary runs, gzip goes through zlib-rs.
+fn build_isal_shim() {
+    println!("cargo:rerun-if-env-changed=ISAL_INCLUDE");
+    println!("cargo:rerun-if-changed=src/volume/gzip/isal_shim.c");
+    let include = std::env::var("ISAL_INCLUDE")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/include"));
+    let header = include.join("isa-l/igzip_lib.h");
+    println!("cargo:rerun-if-changed={}", header.display());
+    if !header.is_file() {
+        println!(
+            "cargo:warning=ISA-L's header not found in {} (install libisal-dev: `make setup`, or set ISAL_INCLUDE): \
+             gzip'd volumes inflate with zlib-rs, about 2.4x slower",
+            include.display()
+        );
+        return;
+    }
+    cc::Build::new()
+        .file("src/volume/gzip/isal_shim.c")
+        .include(&include)
+        .opt_level(2)
+        .compile("med3d_isal_shim");
+    println!("cargo:rustc-link-lib=dl");
+    println!("cargo:rustc-cfg=med3d_isal");
 }
 
 /// `git describe`-like identity of the source: short hash, "-dirty" when

@@ -92,6 +92,7 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 flat = json.dumps(d)
 assert "2.11.0" in flat, "libtorch 2.11.0 not reported"
+assert d["gzip"]["inflater"] == "isa-l", f"gzip inflater in the image: {d['gzip']}"
 PY
 then ok "med3d doctor --json in the image"; else cat "$W/doctor.err"; bad "med3d doctor --json"; fi
 

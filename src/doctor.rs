@@ -2,7 +2,8 @@
 //! JSON (PyTorch users know it as `python -m torch.utils.collect_env`):
 //! med3d's version and source, the libtorch this process loaded and what it
 //! was built with, CUDA as compiled, loaded and usable, the driver and its
-//! GPUs, the c10d bridge's backends, threads, and every mismatch found.
+//! GPUs, the c10d bridge's backends, the gzip inflater, threads, and every
+//! mismatch found.
 use std::fmt;
 
 use serde::Serialize;
@@ -24,6 +25,14 @@ pub struct Bridge {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct Gzip {
+    /// The inflater gzip'd volumes go through: "isa-l" or "zlib-rs".
+    pub inflater: &'static str,
+    /// Why ISA-L is not used, when it is not.
+    pub isal_missing: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub med3d: Med3d,
     pub libtorch: Facts,
@@ -31,6 +40,7 @@ pub struct Report {
     pub driver: Option<Driver>,
     pub driver_error: Option<String>,
     pub bridge: Bridge,
+    pub gzip: Gzip,
     pub cpu_cores: usize,
     /// Problems that make a run fail or fall back to the CPU.
     pub mismatches: Vec<String>,
@@ -84,6 +94,10 @@ pub fn report() -> Report {
         driver,
         driver_error,
         bridge: Bridge { c10d, gloo: c10d, nccl },
+        gzip: Gzip {
+            inflater: crate::volume::gzip::inflater().name(),
+            isal_missing: crate::volume::gzip::isal_missing_reason(),
+        },
         cpu_cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         mismatches,
     }
@@ -160,6 +174,10 @@ impl fmt::Display for Report {
             yes(self.bridge.gloo),
             yes(self.bridge.nccl)
         )?;
+        match self.gzip.isal_missing {
+            Some(why) => writeln!(f, "gzip            {} (ISA-L {why})", self.gzip.inflater)?,
+            None => writeln!(f, "gzip            {}", self.gzip.inflater)?,
+        }
         if self.mismatches.is_empty() {
             writeln!(f, "mismatches      none")
         } else {

@@ -6,6 +6,7 @@
 pub mod affine;
 pub mod crop;
 pub mod dicom;
+pub mod gzip;
 pub mod intensity;
 pub mod nifti;
 pub mod nrrd;

@@ -61,7 +61,7 @@ fn read_maybe_gz(path: &Path, first: Option<u64>, limits: &ReadOptions) -> Resul
         let cap = limits.max_decompressed_bytes;
         // bounded: the file's length (and the cap); grows with what inflates
         let mut out = Vec::with_capacity(len.saturating_mul(3).min(want).min(cap) as usize);
-        flate2::read::MultiGzDecoder::new(file)
+        crate::volume::gzip::decoder(file)
             .take(want.min(cap.saturating_add(1)))
             .read_to_end(&mut out)
             .with_context(|| format!("{}: gzip stream is corrupt or truncated", path.display()))?;
@@ -133,7 +133,7 @@ fn read_c_order_streamed(path: &Path, limits: &ReadOptions) -> Option<Result<Nif
     let gz = is_gz(path) || (file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]);
     file.rewind().ok()?;
     let mut stream: Box<dyn Read> = if gz {
-        Box::new(flate2::read::MultiGzDecoder::new(file))
+        Box::new(crate::volume::gzip::decoder(file))
     } else {
         Box::new(std::io::BufReader::new(file))
     };

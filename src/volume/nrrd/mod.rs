@@ -110,7 +110,7 @@ pub fn read(path: &Path, limits: &ReadOptions) -> Result<NrrdImage> {
                 declared: nbytes as u64,
             };
             limits.cap().check(&want)?;
-            let mut gz = flate2::read::MultiGzDecoder::new(f);
+            let mut gz = crate::volume::gzip::decoder(f);
             std::io::copy(&mut (&mut gz).take(h.byte_skip as u64), &mut std::io::sink())?;
             // bounded: grows with what inflates, up to the declared size (within the cap, above)
             let mut raw = Vec::with_capacity(nbytes.min(file_len.saturating_mul(4) as usize));
