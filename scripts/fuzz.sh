@@ -17,6 +17,8 @@
 #   whole_case_nrrd   mutated NIfTI file / NRRD file / DICOM series
 #   whole_case_dicom  (src/fuzz.rs; seeds: tests/data/case_fuzz and
 #                     pydicom's files)
+#   gzip_inflaters    ISA-L and zlib-rs on the same bytes: the same output or
+#                     both refuse (seeds: small gzip streams of every kind)
 #
 # Findings land in fuzz/artifacts/<target>/; a finding is fixed when its
 # input goes into tests/data/ and a test runs it.
@@ -24,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-240}
 AS_LIMIT_KB=${AS_LIMIT_KB:-4000000}
-TARGETS=${TARGETS:-"series_assembler nifti_header dicom_file whole_case_nifti whole_case_nrrd whole_case_dicom"}
+TARGETS=${TARGETS:-"series_assembler nifti_header dicom_file whole_case_nifti whole_case_nrrd whole_case_dicom gzip_inflaters"}
 export LIBTORCH_USE_PYTORCH=1 VIRTUAL_ENV=$PWD/.venv PATH=$PWD/.venv/bin:$PATH
 SITE=$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')
 # the fuzz binaries link libtorch through med3dinsight but get no run-path
@@ -32,7 +34,7 @@ export LD_LIBRARY_PATH="$SITE/torch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # scratch for whole_case's files: memory-backed when there is one
 export FUZZ_SCRATCH=${FUZZ_SCRATCH:-$( [ -w /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")}
 C=fuzz/corpus
-mkdir -p $C/dicom_file $C/nifti_header $C/series_assembler $C/whole_case_nifti $C/whole_case_nrrd $C/whole_case_dicom
+mkdir -p $C/dicom_file $C/nifti_header $C/series_assembler $C/whole_case_nifti $C/whole_case_nrrd $C/whole_case_dicom $C/gzip_inflaters
 find "$SITE/pydicom/data/test_files" -name '*.dcm' -size -64k -exec cp -n {} $C/dicom_file/ \;
 for f in CT_small.dcm MR_small.dcm MR_small_RLE.dcm MR_small_jp2klossless.dcm JPGLosslessP14SV1_1s_1f_8b.dcm; do
   cp -n "$SITE/pydicom/data/test_files/$f" $C/whole_case_dicom/ 2>/dev/null || true
@@ -48,6 +50,16 @@ out = pathlib.Path("fuzz/corpus/nifti_header")
 for p in list((site / "nibabel/tests/data").glob("*.nii*")) + list(pathlib.Path("data/demo").glob("*.nii*")):
     raw = gzip.open(p).read(600) if p.suffix == ".gz" else p.read_bytes()[:600]
     (out / p.name.replace(".", "_")).write_bytes(raw)
+# gzip_inflaters: small streams with every header field, levels, members
+import zlib
+g = pathlib.Path("fuzz/corpus/gzip_inflaters")
+data = bytes((i * 7 + (i >> 5)) & 0xFF for i in range(3000))
+for lvl in (0, 1, 9):
+    (g / f"level{lvl}.gz").write_bytes(gzip.compress(data, compresslevel=lvl, mtime=0))
+(g / "two_members.gz").write_bytes(gzip.compress(data[:1000], mtime=0) + gzip.compress(data[1000:], mtime=0))
+(g / "empty.gz").write_bytes(gzip.compress(b"", mtime=0))
+for p in (pathlib.Path("tests/data/case_fuzz")).glob("*.gz"):
+    (g / p.name).write_bytes(p.read_bytes()[:65536])
 PY
 cd fuzz
 # -O (without it cargo-fuzz turns debug assertions and overflow checks on for

@@ -245,3 +245,21 @@ fn readers_inflate_with_isal_by_default() {
     let img = med3dinsight::volume::nifti::read(p, &med3dinsight::volume::ReadOptions::default()).unwrap();
     assert_eq!(img.shape.iter().product::<usize>(), img.data.len());
 }
+
+/// Fuzz findings (scripts/fuzz.sh, target gzip_inflaters): streams the two
+/// inflaters once disagreed on.
+#[test]
+fn fuzz_findings_agree() {
+    require_isal();
+    let dir = root().join("tests/data/gzip");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let bytes = std::fs::read(&p).unwrap();
+        for chunk in [4096, 1] {
+            agree(&bytes, &p.display().to_string(), chunk);
+        }
+        n += 1;
+    }
+    assert!(n >= 1, "no findings in {}", dir.display());
+}

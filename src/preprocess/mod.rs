@@ -18,7 +18,7 @@
 //! ```
 pub mod slices;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
@@ -199,29 +199,58 @@ pub fn process_volume(case: &Case, cfg: &PreprocessConfig) -> Result<Processed> 
 
 pub(crate) fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, cache: &Path) -> Result<bool> {
     let mut lap = Lap::start(&case.id);
+    // A rerun hashes the sources first, to skip an unchanged case without
+    // reading it; a case with no record to match (a first run, or a changed
+    // config) is processed anyway, and its sources are hashed by the readers
+    // as they read them, with no second pass (`volume::source`).
+    let prior = read_case_record(cache, &case.id)
+        .filter(|rec| rec.config_hash == cfg_hash && rec.class == case.class && rec.modality == case.modality);
+    let mut known: Vec<(PathBuf, String)> = Vec::new();
+    if let Some(rec) = prior {
+        let image = volume::source_sha256(&case.image, case.series_uid.as_deref())?;
+        let label = case.label.as_deref().map(sha256_file).transpose()?;
+        if rec.image.sha256 == image && rec.label.as_ref().map(|l| &l.sha256) == label.as_ref() {
+            return Ok(false);
+        }
+        known.push((case.image.clone(), image));
+        if let (Some(p), Some(h)) = (&case.label, label) {
+            known.push((p.clone(), h));
+        }
+        lap.done("hash");
+    }
+    let (p, read) = volume::source::record(|| process_volume(case, cfg));
+    let p = p?;
+    for (step, d) in read.steps() {
+        let ms = d.as_secs_f64() * 1e3;
+        tracing::debug!(case = case.id.as_str(), step, ms = format!("{ms:.1}"), "read step");
+    }
+    lap = Lap::start(&case.id);
+    let sha_of = |path: &Path, dicom: bool| -> Result<String> {
+        if let Some((_, h)) = known.iter().find(|(k, _)| k == path) {
+            return Ok(h.clone());
+        }
+        if let Some(h) = read.sha256_of(path) {
+            return Ok(h.to_string());
+        }
+        // a reader that did not read the file whole, in order (NRRD, a
+        // .hdr/.img pair, ...): the second pass
+        match dicom {
+            true => volume::source_sha256(path, case.series_uid.as_deref()),
+            false => sha256_file(path),
+        }
+    };
     let image_src = SourceFile {
         path: case.image.clone(),
-        sha256: volume::source_sha256(&case.image, case.series_uid.as_deref())?,
+        sha256: sha_of(&case.image, true)?,
     };
     let label_src = match &case.label {
-        Some(p) => Some(SourceFile {
-            path: p.clone(),
-            sha256: sha256_file(p)?,
+        Some(l) => Some(SourceFile {
+            path: l.clone(),
+            sha256: sha_of(l, false)?,
         }),
         None => None,
     };
-    if let Some(rec) = read_case_record(cache, &case.id) {
-        if rec.config_hash == cfg_hash
-            && rec.image.sha256 == image_src.sha256
-            && rec.label.as_ref().map(|l| &l.sha256) == label_src.as_ref().map(|l| &l.sha256)
-            && rec.class == case.class
-            && rec.modality == case.modality
-        {
-            return Ok(false);
-        }
-    }
     lap.done("hash");
-    let p = process_volume(case, cfg)?;
     lap = Lap::start(&case.id);
 
     let final_dir = cache::case_dir(cache, &case.id);

@@ -12,6 +12,7 @@ pub mod nifti;
 pub mod nrrd;
 pub mod orient;
 pub mod resample;
+pub mod source;
 
 use std::path::Path;
 

@@ -152,6 +152,9 @@ pub struct Scan {
     /// DICOM files that could not even be parsed far enough to tell their
     /// series; loading any series from this scan fails on them.
     pub broken: Vec<(PathBuf, String)>,
+    /// The sha256 of every file listed, in listing order, from the bytes
+    /// the scan read; None when one could not be read.
+    pub file_sha256: Option<Vec<(PathBuf, String)>>,
 }
 
 /// True when `path` should be read as DICOM: a folder, a file with the
@@ -196,15 +199,28 @@ pub fn scan(path: &Path) -> Result<Scan> {
         anyhow::bail!("{}: no such file or folder", path.display());
     }
     let paths = list_files(path)?;
-    let outcomes: Vec<(PathBuf, ScanOutcome)> = paths
+    // Each file is read once: its header parsed and its bytes hashed for
+    // the cache's provenance (`source_sha256`), with no second pass.
+    let outcomes: Vec<(PathBuf, ScanOutcome, Option<String>)> = paths
         .into_par_iter()
-        .map(|p| (p.clone(), header::scan_file(&p)))
+        .map(|p| match std::fs::read(&p) {
+            Ok(bytes) => {
+                let sha = crate::fsutil::sha256_bytes(&bytes);
+                (p.clone(), header::scan_bytes(&p, &bytes), Some(sha))
+            }
+            Err(e) => (p, ScanOutcome::Skip(format!("unreadable ({e})")), None),
+        })
         .collect();
     let mut s = Scan {
         root: path.to_path_buf(),
         ..Default::default()
     };
-    for (p, o) in outcomes {
+    let mut hashes = Some(Vec::new());
+    for (p, o, sha) in outcomes {
+        match (sha, hashes.as_mut()) {
+            (Some(h), Some(all)) => all.push((p.clone(), h)),
+            _ => hashes = None,
+        }
         match o {
             ScanOutcome::Image(h) => s.files.push(*h),
             ScanOutcome::Skip(why) => s.skipped.push((p, why)),
@@ -214,6 +230,7 @@ pub fn scan(path: &Path) -> Result<Scan> {
     for (p, why) in &s.skipped {
         tracing::warn!("skipped {}: {why}", p.display());
     }
+    s.file_sha256 = hashes;
     Ok(s)
 }
 
@@ -309,7 +326,14 @@ pub struct DicomVolume {
 
 /// Loads one series (by UID, or the only one) from a folder or file.
 pub fn load(path: &Path, series_uid: Option<&str>, limits: &ReadOptions) -> Result<DicomVolume> {
-    let scan = scan(path)?;
+    let scan = crate::volume::source::time("scan", || scan(path))?;
+    if let Some(hashes) = &scan.file_sha256 {
+        let sha = match path.is_dir() {
+            true => series_sha256(path, hashes, series_uid),
+            false => hashes.first().map(|(_, h)| h.clone()).unwrap_or_default(),
+        };
+        crate::volume::source::note_sha256(path, sha);
+    }
     load_from_scan(&scan, series_uid, limits)
 }
 
@@ -443,23 +467,29 @@ fn decode_stack(
             .collect();
         needed.sort_unstable();
         needed.dedup();
-        let opened: Vec<(usize, DefaultDicomObject)> = needed
-            .into_par_iter()
-            .map(|fi| Ok((fi, header::open_full(&files[fi].path)?)))
-            .collect::<Result<_>>()?;
+        let opened: Vec<(usize, DefaultDicomObject)> = crate::volume::source::time("read", || {
+            needed
+                .into_par_iter()
+                .map(|fi| Ok((fi, header::open_full(&files[fi].path)?)))
+                .collect::<Result<_>>()
+        })?;
         open.extend(opened);
         let planes = &mut slab[..(k1 - k0) * per];
-        planes
-            .par_chunks_mut(per)
-            .enumerate()
-            .map(|(dz, out)| -> Result<()> {
-                let (fi, k) = frame_at(k0 + dz);
-                let obj = open.get(&fi).context("a frame's file was not opened")?;
-                pixels::decode_frame_into(obj, files[fi], k, limits, out)?;
-                Ok(())
-            })
-            .collect::<Result<Vec<()>>>()?;
-        crate::volume::f_planes_into_c_order(planes, [nx, ny, nz], k0, &mut data);
+        crate::volume::source::time("decode", || {
+            planes
+                .par_chunks_mut(per)
+                .enumerate()
+                .map(|(dz, out)| -> Result<()> {
+                    let (fi, k) = frame_at(k0 + dz);
+                    let obj = open.get(&fi).context("a frame's file was not opened")?;
+                    pixels::decode_frame_into(obj, files[fi], k, limits, out)?;
+                    Ok(())
+                })
+                .collect::<Result<Vec<()>>>()
+        })?;
+        crate::volume::source::time("transpose", || {
+            crate::volume::f_planes_into_c_order(planes, [nx, ny, nz], k0, &mut data)
+        });
         open.retain(|fi, _| last.get(fi).is_some_and(|&z| z >= k1));
     }
     Ok(Array3::from_shape_vec((nx, ny, nz), data)?)
@@ -469,18 +499,27 @@ fn decode_stack(
 /// sha256 over the sorted (relative path, file sha256) pairs, and the chosen
 /// series UID.
 pub fn source_sha256(path: &Path, series_uid: Option<&str>) -> Result<String> {
+    let hashes = list_files(path)?
+        .into_iter()
+        .map(|p| Ok((crate::fsutil::sha256_file(&p)?, p)).map(|(h, p)| (p, h)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(series_sha256(path, &hashes, series_uid))
+}
+
+/// `source_sha256` from the files' own hashes (in listing order).
+fn series_sha256(path: &Path, hashes: &[(PathBuf, String)], series_uid: Option<&str>) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for p in list_files(path)? {
-        let rel = p.strip_prefix(path).unwrap_or(&p).to_string_lossy().into_owned();
+    for (p, file_sha) in hashes {
+        let rel = p.strip_prefix(path).unwrap_or(p).to_string_lossy().into_owned();
         h.update(rel.as_bytes());
         h.update([0u8]);
-        h.update(crate::fsutil::sha256_file(&p)?.as_bytes());
+        h.update(file_sha.as_bytes());
         h.update([b'\n']);
     }
     if let Some(u) = series_uid {
         h.update(b"series_uid=");
         h.update(u.as_bytes());
     }
-    Ok(hex::encode(h.finalize()))
+    hex::encode(h.finalize())
 }

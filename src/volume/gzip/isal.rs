@@ -41,6 +41,8 @@ pub struct IsalReader<R> {
     len: usize,
     eof: bool,
     member_done: bool,
+    /// The next bytes are a member's header, not yet checked here.
+    member_start: bool,
 }
 
 // SAFETY: the state is owned by this reader alone and ISA-L keeps no
@@ -64,7 +66,40 @@ impl<R: Read> IsalReader<R> {
             len: 0,
             eof: false,
             member_done: false,
+            member_start: true,
         })
+    }
+
+    /// At least `n` unread bytes in the buffer, unless the input ends first.
+    fn ensure(&mut self, n: usize) -> io::Result<()> {
+        while self.len - self.pos < n && !self.eof {
+            self.buf.copy_within(self.pos..self.len, 0);
+            self.len -= self.pos;
+            self.pos = 0;
+            match self.inner.read(&mut self.buf[self.len..]) {
+                Ok(0) => self.eof = true,
+                Ok(k) => self.len += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// What ISA-L lets through and RFC 1952 (and zlib) do not: reserved
+    /// flag bits set in a member's header.
+    fn check_header(&mut self) -> io::Result<()> {
+        self.ensure(4)?;
+        if let Some(&flags) = self.buf[self.pos..self.len].get(3) {
+            if flags & 0xE0 != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "invalid gzip header: reserved flag bits are set",
+                ));
+            }
+        }
+        self.member_start = false;
+        Ok(())
     }
 
     fn fill(&mut self) -> io::Result<()> {
@@ -118,6 +153,10 @@ impl<R: Read> Read for IsalReader<R> {
                 // SAFETY: the state is live and owned here.
                 unsafe { med3d_isal_next_member(self.state.as_ptr()) };
                 self.member_done = false;
+                self.member_start = true;
+            }
+            if self.member_start {
+                self.check_header()?;
             }
             let input = &self.buf[self.pos..self.len];
             let (mut used, mut made, mut fin) = (0u32, 0u32, 0i32);

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use super::data::{data_nbytes, decode_c_order_into, decode_into, decode_slab, DataType, SLAB};
 use super::header::{parse_header, NiftiHeader};
 use crate::alloc::{self, Supply, Want};
-use crate::volume::ReadOptions;
+use crate::volume::{source, ReadOptions};
 
 /// The most header bytes a NIfTI file has before its voxels or extensions
 /// (NIfTI-2's 540; NIfTI-1's 348 plus its 4 extension flag bytes).
@@ -44,16 +44,23 @@ fn is_gz(path: &Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"))
 }
 
+/// Whether the file begins with gzip's magic bytes.
+fn starts_gzip(path: &Path) -> bool {
+    let mut magic = [0u8; 2];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == [0x1f, 0x8b]
+}
+
 /// The bytes of a file, inflated when it is gzipped: at most `first` of
 /// them when given, and never more than the limits' cap on decompressed
 /// data (memory grows with the bytes inflated, not with a declared size).
 fn read_maybe_gz(path: &Path, first: Option<u64>, limits: &ReadOptions) -> Result<Vec<u8>> {
     let cannot_read = || format!("cannot read {}", path.display());
-    let mut file = std::fs::File::open(path).with_context(cannot_read)?;
-    let len = file.metadata().with_context(cannot_read)?.len();
-    let mut magic = [0u8; 2];
-    let gz = is_gz(path) || (file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]);
-    file.rewind().with_context(cannot_read)?;
+    let len = std::fs::metadata(path).with_context(cannot_read)?.len();
+    let gz = is_gz(path) || starts_gzip(path);
+    let file = source::HashedFile::open(path).with_context(cannot_read)?;
     let want = first.unwrap_or(u64::MAX);
     if gz {
         // Inflate straight from the file: the compressed bytes are never
@@ -128,10 +135,9 @@ fn read_c_order_streamed(path: &Path, limits: &ReadOptions) -> Option<Result<Nif
     if pair_paths(path).is_some() {
         return None;
     }
-    let mut file = std::fs::File::open(path).ok()?;
-    let mut magic = [0u8; 2];
-    let gz = is_gz(path) || (file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]);
-    file.rewind().ok()?;
+    let gz = is_gz(path) || starts_gzip(path);
+    // every byte of the file goes through once: hashed as it is read
+    let file = source::HashedFile::open(path).ok()?;
     let mut stream: Box<dyn Read> = if gz {
         Box::new(crate::volume::gzip::decoder(file))
     } else {
@@ -178,8 +184,10 @@ fn read_c_order_streamed(path: &Path, limits: &ReadOptions) -> Option<Result<Nif
     for volume in data.chunks_exact_mut(per) {
         for k0 in (0..shape[2]).step_by(SLAB) {
             let bytes = &mut slab[..(SLAB.min(shape[2] - k0)) * plane * size];
-            voxels.read_exact(bytes).ok()?;
-            decode_slab(bytes, dtype, header.big_endian, header.scaling(), shape, k0, volume);
+            source::time(if gz { "inflate" } else { "read" }, || voxels.read_exact(bytes)).ok()?;
+            source::time("decode", || {
+                decode_slab(bytes, dtype, header.big_endian, header.scaling(), shape, k0, volume)
+            });
         }
     }
     // Read to the end as the general way does: for gzip, that checks the
@@ -189,7 +197,10 @@ fn read_c_order_streamed(path: &Path, limits: &ReadOptions) -> Option<Result<Nif
         true => limits.max_decompressed_bytes.saturating_sub((offset + need) as u64),
         false => u64::MAX - 1,
     };
-    if std::io::copy(&mut (&mut voxels).take(left.saturating_add(1)), &mut std::io::sink()).ok()? > left {
+    let rest = source::time(if gz { "inflate" } else { "read" }, || {
+        std::io::copy(&mut (&mut voxels).take(left.saturating_add(1)), &mut std::io::sink())
+    });
+    if rest.ok()? > left {
         return None;
     }
     Some(Ok(NiftiImage {
