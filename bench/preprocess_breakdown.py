@@ -2,7 +2,8 @@
 format: `med3d preprocess --workers 1` on one synthetic 512x512x300 CT
 (the cases bench/preprocess_bench.py makes), its stage timings read from
 med3d's own debug log (`MED3D_LOG=med3dinsight::preprocess=debug`: load,
-orient, resample, intensity, crop, hash, write), the median of --runs runs
+orient, resample, intensity, crop, hash, write (the float16 volume),
+slices (PNGs, index, case.json), commit (fsync and rename)), the median of --runs runs
 per format, and beside them the floor of reading the input (inflating it,
 for .nii.gz) in this process.
 

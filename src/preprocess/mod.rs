@@ -278,6 +278,7 @@ pub(crate) fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, 
         (0, shape[1]),
         (0, shape[2]),
     ]);
+    lap.done("write");
     let mut rows = Vec::new();
     let mut planes = cfg.planes.clone();
     planes.sort_by_key(|p| p.id());
@@ -315,7 +316,7 @@ pub(crate) fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, 
         dicom: p.dicom,
     };
     std::fs::write(work.join(cache::CASE_JSON), serde_json::to_vec_pretty(&rec)?)?;
-    lap.done("write");
+    lap.done("slices");
     // Swap the finished folder into place: old -> aside, new -> in, drop old.
     // A kill in between leaves no committed case.json, so a rerun redoes it.
     // Durable before it is visible: a crash after the rename finds the
@@ -330,6 +331,7 @@ pub(crate) fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, 
         std::fs::rename(&work, &final_dir)?;
     }
     crate::fsutil::sync_parent(&final_dir)?;
+    lap.done("commit");
     Ok(true)
 }
 
