@@ -206,7 +206,7 @@ fn build_isal_shim() {
     if !header.is_file() {
         println!(
             "cargo:warning=ISA-L's header not found in {} (install libisal-dev: `make setup`, or set ISAL_INCLUDE): \
-             gzip'd volumes inflate with zlib-rs, about 2.4x slower",
+             gzip'd volumes inflate with zlib-rs, about 1.25x slower",
             include.display()
         );
         return;

@@ -107,7 +107,7 @@ def main() -> None:
     a = ap.parse_args()
     binary = Path(a.bin)
     doctor = json.loads(subprocess.run([str(binary), "doctor", "--json"], capture_output=True, text=True).stdout)
-    inflater = a.inflate or doctor["gzip"]["inflater"]
+    inflater = a.inflate or doctor.get("gzip", {}).get("inflater", "zlib-rs")  # builds before 2026-12-07 evening: zlib-rs
     out = {}
     for fmt in a.format.split(","):
         case = one_case(fmt)

@@ -198,15 +198,7 @@ fn real_main() -> Result<End> {
     }
 }
 
-/// Large buffers freed by one case are reused by the next (their pages are
-/// already faulted in): see `alloc::recycle`.
-#[global_allocator]
-static ALLOC: med3dinsight::alloc::recycle::Recycling = med3dinsight::alloc::recycle::Recycling;
-
 fn main() -> ExitCode {
-    if std::env::var("MED3D_RECYCLE").is_ok_and(|v| v == "0") {
-        med3dinsight::alloc::recycle::set_enabled(false);
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MED3D_LOG")

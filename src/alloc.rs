@@ -31,8 +31,6 @@
 //! comment on the line or the one above, why its size is not the header's.
 use std::alloc::Layout;
 
-pub mod recycle;
-
 /// What a buffer is for and how much input the header says it comes from.
 #[derive(Debug, Clone)]
 pub struct Want<'a> {
