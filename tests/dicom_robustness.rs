@@ -240,3 +240,64 @@ fn fuzz_crashes_stay_fixed() {
     }
     assert!(n > 0);
 }
+
+/// The scan's `pixel_offset`: found for native little-endian files (single
+/// and multi-frame, explicit and implicit VR, padded), not for big-endian or encapsulated ones; and every frame read
+/// from the file's bytes there equals, bit for bit, the frame decoded from
+/// dicom-rs's parse of the file.
+#[test]
+fn native_frames_read_at_the_scanned_offset_equal_dicom_rs_decode() {
+    use med3dinsight::volume::dicom::header::{open_full, scan_file, ScanOutcome};
+    use med3dinsight::volume::dicom::pixels::{decode_frame_into, decode_native_frame_at};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    let site = std::fs::read_dir(&root)
+        .expect(".venv (make setup)")
+        .flatten()
+        .map(|e| e.path().join("site-packages"))
+        .find(|p| p.join("pydicom").exists())
+        .expect("pydicom in .venv");
+    let t = site.join("pydicom/data/test_files");
+    let d = site.join("data_store/data");
+    let cases: &[(PathBuf, bool)] = &[
+        (t.join("CT_small.dcm"), true),
+        (t.join("MR_small.dcm"), true),
+        (t.join("MR_small_implicit.dcm"), true),
+        (t.join("MR_small_padded.dcm"), true),
+        (t.join("rtdose.dcm"), true),
+        (d.join("emri_small.dcm"), true),
+        (t.join("MR_small_bigendian.dcm"), false),
+        (t.join("rtdose_expb.dcm"), false),
+        (t.join("MR_small_RLE.dcm"), false),
+        (d.join("emri_small_RLE.dcm"), false),
+    ];
+    let limits = med3dinsight::volume::ReadOptions::default();
+    let mut frames = 0;
+    for (p, native) in cases {
+        let ScanOutcome::Image(h) = scan_file(p) else {
+            panic!("{}: not scanned as an image", p.display())
+        };
+        assert_eq!(
+            h.pixel_offset.is_some(),
+            *native,
+            "{}: pixel_offset {:?}",
+            p.display(),
+            h.pixel_offset
+        );
+        let Some(off) = h.pixel_offset else { continue };
+        let file = std::fs::File::open(p).unwrap();
+        let obj = open_full(p).unwrap();
+        let n = h.pixel.rows as usize * h.pixel.cols as usize;
+        for k in 0..h.frames.len() {
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            decode_native_frame_at(&file, off, &h, k, &limits, &mut a).unwrap();
+            decode_frame_into(&obj, &h, k, &limits, &mut b).unwrap();
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{} frame {k}: the file's bytes decode differently",
+                p.display()
+            );
+            frames += 1;
+        }
+    }
+    assert!(frames >= 20, "only {frames} frames compared");
+}

@@ -305,6 +305,7 @@ pub fn header_of(
         pixel_bytes,
         float_pixel_data,
         truncated: None,
+        pixel_offset: None,
         frames: frames_h,
     }))
 }

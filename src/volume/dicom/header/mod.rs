@@ -91,6 +91,11 @@ pub struct FileHeader {
     pub float_pixel_data: bool,
     /// Set when the header parsed but the pixel data did not.
     pub truncated: Option<String>,
+    /// Where the native PixelData value starts in the file, when the scan
+    /// found it there and checked that those bytes are the value dicom-rs
+    /// parsed (little-endian native data only): the decode then reads the
+    /// frames from the file's bytes without parsing the file again.
+    pub pixel_offset: Option<u64>,
     /// Set when the geometry or decoding attributes are unreadable.
     pub problem: Option<DicomError>,
     pub modality_lut: Option<ModalityLut>,
