@@ -75,7 +75,7 @@ RUN --mount=type=cache,target=/root/.cargo/registry \
     cargo build --release --locked \
  && readelf -d target/release/med3d | grep 'libtorch_cuda.so' >/dev/null \
  && nm -DC --undefined-only target/release/med3d | grep 'c10d::ProcessGroupNCCL::ProcessGroupNCCL(' >/dev/null \
- && nm target/release/med3d | grep -q med3d_isal_load \
+ && nm target/release/med3d | grep med3d_isal_load >/dev/null \
  && strip target/release/med3d \
  && cp target/release/med3d /usr/local/bin/med3d
 
