@@ -248,7 +248,8 @@ fn fuzz_crashes_stay_fixed() {
 #[test]
 fn native_frames_read_at_the_scanned_offset_equal_dicom_rs_decode() {
     use med3dinsight::volume::dicom::header::{open_full, scan_file, ScanOutcome};
-    use med3dinsight::volume::dicom::pixels::{decode_frame_into, decode_native_frame_at};
+    use med3dinsight::volume::dicom::native::decode_frame_at;
+    use med3dinsight::volume::dicom::pixels::decode_frame_into;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
     let site = std::fs::read_dir(&root)
         .expect(".venv (make setup)")
@@ -289,7 +290,7 @@ fn native_frames_read_at_the_scanned_offset_equal_dicom_rs_decode() {
         let n = h.pixel.rows as usize * h.pixel.cols as usize;
         for k in 0..h.frames.len() {
             let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
-            decode_native_frame_at(&file, off, &h, k, &limits, &mut a).unwrap();
+            decode_frame_at(&file, off, &h, k, &limits, &mut a).unwrap();
             decode_frame_into(&obj, &h, k, &limits, &mut b).unwrap();
             assert!(
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),

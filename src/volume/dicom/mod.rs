@@ -17,6 +17,7 @@
 //!   RescaleSlope/Intercept exactly once;
 //! - [`rle`] is the RLE Lossless decoder [`pixels`] calls.
 pub mod header;
+pub mod native;
 pub mod pixels;
 pub mod rle;
 pub mod series;
@@ -25,7 +26,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use dicom_object::DefaultDicomObject;
 use ndarray::Array3;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -458,7 +458,7 @@ fn decode_stack(
     };
     let mut data = crate::alloc::zeroed(&want(per * nz, declared), &supply)?;
     let mut slab = crate::alloc::zeroed(&want(per * SLAB.min(nz), 0), &supply)?;
-    let mut open: HashMap<usize, Opened> = HashMap::new();
+    let mut open: HashMap<usize, native::Opened> = HashMap::new();
     for k0 in (0..nz).step_by(SLAB) {
         let k1 = (k0 + SLAB).min(nz);
         let mut needed: Vec<usize> = (k0..k1)
@@ -467,10 +467,10 @@ fn decode_stack(
             .collect();
         needed.sort_unstable();
         needed.dedup();
-        let opened: Vec<(usize, Opened)> = crate::volume::source::time("read", || {
+        let opened: Vec<(usize, native::Opened)> = crate::volume::source::time("read", || {
             needed
                 .into_par_iter()
-                .map(|fi| Ok((fi, Opened::open(files[fi])?)))
+                .map(|fi| Ok((fi, native::Opened::open(files[fi])?)))
                 .collect::<Result<_>>()
         })?;
         open.extend(opened);
@@ -482,9 +482,9 @@ fn decode_stack(
                 .map(|(dz, out)| -> Result<()> {
                     let (fi, k) = frame_at(k0 + dz);
                     match open.get(&fi).context("a frame's file was not opened")? {
-                        Opened::Parsed(obj) => pixels::decode_frame_into(obj, files[fi], k, limits, out)?,
-                        Opened::Native(file, off) => {
-                            pixels::decode_native_frame_at(file, *off, files[fi], k, limits, out)?
+                        native::Opened::Parsed(obj) => pixels::decode_frame_into(obj, files[fi], k, limits, out)?,
+                        native::Opened::Native(file, off) => {
+                            native::decode_frame_at(file, *off, files[fi], k, limits, out)?
                         }
                     }
                     Ok(())
@@ -497,29 +497,6 @@ fn decode_stack(
         open.retain(|fi, _| last.get(fi).is_some_and(|&z| z >= k1));
     }
     Ok(Array3::from_shape_vec((nx, ny, nz), data)?)
-}
-
-/// A series file opened for its pixel data: native little-endian frames
-/// are read straight from the file at the value offset the scan checked,
-/// one frame at a time; anything else is the file parsed again by dicom-rs.
-enum Opened {
-    Native(std::fs::File, u64),
-    Parsed(DefaultDicomObject),
-}
-
-impl Opened {
-    fn open(f: &FileHeader) -> Result<Opened, DicomError> {
-        if let Some(off) = f.pixel_offset {
-            if let Ok(file) = std::fs::File::open(&f.path) {
-                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-                if off.checked_add(f.pixel_bytes).is_some_and(|end| end <= len) {
-                    return Ok(Opened::Native(file, off));
-                }
-            }
-            // changed since the scan, or unreadable: the general way names it
-        }
-        Ok(Opened::Parsed(header::open_full(&f.path)?))
-    }
 }
 
 /// A content hash of the files of a DICOM input, for the cache's skip test:

@@ -190,60 +190,6 @@ pub fn refused(f: &FileHeader, e: alloc::Refused) -> DicomError {
     }
 }
 
-/// [`decode_frame_into`] for native little-endian data read straight from
-/// the file: frame `k` of the PixelData value that starts at `offset`
-/// (the scan's `pixel_offset`, where it found the same bytes dicom-rs
-/// parsed) is read into this thread's frame buffer and decoded from there.
-pub fn decode_native_frame_at(
-    file: &std::fs::File,
-    offset: u64,
-    f: &FileHeader,
-    k: usize,
-    limits: &ReadOptions,
-    out: &mut [f32],
-) -> Result<(), DicomError> {
-    use std::os::unix::fs::FileExt;
-    thread_local! {
-        static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    let label = frame_label(f, k);
-    let fb = frame_bytes(&f.pixel).ok_or_else(|| DicomError::UnsupportedPixelFormat {
-        label: label.clone(),
-        detail: "image too large".into(),
-    })?;
-    check_file(f, limits)?;
-    let end = (k + 1).checked_mul(fb).filter(|&e| e as u64 <= f.pixel_bytes);
-    let Some(end) = end else {
-        return Err(DicomError::Truncated {
-            label,
-            detail: format!(
-                "the pixel data hold {} bytes, too few for frame {} of {fb} bytes",
-                f.pixel_bytes,
-                k + 1
-            ),
-        });
-    };
-    FRAME.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        // bounded: one frame, within the PixelData the file holds (checked above and at open)
-        buf.resize(fb, 0);
-        file.read_exact_at(&mut buf[..], offset + (end - fb) as u64)
-            .map_err(|e| DicomError::Truncated {
-                label: label.clone(),
-                detail: format!("cannot read frame {} of the pixel data: {e}", k + 1),
-            })?;
-        let samples = fb / usize::from(f.pixel.bits_allocated / 8).max(1);
-        if samples != out.len() {
-            return Err(DicomError::Decode {
-                label: label.clone(),
-                detail: format!("decoded {samples} pixels, expected {}", out.len()),
-            });
-        }
-        samples_to_f32_into(&buf[..], &f.pixel, f.frames[k].rescale, f.modality_lut.as_ref(), out);
-        Ok(())
-    })
-}
-
 /// [`decode_frame`] into `out`, which must hold exactly Rows x Columns
 /// values (the frame's place in a volume being assembled).
 pub fn decode_frame_into(

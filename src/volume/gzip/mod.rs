@@ -98,7 +98,7 @@ pub fn inflater() -> Inflater {
 pub enum GzReader<R: Read> {
     #[cfg(med3d_isal)]
     Isal(isal::IsalReader<R>),
-    Zlib(flate2::read::MultiGzDecoder<R>),
+    Zlib(Box<flate2::read::MultiGzDecoder<R>>),
 }
 
 /// Inflates `inner` (a gzip stream of one or more members) with the
@@ -114,11 +114,11 @@ pub fn decoder_with<R: Read>(inner: R, which: Inflater) -> GzReader<R> {
     if which == Inflater::Isal && isal::available() {
         match isal::IsalReader::new(inner) {
             Ok(r) => return GzReader::Isal(r),
-            Err(inner) => return GzReader::Zlib(flate2::read::MultiGzDecoder::new(inner)),
+            Err(inner) => return GzReader::Zlib(Box::new(flate2::read::MultiGzDecoder::new(inner))),
         }
     }
     let _ = which;
-    GzReader::Zlib(flate2::read::MultiGzDecoder::new(inner))
+    GzReader::Zlib(Box::new(flate2::read::MultiGzDecoder::new(inner)))
 }
 
 impl<R: Read> GzReader<R> {

@@ -76,51 +76,6 @@ pub fn parse_bytes(bytes: &[u8], until: Option<dicom_core::Tag>) -> Result<Defau
     first
 }
 
-/// Trailing bytes after the PixelData element searched for its header
-/// (padding, a Data Set Trailing Padding element); past them, the decode
-/// parses the file again.
-const TRAILING_SEARCH: usize = 64 << 10;
-
-/// The offset in `bytes` of the native little-endian PixelData value that
-/// dicom-rs parsed into `obj`: just after a (7FE0,0010) element header
-/// (explicit VR: OB/OW and a 4-byte length; implicit: a 4-byte length)
-/// whose length is the value's, and whose bytes are the value's, compared
-/// in full. None when it is not found so (encapsulated or big-endian data,
-/// odd layouts): the decode then parses the file again.
-fn native_pixel_offset(bytes: &[u8], obj: &DefaultDicomObject, h: &super::FileHeader) -> Option<u64> {
-    use dicom_core::value::Value;
-    if crate::volume::dicom::pixels::encapsulated(h)
-        || h.transfer_syntax.trim_end_matches(['\0', ' ']) == "1.2.840.10008.1.2.2"
-    {
-        return None;
-    }
-    let Value::Primitive(p) = obj.get(tags::PIXEL_DATA)?.value() else {
-        return None;
-    };
-    let value = p.to_bytes();
-    let n = value.len();
-    if n == 0 || n as u64 != h.pixel_bytes {
-        return None;
-    }
-    let len32 = u32::try_from(n).ok()?.to_le_bytes();
-    let last = bytes.len().checked_sub(n + 8)?;
-    for t in (last.saturating_sub(TRAILING_SEARCH)..=last).rev() {
-        if bytes[t..t + 4] != [0xE0, 0x7F, 0x10, 0x00] {
-            continue;
-        }
-        let explicit = matches!(&bytes[t + 4..t + 6], b"OW" | b"OB") && bytes.get(t + 6..t + 8) == Some(&[0, 0][..]);
-        let off = match explicit {
-            true if bytes.get(t + 8..t + 12) == Some(&len32[..]) => t + 12,
-            false if bytes[t + 4..t + 8] == len32 => t + 8,
-            _ => continue,
-        };
-        if bytes.get(off..off + n) == Some(&value[..]) {
-            return Some(off as u64);
-        }
-    }
-    None
-}
-
 /// Reads a file's header; never panics on any input.
 pub fn scan_file(path: &Path) -> ScanOutcome {
     match std::fs::read(path) {
@@ -151,7 +106,7 @@ pub fn scan_bytes(path: &Path, bytes: &[u8]) -> ScanOutcome {
                 h.truncated = truncated;
                 h.has_pixel_data = true;
             } else {
-                h.pixel_offset = native_pixel_offset(bytes, &obj, &h);
+                h.pixel_offset = crate::volume::dicom::native::pixel_offset(bytes, &obj, &h);
             }
             ScanOutcome::Image(Box::new(h))
         }
