@@ -225,7 +225,7 @@ pub(crate) fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, 
         tracing::debug!(case = case.id.as_str(), step, ms = format!("{ms:.1}"), "read step");
     }
     lap = Lap::start(&case.id);
-    let sha_of = |path: &Path, dicom: bool| -> Result<String> {
+    let sha_of = |path: &Path, series_uid: Option<&str>| -> Result<String> {
         if let Some((_, h)) = known.iter().find(|(k, _)| k == path) {
             return Ok(h.clone());
         }
@@ -234,19 +234,16 @@ pub(crate) fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, 
         }
         // a reader that did not read the file whole, in order (NRRD, a
         // .hdr/.img pair, ...): the second pass
-        match dicom {
-            true => volume::source_sha256(path, case.series_uid.as_deref()),
-            false => sha256_file(path),
-        }
+        volume::source_sha256(path, series_uid)
     };
     let image_src = SourceFile {
         path: case.image.clone(),
-        sha256: sha_of(&case.image, true)?,
+        sha256: sha_of(&case.image, case.series_uid.as_deref())?,
     };
     let label_src = match &case.label {
         Some(l) => Some(SourceFile {
             path: l.clone(),
-            sha256: sha_of(l, false)?,
+            sha256: sha_of(l, None)?,
         }),
         None => None,
     };

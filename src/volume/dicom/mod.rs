@@ -505,7 +505,7 @@ fn decode_stack(
 pub fn source_sha256(path: &Path, series_uid: Option<&str>) -> Result<String> {
     let hashes = list_files(path)?
         .into_iter()
-        .map(|p| Ok((crate::fsutil::sha256_file(&p)?, p)).map(|(h, p)| (p, h)))
+        .map(|p| Ok((p.clone(), crate::fsutil::sha256_file(&p)?)))
         .collect::<Result<Vec<_>>>()?;
     Ok(series_sha256(path, &hashes, series_uid))
 }

@@ -6,7 +6,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::DefaultDicomObject;
 
 use super::header::{self, frame_label, FileHeader};
-use super::pixels::{check_file, frame_bytes, samples_to_f32_into};
+use super::pixels::{check_file, frame_bytes, stored_frame_into};
 use super::DicomError;
 use crate::volume::ReadOptions;
 
@@ -95,15 +95,7 @@ pub fn decode_frame_at(
                 label: label.clone(),
                 detail: format!("cannot read frame {} of the pixel data: {e}", k + 1),
             })?;
-        let samples = fb / usize::from(f.pixel.bits_allocated / 8).max(1);
-        if samples != out.len() {
-            return Err(DicomError::Decode {
-                label: label.clone(),
-                detail: format!("decoded {samples} pixels, expected {}", out.len()),
-            });
-        }
-        samples_to_f32_into(&buf[..], &f.pixel, f.frames[k].rescale, f.modality_lut.as_ref(), out);
-        Ok(())
+        stored_frame_into(&buf[..], f, k, label, out)
     })
 }
 

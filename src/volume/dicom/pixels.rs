@@ -295,6 +295,18 @@ pub fn decode_frame_into(
             &owned[..fb]
         }
     };
+    stored_frame_into(raw, f, k, label, out)
+}
+
+/// Frame `k`'s stored samples `raw` (as decoded or read) into `out`, in the
+/// modality's units, once their count is the frame's.
+pub(crate) fn stored_frame_into(
+    raw: &[u8],
+    f: &FileHeader,
+    k: usize,
+    label: String,
+    out: &mut [f32],
+) -> Result<(), DicomError> {
     let samples = raw.len() / usize::from(f.pixel.bits_allocated / 8).max(1);
     if samples != out.len() {
         return Err(DicomError::Decode {
