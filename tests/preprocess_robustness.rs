@@ -499,10 +499,31 @@ enum KillAt {
     /// The moment a case's temporary folder shows up in `cases/`: the kill
     /// lands while that case's files are being written or swapped in.
     FirstTemporary,
+    /// The moment one more case of this config is committed than there
+    /// were at the start: the kill lands between cases, so the rerun must
+    /// keep what was committed and redo only the rest. Aimed, because with
+    /// two workers the cases of a fast build commit close together and a
+    /// fixed delay may miss the gap (it did on a CI machine).
+    NextCommit,
+}
+
+/// Cases committed with `config_hash`, read while a run may be replacing
+/// them: a folder that vanishes or a case.json not readable at that instant
+/// is not counted.
+fn committed_now(cache: &Path, config_hash: &str) -> usize {
+    let Ok(rd) = std::fs::read_dir(cache.join("cases")) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter(|e| !e.file_name().to_string_lossy().contains(".tmp-"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("case.json")).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter(|j| j["config_hash"] == config_hash)
+        .count()
 }
 
 /// Waits until `at`, then SIGKILLs the child (if it is still running).
-fn kill_at(child: &mut std::process::Child, at: KillAt, full: Duration, cache: &Path) {
+fn kill_at(child: &mut std::process::Child, at: KillAt, full: Duration, cache: &Path, config_hash: &str) {
     match at {
         KillAt::Fraction(f) => std::thread::sleep(full.mul_f64(f)),
         KillAt::FirstTemporary => {
@@ -514,6 +535,16 @@ fn kill_at(child: &mut std::process::Child, at: KillAt, full: Duration, cache: &
                 if seen {
                     break;
                 }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        KillAt::NextCommit => {
+            let start = committed_now(cache, config_hash);
+            let deadline = Instant::now() + full * 4;
+            while Instant::now() < deadline
+                && child.try_wait().unwrap().is_none()
+                && committed_now(cache, config_hash) <= start
+            {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
@@ -532,6 +563,12 @@ fn kill_9_at_any_instant_then_rerun_equals_an_uninterrupted_run() {
     let old_config = write_experiment(d.path(), "old.yaml", 3);
     let workers = ["--workers", "2"];
 
+    // A first run warms the page cache and the loader, so that `full`, the
+    // scale of the kill delays, is the time of a warm run like the ones
+    // killed (a cold first run on CI took long enough that every later
+    // kill delay missed).
+    let warm = preprocess(&config, &manifest, &d.path().join("warm"), &workers);
+    assert_eq!(warm.code, Some(0), "{}", warm.stderr);
     let a = d.path().join("A");
     let t0 = Instant::now();
     let r = preprocess(&config, &manifest, &a, &workers);
@@ -545,12 +582,13 @@ fn kill_9_at_any_instant_then_rerun_equals_an_uninterrupted_run() {
 
     // Kill delays spread over the uninterrupted run's duration (the run is
     // mostly computation, so these rarely hit a write), then kills aimed at
-    // the writes. Odd rounds start from a complete cache of another config,
+    // the writes, then kills aimed between two commits. Odd rounds start from a complete cache of another config,
     // so kills also land while committed cases are being replaced.
     let mut plan: Vec<KillAt> = [0.03, 0.12, 0.25, 0.38, 0.5, 0.62, 0.75, 0.9]
         .map(KillAt::Fraction)
         .to_vec();
     plan.extend([KillAt::FirstTemporary; 4]);
+    plan.extend([KillAt::NextCommit; 2]);
     let (mut attempts, mut killed, mut partial, mut torn) = (0, 0, 0, 0);
     for (round, at) in plan.iter().enumerate() {
         let b = d.path().join(format!("B{round}"));
@@ -560,7 +598,7 @@ fn kill_9_at_any_instant_then_rerun_equals_an_uninterrupted_run() {
         }
         for _ in 0..3 {
             let mut child = preprocess_cmd(&config, &manifest, &b, &workers).spawn().unwrap();
-            kill_at(&mut child, *at, full, &b);
+            kill_at(&mut child, *at, full, &b, &hash);
             let status = child.wait().unwrap();
             attempts += 1;
             if status.signal() == Some(9) {
