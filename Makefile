@@ -15,36 +15,38 @@ export MED3D_BIN := $(BIN)
 
 setup: $(VENV)/.installed data/demo/.fetched data/models/all-MiniLM-L6-v2/.fetched data/models/tiny-vlm/.made gloo-headers isal-headers
 
-# gloo's headers for the c10d bridge (build.rs); gloo's code ships inside
-# libtorch. Installed only when missing; GLOO_INCLUDE may name another folder.
-GLOO_INCLUDE ?= /usr/include
-.PHONY: gloo-headers
-gloo-headers:
-	@if [ ! -f "$(GLOO_INCLUDE)/gloo/algorithm.h" ]; then \
-	  echo "gloo headers missing in $(GLOO_INCLUDE): installing libgloo-dev"; \
+# apt_header(header, package, on failure): installs the Debian package
+# that ships `header` when the header is missing (as root, or with sudo),
+# and runs the failure command when it cannot.
+define apt_header
+	@if [ ! -f "$(1)" ]; then \
+	  echo "$(1) missing: installing $(2)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else SUDO=none; fi; \
 	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null \
-	    || ! { $$SUDO apt-get install -y libgloo-dev || { $$SUDO apt-get update && $$SUDO apt-get install -y libgloo-dev; }; }; then \
-	    echo "cannot install libgloo-dev here: install gloo's headers (Debian/Ubuntu: apt-get install libgloo-dev) or set GLOO_INCLUDE; without them med3d builds single-process only" >&2; \
-	    exit 1; \
+	    || ! { $$SUDO apt-get install -y $(2) || { $$SUDO apt-get update && $$SUDO apt-get install -y $(2); }; }; then \
+	    $(3); \
 	  fi; \
 	fi
+endef
+
+# gloo's headers for the c10d bridge (build.rs); gloo's code ships inside
+# libtorch. GLOO_INCLUDE may name another folder. Without them med3d
+# builds single-process only, so a failure to install them stops setup.
+GLOO_INCLUDE ?= /usr/include
+GLOO_MISSING = cannot install libgloo-dev here: install gloo's headers (Debian/Ubuntu: apt-get install libgloo-dev) or set GLOO_INCLUDE; without them med3d builds single-process only
+.PHONY: gloo-headers
+gloo-headers:
+	$(call apt_header,$(GLOO_INCLUDE)/gloo/algorithm.h,libgloo-dev,echo "$(GLOO_MISSING)" >&2; exit 1)
 
 # ISA-L's igzip header for the fast gzip inflater (build.rs compiles a shim
 # that dlopens libisal.so.2 at run time; without either, gzip goes through
-# zlib-rs). Installed only when missing; a warning, not a failure, when it
-# cannot be: the tests then say what is missing.
+# zlib-rs). A warning, not a failure, when it cannot be installed: the
+# tests then say what is missing.
 ISAL_INCLUDE ?= /usr/include
+ISAL_MISSING = warning: cannot install libisal-dev here (Debian/Ubuntu: apt-get install libisal-dev, or set ISAL_INCLUDE): gzip'd volumes will inflate with zlib-rs
 .PHONY: isal-headers
 isal-headers:
-	@if [ ! -f "$(ISAL_INCLUDE)/isa-l/igzip_lib.h" ]; then \
-	  echo "ISA-L header missing in $(ISAL_INCLUDE): installing libisal-dev"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else SUDO=none; fi; \
-	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null \
-	    || ! { $$SUDO apt-get install -y libisal-dev || { $$SUDO apt-get update && $$SUDO apt-get install -y libisal-dev; }; }; then \
-	    echo "warning: cannot install libisal-dev here (Debian/Ubuntu: apt-get install libisal-dev, or set ISAL_INCLUDE): gzip'd volumes will inflate with zlib-rs" >&2; \
-	  fi; \
-	fi
+	$(call apt_header,$(ISAL_INCLUDE)/isa-l/igzip_lib.h,libisal-dev,echo "$(ISAL_MISSING)" >&2)
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
