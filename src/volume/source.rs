@@ -94,11 +94,28 @@ pub struct HashedFile {
 
 impl HashedFile {
     pub fn open(path: &Path) -> io::Result<HashedFile> {
+        Self::open_if(path, true)
+    }
+
+    /// Opens `path`, hashed only when `hash` (and recording): a file read
+    /// in part, or one whose hash is not the source's (a detached data
+    /// file), is opened with `hash` false.
+    pub fn open_if(path: &Path, hash: bool) -> io::Result<HashedFile> {
         Ok(HashedFile {
             file: std::fs::File::open(path)?,
             path: path.to_path_buf(),
-            hasher: recording().then(Sha256::new),
+            hasher: (hash && recording()).then(Sha256::new),
         })
+    }
+
+    /// Reads the rest of the file, and drops it, while hashing: a reader
+    /// that needed the file only up to some point calls this after, so
+    /// that the whole file's hash is noted. Nothing is read otherwise.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if self.hasher.is_some() {
+            io::copy(self, &mut io::sink())?;
+        }
+        Ok(())
     }
 }
 

@@ -298,11 +298,14 @@ pub fn read_header(path: &Path) -> Result<NrrdHeader> {
     Ok(read_header_and_bytes(path)?.0)
 }
 
+/// The most bytes of a header file read (of a `.nrrd`, the header part).
+pub(super) const HEADER_MAX: u64 = 1 << 20;
+
 pub(super) fn read_header_and_bytes(path: &Path) -> Result<(NrrdHeader, Vec<u8>)> {
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut head = Vec::new();
     (&mut f)
-        .take(1 << 20)
+        .take(HEADER_MAX)
         .read_to_end(&mut head)
         .with_context(|| format!("cannot read {}", path.display()))?;
     let end = head.windows(2).position(|w| w == b"\n\n");

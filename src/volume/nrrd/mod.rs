@@ -19,6 +19,7 @@ use ndarray::Array3;
 use super::nifti::decode_into;
 use super::{ReadOptions, Volume};
 use crate::alloc::{self, Supply, Want};
+use crate::volume::source::{self, HashedFile};
 
 mod header;
 
@@ -41,7 +42,12 @@ pub struct NrrdImage {
 
 /// Reads an NRRD image whole, its voxels in file order.
 pub fn read(path: &Path, limits: &ReadOptions) -> Result<NrrdImage> {
-    let (h, _) = read_header_and_bytes(path)?;
+    let (h, head) = read_header_and_bytes(path)?;
+    // A detached header is the source: its bytes were all read when fewer
+    // than the most a header may hold came back.
+    if h.data_file.is_some() && (head.len() as u64) < header::HEADER_MAX {
+        source::note_sha256(path, crate::fsutil::sha256_bytes(&head));
+    }
     let name = || path.display().to_string();
     let (n, nbytes) = h
         .count()
@@ -53,7 +59,10 @@ pub fn read(path: &Path, limits: &ReadOptions) -> Result<NrrdImage> {
     let file_len = std::fs::metadata(&data_path)
         .with_context(|| format!("{}: cannot read its data file {}", name(), data_path.display()))?
         .len();
-    let mut f = std::fs::File::open(&data_path)
+    // An attached header's file is the source: every byte of it goes
+    // through once, hashed as it is read (`finish` reads what follows the
+    // data). A detached data file is not the source's hash.
+    let mut f = HashedFile::open_if(&data_path, h.data_file.is_none())
         .with_context(|| format!("{}: cannot read its data file {}", name(), data_path.display()))?;
     std::io::copy(&mut (&mut f).take(offset as u64), &mut std::io::sink())?;
     // line skip: whole lines before the data (of a detached data file)
@@ -98,6 +107,7 @@ pub fn read(path: &Path, limits: &ReadOptions) -> Result<NrrdImage> {
             )?;
             std::io::copy(&mut (&mut f).take(start), &mut std::io::sink())?;
             (&mut f).take(nbytes as u64).read_to_end(&mut raw)?;
+            f.finish()?;
             raw
         }
         Encoding::Gzip => {
@@ -110,7 +120,7 @@ pub fn read(path: &Path, limits: &ReadOptions) -> Result<NrrdImage> {
                 declared: nbytes as u64,
             };
             limits.cap().check(&want)?;
-            let mut gz = crate::volume::gzip::decoder(f);
+            let mut gz = crate::volume::gzip::decoder(&mut f);
             std::io::copy(&mut (&mut gz).take(h.byte_skip as u64), &mut std::io::sink())?;
             // bounded: grows with what inflates, up to the declared size (within the cap, above)
             let mut raw = Vec::with_capacity(nbytes.min(file_len.saturating_mul(4) as usize));
@@ -125,6 +135,8 @@ pub fn read(path: &Path, limits: &ReadOptions) -> Result<NrrdImage> {
                 h.sizes,
                 raw.len()
             );
+            drop(gz);
+            f.finish()?;
             raw
         }
         Encoding::Ascii => {
