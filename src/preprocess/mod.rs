@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifacts::cache::{self, CacheInfo, PreprocessConfig, RoiMode};
 use crate::artifacts::npy;
-use crate::fsutil::{atomic_write, sha256_file, sweep_stale_tmp, tmp_path};
+use crate::fsutil::{atomic_write, sweep_stale_tmp, tmp_path};
 use crate::manifest::{Case, Manifest};
 use crate::volume::{self, crop, intensity, orient, resample, Modality, Volume};
 
@@ -208,7 +208,7 @@ pub(crate) fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, 
     let mut known: Vec<(PathBuf, String)> = Vec::new();
     if let Some(rec) = prior {
         let image = volume::source_sha256(&case.image, case.series_uid.as_deref())?;
-        let label = case.label.as_deref().map(sha256_file).transpose()?;
+        let label = case.label.as_deref().map(|l| volume::source_sha256(l, None)).transpose()?;
         if rec.image.sha256 == image && rec.label.as_ref().map(|l| &l.sha256) == label.as_ref() {
             return Ok(false);
         }
@@ -232,8 +232,8 @@ pub(crate) fn process_case(case: &Case, cfg: &PreprocessConfig, cfg_hash: &str, 
         if let Some(h) = read.sha256_of(path) {
             return Ok(h.to_string());
         }
-        // a reader that did not read the file whole, in order (NRRD, a
-        // .hdr/.img pair, ...): the second pass
+        // a reader that did not read the file whole, in order (one that
+        // needed only a part of it): the second pass
         volume::source_sha256(path, series_uid)
     };
     let image_src = SourceFile {

@@ -83,6 +83,14 @@ pub fn note_sha256(path: &Path, hex: String) {
     })
 }
 
+/// Notes the sha256 of `bytes`, the whole of `path` as a reader read it;
+/// hashed only while recording.
+pub fn note_whole(path: &Path, bytes: &[u8]) {
+    if recording() {
+        note_sha256(path, crate::fsutil::sha256_bytes(bytes));
+    }
+}
+
 /// A file that hashes what is read from it, in order, while recording:
 /// when a read reaches its end, every byte went through and its sha256 is
 /// noted for `path`. It cannot seek, so a hash noted is the whole file's.

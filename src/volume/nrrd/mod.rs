@@ -46,7 +46,7 @@ pub fn read(path: &Path, limits: &ReadOptions) -> Result<NrrdImage> {
     // A detached header is the source: its bytes were all read when fewer
     // than the most a header may hold came back.
     if h.data_file.is_some() && (head.len() as u64) < header::HEADER_MAX {
-        source::note_sha256(path, crate::fsutil::sha256_bytes(&head));
+        source::note_whole(path, &head);
     }
     let name = || path.display().to_string();
     let (n, nbytes) = h
